@@ -1,0 +1,1 @@
+"""``layerctl``: one module per command group, all calling :mod:`app.services`."""

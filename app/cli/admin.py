@@ -1,0 +1,270 @@
+"""``layerctl storage|connector|directory …``: the Administrator's configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from app.catalog.models import DirectorySecurity
+from app.cli.main import comment_option, emit, read_password, state, table
+from app.errors import ValidationError
+from app.services.connectors import CONNECTOR_TYPES
+from app.services.directory import JunctionSpec
+from app.services.views import ConnectorInfo, DirectoryJunctionInfo, StorageLocationInfo
+
+
+def _groups(values: tuple[str, ...]) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        sid, sep, name = value.partition("=")
+        if not sep:
+            raise ValidationError(f"--group {value!r}: write SID=NAME (S-1-5-21-…=LAB\\Finance).")
+        pairs.append((sid.strip(), name.strip()))
+    return pairs
+
+
+def _options(values: tuple[str, ...]) -> dict[str, str]:
+    result = {}
+    for value in values:
+        key, sep, item = value.partition("=")
+        if not sep or not key.strip():
+            raise ValidationError(f"--option {value!r}: write KEY=VALUE.")
+        result[key.strip()] = item
+    return result
+
+
+def _read_text(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValidationError(f"Cannot read the {what} {path}: {exc.strerror or exc}.") from None
+    except UnicodeDecodeError:
+        raise ValidationError(f"The {what} {path} is not UTF-8 text.") from None
+
+
+def _locations(rows: list[StorageLocationInfo]) -> str:
+    return table([(r.priority, r.name, r.path, r.default_size_gb, ", ".join(n for _, n in r.groups)) for r in rows],
+                 ["PRIORITY", "NAME", "PATH", "SIZE GB", "GROUPS"])
+
+
+# --- storage -------------------------------------------------------------------------------------
+
+@click.group("storage")
+def storage_group() -> None:
+    """User layer storage locations."""
+
+
+@storage_group.command("add")
+@click.argument("name")
+@click.argument("path", metavar="\\\\SERVER\\SHARE[\\FOLDER]")
+@click.option("--group", "groups", multiple=True, metavar="SID=NAME", help="An AD group using it (repeatable).")
+@click.option("--size-gb", default=10, show_default=True, help="Default user layer size.")
+@comment_option
+def storage_add(name: str, path: str, groups: tuple[str, ...], size_gb: int, comment: str) -> None:
+    """Add a storage location (tried after the existing ones)."""
+    info = state().services().storage.add_location(name, path, groups=_groups(groups), default_size_gb=size_gb,
+                                                   comment=comment)
+    emit(info, f"Added storage location {info.name!r} at priority {info.priority}.")
+
+
+@storage_group.command("update")
+@click.argument("name")
+@click.option("--path", metavar="\\\\SERVER\\SHARE")
+@click.option("--group", "groups", multiple=True, metavar="SID=NAME", help="Replaces the group list.")
+@click.option("--size-gb", type=int)
+@comment_option
+def storage_update(name: str, path: str | None, groups: tuple[str, ...], size_gb: int | None, comment: str) -> None:
+    """Change a storage location."""
+    info = state().services().storage.update_location(
+        name, path=path, groups=_groups(groups) if groups else None, default_size_gb=size_gb, comment=comment)
+    emit(info, f"Updated storage location {info.name!r}.")
+
+
+@storage_group.command("order")
+@click.argument("names", nargs=-1, required=True)
+@comment_option
+def storage_order(names: tuple[str, ...], comment: str) -> None:
+    """Set the order locations are tried in (first listed first)."""
+    emit(state().services().storage.reorder(names, comment=comment), _locations)
+
+
+@storage_group.command("remove")
+@click.argument("name")
+@comment_option
+def storage_remove(name: str, comment: str) -> None:
+    """Remove a storage location (user layers already there stay on the share)."""
+    state().services().storage.remove_location(name, comment=comment)
+    emit({"removed": name}, f"Removed storage location {name!r}.")
+
+
+@storage_group.command("list")
+def storage_list() -> None:
+    """List storage locations in priority order."""
+    emit(state().services().storage.list_locations(), _locations)
+
+
+# --- connectors ----------------------------------------------------------------------------------
+
+def _connector(c: ConnectorInfo) -> str:
+    lines = [f"{c.name} ({CONNECTOR_TYPES.get(c.type, c.type)})", f"  Endpoint: {c.endpoint or '(none)'}",
+             f"  User:     {c.username or '(none)'}{' (password in keyring)' if c.has_credentials else ''}",
+             f"  TLS:      {'verified' if c.verify_tls else 'NOT verified'}"]
+    lines.extend(f"  {k}: {v}" for k, v in sorted(c.options.items()))
+    if c.used_by:
+        lines.append(f"  Used by:  {', '.join(c.used_by)}")
+    return "\n".join(lines)
+
+
+@click.group("connector")
+def connector_group() -> None:
+    """Connector configurations (where images are published)."""
+
+
+@connector_group.command("add")
+@click.argument("name")
+@click.option("--type", "connector_type", type=click.Choice(list(CONNECTOR_TYPES)), required=True)
+@click.option("--endpoint", default="", metavar="URL|HOST|PATH")
+@click.option("--username", default="")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin (else asked when --username).")
+@click.option("--no-verify-tls", is_flag=True, help="Do not verify the server's TLS certificate (not recommended).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Type-specific setting (repeatable).")
+@click.option("--script", "script_file", metavar="FILE", help="Post-publish PowerShell script.")
+@comment_option
+def connector_add(name: str, connector_type: str, endpoint: str, username: str, password_stdin: bool,
+                  no_verify_tls: bool, options: tuple[str, ...], script_file: str | None, comment: str) -> None:
+    """Add a connector configuration; its password goes to the OS keyring."""
+    password = read_password("Password", password_stdin) if (username or password_stdin) else None
+    info = state().services().connectors.add_connector(
+        name, connector_type, endpoint=endpoint, username=username, password=password or None,
+        verify_tls=not no_verify_tls, options=_options(options),
+        post_publish_script=_read_text(script_file, "script") or "", comment=comment)
+    emit(info, _connector)
+
+
+@connector_group.command("update")
+@click.argument("name")
+@click.option("--endpoint", metavar="URL|HOST|PATH")
+@click.option("--username")
+@click.option("--password-stdin", is_flag=True, help="Read a new password from stdin.")
+@click.option("--verify-tls/--no-verify-tls", default=None)
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Replaces the settings.")
+@click.option("--script", "script_file", metavar="FILE")
+@comment_option
+def connector_update(name: str, endpoint: str | None, username: str | None, password_stdin: bool,
+                     verify_tls: bool | None, options: tuple[str, ...], script_file: str | None, comment: str) -> None:
+    """Change a connector configuration."""
+    password = read_password("Password", True) if password_stdin else None
+    info = state().services().connectors.update_connector(
+        name, endpoint=endpoint, username=username, password=password, verify_tls=verify_tls,
+        options=_options(options) if options else None, post_publish_script=_read_text(script_file, "script"),
+        comment=comment)
+    emit(info, _connector)
+
+
+@connector_group.command("list")
+def connector_list() -> None:
+    """List connector configurations."""
+    emit(state().services().connectors.list_connectors(), lambda rows: table(
+        [(c.name, c.type, c.endpoint, "yes" if c.verify_tls else "NO", ", ".join(c.used_by)) for c in rows],
+        ["NAME", "TYPE", "ENDPOINT", "TLS VERIFIED", "USED BY"]))
+
+
+@connector_group.command("show")
+@click.argument("name")
+def connector_show(name: str) -> None:
+    """Show a connector configuration."""
+    emit(state().services().connectors.get_connector(name), _connector)
+
+
+@connector_group.command("remove")
+@click.argument("name")
+@comment_option
+def connector_remove(name: str, comment: str) -> None:
+    """Remove a connector configuration and its keyring entry (refused while a template uses it)."""
+    state().services().connectors.remove_connector(name, comment=comment)
+    emit({"removed": name}, f"Removed connector {name!r}.")
+
+
+# --- directory -----------------------------------------------------------------------------------
+
+def _junction(j: DirectoryJunctionInfo) -> str:
+    lines = [f"{j.name}: {j.security.value}://{j.server}:{j.port} base {j.base_dn} as {j.bind_account}"
+             f"{'' if j.enabled else ' (disabled)'}"]
+    lines.extend(f"  WARNING: {w}" for w in j.warnings)
+    return "\n".join(lines)
+
+
+@click.group("directory")
+def directory_group() -> None:
+    """Directory junctions (Active Directory over LDAP)."""
+
+
+def _junction_options(fn):  # type: ignore[no-untyped-def]
+    for option in reversed([
+        click.option("--server", required=True, metavar="HOST"),
+        click.option("--port", type=int, help="Default: 636 for LDAPS, 389 otherwise."),
+        click.option("--security", type=click.Choice([s.value for s in DirectorySecurity]), default="ldaps",
+                     show_default=True),
+        click.option("--allow-plain", is_flag=True, help="Accept plain LDAP (passwords unencrypted)."),
+        click.option("--base-dn", required=True, metavar="DN"),
+        click.option("--bind-account", required=True, metavar="ACCOUNT"),
+        click.option("--ca-cert", "ca_cert_file", metavar="PEM-FILE", help="CA certificate that signed the server's."),
+        click.option("--disabled", is_flag=True),
+        click.option("--password-stdin", is_flag=True, help="Read the bind password from stdin."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _junction_spec(server: str, port: int | None, security: str, allow_plain: bool, base_dn: str,
+                   bind_account: str, ca_cert_file: str | None, disabled: bool) -> JunctionSpec:
+    return JunctionSpec(server=server, port=port, security=DirectorySecurity(security), allow_plain=allow_plain,
+                        base_dn=base_dn, bind_account=bind_account,
+                        ca_certificate=_read_text(ca_cert_file, "CA certificate"), enabled=not disabled)
+
+
+@directory_group.command("add")
+@click.argument("name")
+@_junction_options
+@comment_option
+def directory_add(name: str, password_stdin: bool, comment: str, **kwargs: object) -> None:
+    """Add a directory junction; the bind password goes to the OS keyring."""
+    password = read_password("Bind password", password_stdin)
+    info = state().services().directory.add_junction(name, _junction_spec(**kwargs), password=password,  # type: ignore[arg-type]
+                                                     comment=comment)
+    emit(info, _junction)
+
+
+@directory_group.command("update")
+@click.argument("name")
+@_junction_options
+@comment_option
+def directory_update(name: str, password_stdin: bool, comment: str, **kwargs: object) -> None:
+    """Replace a directory junction's settings (and, with --password-stdin, its password)."""
+    password = read_password("Bind password", True) if password_stdin else None
+    info = state().services().directory.update_junction(name, _junction_spec(**kwargs), password=password,  # type: ignore[arg-type]
+                                                        comment=comment)
+    emit(info, _junction)
+
+
+@directory_group.command("list")
+def directory_list() -> None:
+    """List directory junctions."""
+    emit(state().services().directory.list_junctions(), lambda rows: "\n".join(_junction(j) for j in rows) or "(none)")
+
+
+@directory_group.command("remove")
+@click.argument("name")
+@comment_option
+def directory_remove(name: str, comment: str) -> None:
+    """Remove a directory junction and its keyring entry."""
+    state().services().directory.remove_junction(name, comment=comment)
+    emit({"removed": name}, f"Removed directory junction {name!r}.")
+
+
+def register(cli: click.Group) -> None:
+    for group in (storage_group, connector_group, directory_group):
+        cli.add_command(group)

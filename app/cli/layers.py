@@ -1,0 +1,160 @@
+"""``layerctl layer …``"""
+
+from __future__ import annotations
+
+import click
+
+from app.catalog.models import LayerType, VersionState
+from app.cli.main import comment_option, emit, state, table
+from app.services.base import split_qualified
+from app.services.views import LayerDetail, LayerInfo, LayerVersionInfo
+
+
+def _size(n: int) -> str:
+    step = 1024.0
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < step or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= step
+    return f"{n} B"
+
+
+def _layers_table(layers: list[LayerInfo]) -> str:
+    return table(
+        [(l.name, l.type.value, l.os_layer or "", l.version_count, l.latest_version or "",
+          l.latest_state.value if l.latest_state else "", _size(l.size_bytes)) for l in layers],
+        ["NAME", "TYPE", "OS LAYER", "VERSIONS", "LATEST", "STATE", "SIZE"],
+    )
+
+
+def _version_line(v: LayerVersionInfo) -> str:
+    extra = f" – {v.state_reason}" if v.state_reason else ""
+    used = f"\n      used by: {'; '.join(v.used_by)}" if v.used_by else ""
+    prereq = f"\n      prerequisites: {', '.join(v.prerequisites)}" if v.prerequisites else ""
+    return (f"  {v.name:<16} {v.state.value:<11} {_size(v.size_bytes):>10}  {v.created_at:%Y-%m-%d %H:%M} "
+            f"{v.created_by}{extra}{prereq}{used}")
+
+
+def _detail(d: LayerDetail) -> str:
+    l = d.layer
+    lines = [f"{l.name} ({l.type.value} layer)"]
+    if l.os_layer:
+        lines.append(f"OS layer: {l.os_layer}")
+    if l.description:
+        lines.append(f"Description: {l.description}")
+    lines.append(f"Created: {l.created_at:%Y-%m-%d %H:%M} by {l.created_by}")
+    if d.bound_layers:
+        lines.append(f"Bound layers: {', '.join(d.bound_layers)}")
+    lines.append(f"Versions ({len(d.versions)}):")
+    lines.extend(_version_line(v) for v in d.versions)
+    return "\n".join(lines)
+
+
+@click.group("layer")
+def layer_group() -> None:
+    """OS, platform and app layers and their versions."""
+
+
+@layer_group.command("create")
+@click.option("--type", "layer_type", type=click.Choice([t.value for t in LayerType]), required=True)
+@click.argument("name")
+@click.option("--os-layer", metavar="NAME", help="The OS layer an app or platform layer belongs to.")
+@click.option("--description", default="", metavar="TEXT")
+@comment_option
+def create(layer_type: str, name: str, os_layer: str | None, description: str, comment: str) -> None:
+    """Create a layer (no versions yet)."""
+    info = state().services().layers.create_layer(
+        name, LayerType(layer_type), os_layer=os_layer, description=description, comment=comment
+    )
+    emit(info, f"Created {info.type.value} layer {info.name!r}.")
+
+
+@layer_group.command("list")
+@click.option("--type", "layer_type", type=click.Choice([t.value for t in LayerType]))
+@click.option("--search", metavar="TEXT", help="Only layers whose name contains TEXT.")
+def list_(layer_type: str | None, search: str | None) -> None:
+    """List layers."""
+    layers = state().services().layers.list_layers(LayerType(layer_type) if layer_type else None, search)
+    emit(layers, _layers_table)
+
+
+@layer_group.command("show")
+@click.argument("name")
+def show(name: str) -> None:
+    """Show a layer with its versions and what uses them."""
+    emit(state().services().layers.get_layer(name), _detail)
+
+
+@layer_group.command("update")
+@click.argument("name")
+@click.option("--rename", "new_name", metavar="NEW")
+@click.option("--description", metavar="TEXT")
+@comment_option
+def update(name: str, new_name: str | None, description: str | None, comment: str) -> None:
+    """Rename a layer or change its description."""
+    info = state().services().layers.update_layer(name, new_name=new_name, description=description, comment=comment)
+    emit(info, f"Updated layer {info.name!r}.")
+
+
+@layer_group.command("delete")
+@click.argument("ref", metavar="NAME[:VERSION]")
+@comment_option
+def delete(ref: str, comment: str) -> None:
+    """Delete a layer, or one version of it (refused while in use)."""
+    services = state().services()
+    name, version = split_qualified(ref)
+    if version is None:
+        services.layers.delete_layer(name, comment=comment)
+        emit({"deleted": name}, f"Deleted layer {name!r}.")
+    else:
+        services.layers.delete_version(ref, comment=comment)
+        emit({"deleted": ref}, f"Deleted version {ref}.")
+
+
+@layer_group.group("version")
+def version_group() -> None:
+    """Layer versions."""
+
+
+@version_group.command("add")
+@click.argument("layer")
+@click.argument("version")
+@click.option("--prerequisite", "prerequisites", multiple=True, metavar="LAYER[:VERSION]",
+              help="A layer that must be present while this app layer version is packaged (repeatable).")
+@comment_option
+def version_add(layer: str, version: str, prerequisites: tuple[str, ...], comment: str) -> None:
+    """Start a new version of a layer (state: editing)."""
+    info = state().services().layers.add_version(layer, version, prerequisites=prerequisites, comment=comment)
+    emit(info, f"Added version {info.layer}:{info.name} ({info.state.value}).")
+
+
+@version_group.command("show")
+@click.argument("ref", metavar="LAYER:VERSION")
+def version_show(ref: str) -> None:
+    """Show one version."""
+    emit(state().services().layers.get_version(ref), _version_line)
+
+
+@version_group.command("prerequisites")
+@click.argument("ref", metavar="LAYER:VERSION")
+@click.argument("prerequisites", nargs=-1, metavar="[LAYER[:VERSION] ...]")
+@comment_option
+def version_prerequisites(ref: str, prerequisites: tuple[str, ...], comment: str) -> None:
+    """Replace a version's prerequisite layers (none to clear them)."""
+    info = state().services().layers.set_prerequisites(ref, prerequisites, comment=comment)
+    emit(info, f"{info.layer}:{info.name} prerequisites: {', '.join(info.prerequisites) or 'none'}.")
+
+
+@version_group.command("mark-broken")
+@click.argument("ref", metavar="LAYER:VERSION")
+@click.option("--reason", required=True, metavar="TEXT", help="Why the version must not be used.")
+@comment_option
+def version_mark_broken(ref: str, reason: str, comment: str) -> None:
+    """Mark a version that is being edited or finalized as broken."""
+    info = state().services().layers.set_version_state(ref, VersionState.BROKEN, reason=reason, comment=comment)
+    emit(info, f"{info.layer}:{info.name} is now broken.")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(layer_group)

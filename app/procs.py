@@ -1,0 +1,157 @@
+"""The one way LayerDesk runs external programs (qemu-img, wimlib tools, worker processes).
+
+Programs are resolved with ``shutil.which`` (a clear error when missing), never run through a shell,
+and secrets go by environment or stdin, never on the command line. Results are :class:`Outcome`s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from app.errors import EnvironmentProblem
+
+log = logging.getLogger(__name__)
+
+#: How long a cancelled program gets to stop politely before it is killed.
+TERMINATE_GRACE_S = 3.0
+
+
+class Cancellable(Protocol):
+    @property
+    def cancelled(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    duration_s: float
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.cancelled
+
+
+def find_program(name: str, *, package_hint: str = "") -> str:
+    """The full path of ``name``; :class:`EnvironmentProblem` naming what to install when missing."""
+    if os.sep in name or (os.altsep and os.altsep in name):
+        if Path(name).is_file():
+            return name
+    found = shutil.which(name)
+    if found is None:
+        hint = f" Install {package_hint}." if package_hint else ""
+        raise EnvironmentProblem(f"The program {name!r} was not found on this machine.{hint}")
+    return found
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: str | None = None,
+    cwd: Path | None = None,
+    timeout_s: float | None = None,
+) -> Outcome:
+    """Run a program to its end and capture its output."""
+    resolved = [find_program(argv[0]), *argv[1:]]
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(  # noqa: S603 - argument list, resolved program, no shell
+            resolved,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env} if env else None,
+            cwd=cwd,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise EnvironmentProblem(f"{Path(resolved[0]).name} did not finish within {timeout_s:.0f} s.") from exc
+    return Outcome(tuple(resolved), proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+def stream(
+    argv: Sequence[str],
+    on_line: Callable[[str], None],
+    cancel: Cancellable,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    poll_s: float = 0.1,
+) -> Outcome:
+    """Run a program, hand each stdout line to ``on_line`` as it comes, stop it when ``cancel`` says so.
+
+    Cancelling sends a polite terminate, then kills after :data:`TERMINATE_GRACE_S`.
+    """
+    resolved = [find_program(argv[0]), *argv[1:]]
+    started = time.monotonic()
+    proc = subprocess.Popen(  # noqa: S603 - argument list, resolved program, no shell
+        resolved,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+        env={**os.environ, **env} if env else None,
+        cwd=cwd,
+    )
+    stderr_parts: list[str] = []
+    assert proc.stdout is not None and proc.stderr is not None
+    err_reader = threading.Thread(target=lambda: stderr_parts.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    err_reader.start()
+    lines: list[str] = []
+    lock = threading.Condition()
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with lock:
+                lines.append(line.rstrip("\n"))
+                lock.notify()
+        with lock:
+            lock.notify()
+
+    out_reader = threading.Thread(target=read_stdout, daemon=True)
+    out_reader.start()
+    cancelled = False
+    while True:
+        with lock:
+            if not lines and out_reader.is_alive():
+                lock.wait(poll_s)
+            pending, lines[:] = list(lines), []
+        for line in pending:
+            on_line(line)
+        if cancel.cancelled and not cancelled:
+            cancelled = True
+            _stop(proc)
+        if not out_reader.is_alive() and not pending:
+            with lock:
+                if not lines:
+                    break
+    proc.wait()
+    err_reader.join(timeout=5)
+    return Outcome(
+        tuple(resolved), proc.returncode, "", "".join(stderr_parts), time.monotonic() - started, cancelled
+    )
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=TERMINATE_GRACE_S)
+    except subprocess.TimeoutExpired:
+        log.warning("process %d ignored terminate; killing it", proc.pid)
+        proc.kill()

@@ -1,0 +1,160 @@
+"""Directory junctions: how LayerDesk reaches Active Directory for sign-in and elastic assignments.
+
+The bind password lives in the OS keyring. Plain (unencrypted) LDAP is accepted only when asked for
+explicitly, and then carries a warning wherever the junction is shown. Adding an enabled junction
+makes sign-in required.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.catalog.models import DirectoryJunction, DirectorySecurity
+from app.errors import Conflict, NotFound, ValidationError
+from app.services.base import Service
+from app.services.rbac import Operation
+from app.services.validation import validate_host, validate_name, validate_port
+from app.services.views import DirectoryJunctionInfo
+
+DEFAULT_PORTS = {DirectorySecurity.LDAPS: 636, DirectorySecurity.STARTTLS: 389, DirectorySecurity.PLAIN: 389}
+PLAIN_WARNING = "Plain LDAP: passwords cross the network unencrypted. Use LDAPS or StartTLS."
+DEFAULT_ATTRIBUTES = {"user_login": "sAMAccountName", "user_principal": "userPrincipalName",
+                      "display_name": "displayName", "group_name": "cn"}
+
+
+@dataclass(frozen=True)
+class JunctionSpec:
+    server: str
+    base_dn: str
+    bind_account: str
+    security: DirectorySecurity = DirectorySecurity.LDAPS
+    port: int | None = None
+    ca_certificate: str | None = None
+    attribute_map: dict[str, str] = field(default_factory=dict)
+    enabled: bool = True
+    #: Plain LDAP must be chosen on purpose.
+    allow_plain: bool = False
+
+
+def _secret_name(junction_id: int) -> str:
+    return f"directory/{junction_id}"
+
+
+def _info(row: DirectoryJunction) -> DirectoryJunctionInfo:
+    warnings = (PLAIN_WARNING,) if row.security is DirectorySecurity.PLAIN else ()
+    return DirectoryJunctionInfo(
+        row.id, row.name, row.server, row.port, row.security, row.ca_certificate, row.base_dn,
+        row.bind_account, dict(row.attribute_map), row.enabled, warnings,
+    )
+
+
+def _base_dn(value: str) -> str:
+    text = (value or "").strip()
+    parts = [p.strip() for p in text.split(",")] if text else []
+    if not parts or any("=" not in p or not p.split("=", 1)[1].strip() for p in parts):
+        raise ValidationError(f"The base DN {value!r} is not a distinguished name like DC=lab,DC=test.")
+    return text
+
+
+def _apply(row: DirectoryJunction, spec: JunctionSpec) -> None:
+    security = DirectorySecurity(spec.security)
+    if security is DirectorySecurity.PLAIN and not spec.allow_plain:
+        raise ValidationError(
+            "Plain LDAP sends passwords unencrypted; choose LDAPS or StartTLS, or allow plain LDAP explicitly."
+        )
+    row.server = validate_host(spec.server, "directory server")
+    row.security = security
+    row.port = validate_port(spec.port if spec.port is not None else DEFAULT_PORTS[security])
+    row.base_dn = _base_dn(spec.base_dn)
+    if not spec.bind_account.strip():
+        raise ValidationError("Give the bind account (DOMAIN\\user, user@domain or a DN).")
+    row.bind_account = spec.bind_account.strip()
+    if spec.ca_certificate is not None and spec.ca_certificate.strip() and \
+            "-----BEGIN CERTIFICATE-----" not in spec.ca_certificate:
+        raise ValidationError("The CA certificate must be PEM text (-----BEGIN CERTIFICATE-----…).")
+    row.ca_certificate = spec.ca_certificate.strip() if spec.ca_certificate else None
+    unknown = set(spec.attribute_map) - set(DEFAULT_ATTRIBUTES)
+    if unknown:
+        raise ValidationError(f"Unknown attribute map key(s): {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(DEFAULT_ATTRIBUTES)}.")
+    row.attribute_map = {**DEFAULT_ATTRIBUTES, **spec.attribute_map}
+    row.enabled = spec.enabled
+
+
+def _require_break_glass(session: Session) -> None:
+    """An enabled junction makes sign-in required: keep a local Administrator who can still sign in
+    when the directory is unreachable."""
+    from app.services.access import has_enabled_local_administrator
+
+    if not has_enabled_local_administrator(session):
+        raise Conflict(
+            "Create a local account with the Administrator role first (`layerctl user add NAME --role "
+            "Administrator`): with a directory configured everybody signs in, and that account is the way "
+            "in when the directory cannot be reached."
+        )
+
+
+class DirectoryService(Service):
+    def list_junctions(self) -> list[DirectoryJunctionInfo]:
+        with self._read() as session:
+            return [_info(r) for r in session.scalars(select(DirectoryJunction).order_by(DirectoryJunction.name))]
+
+    def add_junction(self, name: str, spec: JunctionSpec, *, password: str | None = None,
+                     comment: str = "") -> DirectoryJunctionInfo:
+        with self._change(Operation.EDIT_DIRECTORY, "directory.add", "directory junction", name, comment) as change:
+            name = validate_name(name, "directory junction name")
+            session = change.session
+            if session.scalars(select(DirectoryJunction).where(DirectoryJunction.name == name)).first():
+                raise Conflict(f"A directory junction named {name!r} already exists.")
+            row = DirectoryJunction(name=name, created_at=self._now())
+            _apply(row, spec)
+            if row.enabled:
+                _require_break_glass(session)
+            session.add(row)
+            session.flush()
+            if password:
+                self._ctx.secrets.set(_secret_name(row.id), password)
+                row.has_password = True
+            change.details = {"server": row.server, "port": row.port, "security": row.security.value}
+            return _info(row)
+
+    def update_junction(self, name: str, spec: JunctionSpec, *, password: str | None = None,
+                        comment: str = "") -> DirectoryJunctionInfo:
+        with self._change(Operation.EDIT_DIRECTORY, "directory.update", "directory junction", name, comment) as change:
+            row = self._row(change.session, name)
+            before = _info(row)
+            _apply(row, spec)
+            if row.enabled:
+                _require_break_glass(change.session)
+            if password:
+                self._ctx.secrets.set(_secret_name(row.id), password)
+                row.has_password = True
+            after = _info(row)
+            change.details = {
+                f: [getattr(before, f), getattr(after, f)]
+                for f in ("server", "port", "security", "base_dn", "bind_account", "enabled")
+                if getattr(before, f) != getattr(after, f)
+            }
+            if password:
+                change.details["password"] = "changed"
+            return after
+
+    def remove_junction(self, name: str, *, comment: str = "") -> None:
+        with self._change(Operation.EDIT_DIRECTORY, "directory.remove", "directory junction", name, comment) as change:
+            row = self._row(change.session, name)
+            junction_id, had_password = row.id, row.has_password
+            change.details = {"server": row.server}
+            change.session.delete(row)
+            change.session.flush()
+            if had_password:
+                self._ctx.secrets.delete(_secret_name(junction_id))
+
+    @staticmethod
+    def _row(session: Session, name: str) -> DirectoryJunction:
+        row = session.scalars(select(DirectoryJunction).where(DirectoryJunction.name == name)).one_or_none()
+        if row is None:
+            raise NotFound(f"There is no directory junction named {name!r}.")
+        return row

@@ -1,0 +1,77 @@
+"""What a task is: ``prepare()`` checks and plans without side effects, ``run(ctx)`` does the work,
+reporting progress and log lines and honouring cancellation, and returns a typed :class:`TaskResult`.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass
+from typing import ClassVar
+
+from app.catalog.models import TaskState
+
+
+class TaskCanceled(Exception):
+    """Raised inside a task when the user cancelled it."""
+
+
+class CancelToken:
+    """Set by the runner when a cancel is requested; checked by the task often (at least every second)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise TaskCanceled()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; return True at once if cancelled meanwhile."""
+        return self._event.wait(seconds)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Base of every task's result. ``state`` lets a task end as ``done_with_errors`` or
+    ``action_required`` instead of ``complete``."""
+
+    summary: str = ""
+    state: TaskState = TaskState.COMPLETE
+
+
+class TaskContext(abc.ABC):
+    """Handed to :meth:`LayerDeskTask.run`."""
+
+    cancel: CancelToken
+
+    @abc.abstractmethod
+    def progress(self, percent: float, message: str = "") -> None:
+        """Report 0–100 % done; throttled by the runner to a few writes per second."""
+
+    @abc.abstractmethod
+    def log(self, text: str, level: str = "INFO") -> None:
+        """Append a line to the task's log."""
+
+
+class LayerDeskTask(abc.ABC):
+    """A unit of long work. Subclasses set :attr:`kind` and implement :meth:`run`."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+
+    def prepare(self) -> None:  # noqa: B027 - optional hook; the default has nothing to check
+        """Validate and plan without side effects; raise a :class:`app.errors.UserError` to refuse."""
+
+    @abc.abstractmethod
+    def run(self, ctx: TaskContext) -> TaskResult:
+        """Do the work; raise :class:`TaskCanceled` (via ``ctx.cancel``) when cancelled."""
