@@ -332,6 +332,8 @@ class TemplateService(Service):
         for index, entry in enumerate(ordered):
             entry.priority = index
         session.flush()
+        # The loaded collection keeps its old order until reloaded; snapshots read it.
+        session.refresh(template, ["app_layers"])
 
     def _apply_spec(self, session: Session, template: ImageTemplate, spec: TemplateSpec, *, keep_order: bool) -> None:
         template.description = validate_description(spec.description)
