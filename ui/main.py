@@ -7,9 +7,8 @@ import asyncio
 import logging
 import sys
 import traceback
-from types import TracebackType
-
 from pathlib import Path
+from types import TracebackType
 
 from PySide6.QtCore import QTimer
 from PySide6.QtGui import QIcon

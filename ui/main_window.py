@@ -53,6 +53,7 @@ class MainWindow(QMainWindow):
         self.statusBar().addPermanentWidget(self.running)
 
         QShortcut(QKeySequence.StandardKey.Refresh, self, activated=self.current_page().refresh)
+        self._polling: asyncio.Future[None] | None = None
         self._poll = QTimer(self, interval=TASK_POLL_MS, timeout=self._poll_tasks)
         self._poll.start()
         self._restore()
@@ -66,7 +67,8 @@ class MainWindow(QMainWindow):
         self.pages[row].refresh()
 
     def _poll_tasks(self) -> None:
-        asyncio.ensure_future(self._update_running())
+        if self._polling is None or self._polling.done():
+            self._polling = asyncio.ensure_future(self._update_running())
 
     async def _update_running(self) -> None:
         try:

@@ -110,16 +110,16 @@ class ListPage(QWidget):
 
 def layers_page(services: Services) -> ListPage:
     columns: list[Column[LayerInfo]] = [
-        Column("Name", lambda l: l.name),
-        Column("Type", lambda l: l.type.value),
-        Column("OS layer", lambda l: l.os_layer or ""),
-        Column("Versions", lambda l: str(l.version_count), sort=lambda l: l.version_count),
-        Column("Latest", lambda l: l.latest_version or ""),
-        Column("State", lambda l: l.latest_state.value if l.latest_state else ""),
-        Column("Size", lambda l: _size(l.size_bytes), sort=lambda l: l.size_bytes),
-        Column("Description", lambda l: l.description),
+        Column("Name", lambda layer: layer.name),
+        Column("Type", lambda layer: layer.type.value),
+        Column("OS layer", lambda layer: layer.os_layer or ""),
+        Column("Versions", lambda layer: str(layer.version_count), sort=lambda layer: layer.version_count),
+        Column("Latest", lambda layer: layer.latest_version or ""),
+        Column("State", lambda layer: layer.latest_state.value if layer.latest_state else ""),
+        Column("Size", lambda layer: _size(layer.size_bytes), sort=lambda layer: layer.size_bytes),
+        Column("Description", lambda layer: layer.description),
     ]
-    return ListPage("Layers", columns, lambda l: l.id, services.layers.list_layers)
+    return ListPage("Layers", columns, lambda layer: layer.id, services.layers.list_layers)
 
 
 def templates_page(services: Services) -> ListPage:

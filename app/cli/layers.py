@@ -22,8 +22,8 @@ def _size(n: int) -> str:
 
 def _layers_table(layers: list[LayerInfo]) -> str:
     return table(
-        [(l.name, l.type.value, l.os_layer or "", l.version_count, l.latest_version or "",
-          l.latest_state.value if l.latest_state else "", _size(l.size_bytes)) for l in layers],
+        [(layer.name, layer.type.value, layer.os_layer or "", layer.version_count, layer.latest_version or "",
+          layer.latest_state.value if layer.latest_state else "", _size(layer.size_bytes)) for layer in layers],
         ["NAME", "TYPE", "OS LAYER", "VERSIONS", "LATEST", "STATE", "SIZE"],
     )
 
@@ -37,13 +37,13 @@ def _version_line(v: LayerVersionInfo) -> str:
 
 
 def _detail(d: LayerDetail) -> str:
-    l = d.layer
-    lines = [f"{l.name} ({l.type.value} layer)"]
-    if l.os_layer:
-        lines.append(f"OS layer: {l.os_layer}")
-    if l.description:
-        lines.append(f"Description: {l.description}")
-    lines.append(f"Created: {l.created_at:%Y-%m-%d %H:%M} by {l.created_by}")
+    layer = d.layer
+    lines = [f"{layer.name} ({layer.type.value} layer)"]
+    if layer.os_layer:
+        lines.append(f"OS layer: {layer.os_layer}")
+    if layer.description:
+        lines.append(f"Description: {layer.description}")
+    lines.append(f"Created: {layer.created_at:%Y-%m-%d %H:%M} by {layer.created_by}")
     if d.bound_layers:
         lines.append(f"Bound layers: {', '.join(d.bound_layers)}")
     lines.append(f"Versions ({len(d.versions)}):")

@@ -25,7 +25,7 @@ def _show(t: TaskInfo) -> str:
 
 
 def _log(lines: list[TaskLogLineInfo]) -> str:
-    return "\n".join(f"{l.at:%H:%M:%S} {l.level:<7} {l.text}" for l in lines) or "(no log lines)"
+    return "\n".join(f"{line.at:%H:%M:%S} {line.level:<7} {line.text}" for line in lines) or "(no log lines)"
 
 
 @click.group("task")

@@ -83,8 +83,8 @@ def create(name: str, os_ref: str, platform: str | None, apps: tuple[str, ...], 
     """Create an image template. App layers get the default priority (the newest layer highest)."""
     spec = TemplateSpec(
         os=os_ref, platform=platform, apps=apps, disk_format=DiskFormat(disk_format), size_gb=size_gb,
-        elastic_mode=ElasticMode(elastic or ElasticMode.NONE), sysprep=SysprepMode(sysprep or SysprepMode.NOT_GENERALIZED),
-        connector=connector, description=description or "",
+        elastic_mode=ElasticMode(elastic or ElasticMode.NONE),
+        sysprep=SysprepMode(sysprep or SysprepMode.NOT_GENERALIZED), connector=connector, description=description or "",
     )
     info = state().services().templates.create_template(name, spec, comment=comment)
     emit(info, _show)
