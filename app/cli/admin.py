@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from app.catalog.models import DirectorySecurity
-from app.cli.main import comment_option, emit, read_password, state, table
+from app.cli.main import F, comment_option, emit, read_password, state, table
 from app.errors import ValidationError
 from app.services.connectors import CONNECTOR_TYPES
 from app.services.directory import JunctionSpec
@@ -202,7 +202,7 @@ def directory_group() -> None:
     """Directory junctions (Active Directory over LDAP)."""
 
 
-def _junction_options(fn):  # type: ignore[no-untyped-def]
+def _junction_options(fn: F) -> F:
     for option in reversed([
         click.option("--server", required=True, metavar="HOST"),
         click.option("--port", type=int, help="Default: 636 for LDAPS, 389 otherwise."),

@@ -68,7 +68,9 @@ class CliState:
 
 
 def state() -> CliState:
-    return click.get_current_context().find_object(CliState)  # type: ignore[no-any-return]
+    found = click.get_current_context().find_object(CliState)
+    assert found is not None, "layerctl commands run under the cli group"
+    return found
 
 
 def emit(value: Any, human: Callable[[Any], str] | str | None = None) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from collections.abc import Callable
+
 import click
 
 from app.catalog.models import DiskFormat, ElasticMode, SysprepMode
-from app.cli.main import comment_option, emit, state, table
+from app.cli.main import F, comment_option, emit, state, table
 from app.services.templates import TemplateSpec
 from app.services.views import FieldChange, TemplateInfo, TemplateRevisionInfo
 
@@ -50,8 +52,10 @@ def _diff(changes: list[FieldChange]) -> str:
     return "\n".join(f"{c.field}:\n  - {c.before}\n  + {c.after}" for c in changes)
 
 
-def spec_options(required: bool):  # type: ignore[no-untyped-def]
-    def wrap(fn):  # type: ignore[no-untyped-def]
+def spec_options(required: bool) -> Callable[[F], F]:
+    """The options that describe a template's content (required when creating)."""
+
+    def wrap(fn: F) -> F:
         for option in reversed([
             click.option("--os", "os_ref", required=required, metavar="NAME[:V]", help="OS layer version."),
             click.option("--platform", metavar="NAME[:V]", help="Platform layer version."),
