@@ -170,3 +170,35 @@ def test_a_failed_migration_leaves_the_catalog_at_the_last_good_schema(tmp_path:
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
     assert "half_done" not in tables, "the failed step's DDL must be rolled back"
+
+
+CATALOGS = sorted((Path(__file__).resolve().parents[1] / "data" / "catalogs").glob("schema*.sqlite"))
+
+
+@pytest.mark.parametrize("committed", CATALOGS, ids=[p.stem for p in CATALOGS])
+def test_catalogs_of_every_released_schema_open_with_their_content(
+    committed: Path, tmp_path: Path, memory_keyring: object
+) -> None:
+    """Each file was written by tests/support/make_catalog_fixture.py at its schema."""
+    import shutil
+
+    from app.catalog.models import Role
+    from app.paths import Home
+    from app.services import Services, open_catalog
+    from app.services.rbac import Caller
+
+    assert CATALOGS, "tests/data/catalogs holds a catalog of every released schema"
+    home = Home(tmp_path / "home").ensure()
+    shutil.copy(committed, home.catalog)
+    catalog, secrets = open_catalog(home)
+    try:
+        admin = Services.for_caller(home, catalog, Caller("t", frozenset({Role.ADMINISTRATOR})), secrets)
+        assert [layer.name for layer in admin.layers.list_layers()] == ["Office", "Win11"]
+        finance = admin.templates.get_template("Finance")
+        assert (finance.os_version, finance.app_layers, finance.publish_blockers) == ("Win11:1.0", ("Office:2024",), ())
+        assert [a.principal_name for a in admin.assignments.list_assignments()] == ["LAB\\Finance"]
+        assert [s.path for s in admin.storage.list_locations()] == ["\\\\files\\userlayers"]
+        assert catalog.integrity_check() == []
+    finally:
+        catalog.close()
+    assert _pragma(home.catalog, "user_version") == SCHEMA_VERSION
