@@ -360,6 +360,12 @@ class LayerService(Service):
                 )
             if prereq.state is VersionState.BROKEN:
                 raise ValidationError(f"Prerequisite {prereq.qualified_name} is broken.")
+            clash = next((p for p in result if p.layer_id == prereq.layer_id), None)
+            if clash is not None:
+                # "Office" and "Office:2024" differ as text but may name the same version; two
+                # versions of one layer cannot both be present on a packaging machine.
+                twice = prereq.qualified_name if clash.id == prereq.id else f"{clash.qualified_name} and {prereq.name}"
+                raise ValidationError(f"The prerequisite list names {twice} twice: list each layer once.")
             result.append(prereq)
         return result
 

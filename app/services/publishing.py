@@ -87,7 +87,9 @@ class PublishingService(Service):
         comment: str = "",
     ) -> PublishedImageInfo:
         """Record an image the engine built from ``plan``."""
-        with self._change(Operation.PUBLISH_IMAGES, "image.publish", "published image", plan.image_name, comment) as change:
+        with self._change(
+            Operation.PUBLISH_IMAGES, "image.publish", "published image", plan.image_name, comment
+        ) as change:
             session = change.session
             if size_bytes < 0:
                 raise ValidationError("An image's size cannot be negative.")
@@ -124,7 +126,8 @@ class PublishingService(Service):
         with self._read() as session:
             query = select(PublishedImage).order_by(PublishedImage.created_at.desc(), PublishedImage.id.desc())
             if template_name:
-                query = query.where(PublishedImage.template_name == template_name)
+                # Template names ignore case, as everywhere in the catalog (the column has no NOCASE).
+                query = query.where(PublishedImage.template_name.collate("NOCASE") == template_name)
             return [_info(row) for row in session.scalars(query)]
 
     def delete_image_record(self, name: str, *, comment: str = "") -> None:

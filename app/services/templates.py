@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
@@ -27,6 +28,7 @@ from app.services.rbac import Operation
 from app.services.validation import check_unique, validate_description, validate_name
 from app.services.views import FieldChange, TemplateInfo, TemplateRevisionInfo
 
+E = TypeVar("E", bound=enum.Enum)
 MAX_SIZE_GB = 65536
 #: The order in which a snapshot's fields are shown and diffed.
 SNAPSHOT_FIELDS = (
@@ -132,6 +134,15 @@ def diff_snapshots(before: dict[str, Any], after: dict[str, Any]) -> list[FieldC
     extra = sorted((set(before) | set(after)) - set(SNAPSHOT_FIELDS))
     changes.extend(FieldChange(k, before.get(k), after.get(k)) for k in extra if before.get(k) != after.get(k))
     return changes
+
+
+def _choice(kind: type[E], value: object, what: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValidationError(
+            f"Unknown {what} {value!r}; use one of " + ", ".join(str(m.value) for m in kind) + "."
+        ) from None
 
 
 class TemplateService(Service):
@@ -338,13 +349,7 @@ class TemplateService(Service):
     def _apply_spec(self, session: Session, template: ImageTemplate, spec: TemplateSpec, *, keep_order: bool) -> None:
         template.description = validate_description(spec.description)
         template.icon = validate_name(spec.icon, "icon file name", max_length=260) if spec.icon else None
-        try:
-            template.disk_format = DiskFormat(spec.disk_format)
-        except ValueError:
-            raise ValidationError(
-                f"Unknown disk format {spec.disk_format!r}; use one of "
-                + ", ".join(f.value for f in DiskFormat) + "."
-            ) from None
+        template.disk_format = _choice(DiskFormat, spec.disk_format, "disk format")
         size = spec.size_gb
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE_GB:
             raise ValidationError(
@@ -352,8 +357,8 @@ class TemplateService(Service):
                 field="size_gb",
             )
         template.size_gb = size
-        template.elastic_mode = ElasticMode(spec.elastic_mode)
-        template.sysprep = SysprepMode(spec.sysprep)
+        template.elastic_mode = _choice(ElasticMode, spec.elastic_mode, "elastic layering mode")
+        template.sysprep = _choice(SysprepMode, spec.sysprep, "sysprep mode")
 
         os_version = self._usable_version(session, spec.os, LayerType.OS, "OS layer")
         template.os_version = os_version
@@ -410,7 +415,9 @@ class TemplateService(Service):
             template.app_layers.remove(entry)
         if template.id is not None:
             session.flush()
-        new_entries = [TemplateAppLayer(layer_id=v.layer_id, version=v, priority=10_000 + i) for i, v in enumerate(added)]
+        new_entries = [
+            TemplateAppLayer(layer_id=v.layer_id, version=v, priority=10_000 + i) for i, v in enumerate(added)
+        ]
         template.app_layers.extend(new_entries)
         if template.id is not None:
             session.flush()
