@@ -13,6 +13,7 @@ Rules (documented for administrators in README):
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import os
@@ -50,6 +51,18 @@ _hasher = argon2.PasswordHasher()  # argon2id, 64 MiB, 3 passes
 
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
+
+
+_dummy_hash: str | None = None
+
+
+def _verify_nobody(password: str) -> None:
+    """Spend a password check on an unknown user name, so a refusal takes as long either way."""
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = hash_password(pysecrets.token_urlsafe(16))
+    with contextlib.suppress(argon2.exceptions.VerificationError):
+        _hasher.verify(_dummy_hash, password)
 
 
 def _token_hash(token: str) -> str:
@@ -134,7 +147,9 @@ def sign_in(catalog: Catalog, username: str, password: str, *, now: datetime | N
     with catalog.write() as session:
         account = session.scalars(select(LocalAccount).where(LocalAccount.username == username)).one_or_none()
         ok = False
-        if account is not None:
+        if account is None:
+            _verify_nobody(password)
+        else:
             try:
                 ok = _hasher.verify(account.password_hash, password)
             except argon2.exceptions.VerificationError:
@@ -325,11 +340,10 @@ class AccessService(Service):
 
     @staticmethod
     def _refuse_lockout(session: Session) -> None:
-        """Never leave a catalog that requires sign-in without an enabled local Administrator,
-        unless a directory junction can sign administrators in."""
-        if not bool(read_setting(session, "require_sign_in")):
-            return
-        if session.scalar(select(func.count()).select_from(DirectoryJunction).where(DirectoryJunction.enabled)):
+        """Never leave a catalog that requires sign-in (the setting, or an enabled directory junction)
+        without an enabled local Administrator: with a junction it is the way in when the directory
+        cannot be reached (see :func:`app.services.directory._require_break_glass`)."""
+        if not sign_in_required(session):
             return
         if not has_enabled_local_administrator(session):
             raise Conflict(

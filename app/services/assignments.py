@@ -114,15 +114,21 @@ class AssignmentService(Service):
         with self._change(Operation.EDIT_ELASTIC_ASSIGNMENTS, "elastic.unassign", "elastic assignment", layer, comment) as change:
             session = change.session
             layer_row = find_layer(session, layer)
-            row = session.scalars(
+            rows = session.scalars(
                 select(ElasticAssignment).where(
                     ElasticAssignment.layer_id == layer_row.id,
                     (ElasticAssignment.principal_sid == principal.upper())
                     | (ElasticAssignment.principal_name == principal),
                 )
-            ).one_or_none()
-            if row is None:
+            ).all()
+            if not rows:
                 raise NotFound(f"Layer {layer_row.name!r} is not assigned to {principal!r}.")
+            if len(rows) > 1:
+                raise ValidationError(
+                    f"Layer {layer_row.name!r} is assigned to more than one principal named {principal!r} "
+                    f"({', '.join(sorted(r.principal_sid for r in rows))}); name the one to remove by its SID."
+                )
+            row = rows[0]
             change.object_name = f"{row.version.qualified_name} → {row.principal_name}"
             change.details = {"sid": row.principal_sid}
             session.delete(row)

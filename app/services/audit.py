@@ -13,9 +13,12 @@ from app.services.settings import read_setting
 from app.services.views import AuditEntryInfo
 
 
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def _like(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
+    return f"%{_escape(text)}%"
 
 
 class AuditService(Service):
@@ -36,7 +39,10 @@ class AuditService(Service):
             query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(max(1, min(limit, 100_000)))
             if object_name:
                 query = query.where(
-                    or_(AuditEntry.object_name == object_name, AuditEntry.object_name.like(f"{object_name}:%"))
+                    or_(
+                        AuditEntry.object_name == object_name,
+                        AuditEntry.object_name.like(f"{_escape(object_name)}:%", escape="\\"),
+                    )
                 )
             if user:
                 query = query.where(AuditEntry.user == user)

@@ -101,6 +101,13 @@ class StorageService(Service):
             details: dict[str, object] = {}
             if path is not None:
                 path = validate_unc_path(path, "storage location path")
+                clash = change.session.scalars(
+                    select(StorageLocation.name).where(
+                        func.lower(StorageLocation.path) == path.lower(), StorageLocation.id != row.id
+                    )
+                ).first()
+                if clash is not None:
+                    raise Conflict(f"Another storage location ({clash!r}) already uses {path}.")
                 details["path"] = [row.path, path]
                 row.path = path
             if groups is not None:
