@@ -340,6 +340,8 @@ class PublishedImage(Base):
 
 class Task(Base):
     __tablename__ = "task"
+    # Ids are shown to users and followed by scripts: never reuse one after a purge.
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012 - SQLAlchemy's declarative form
 
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(64), index=True)
@@ -365,6 +367,8 @@ class Task(Base):
 
 class TaskLogLine(Base):
     __tablename__ = "task_log_line"
+    # A live log is followed by the last line id seen: ids must only grow.
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012
 
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("task.id", ondelete="CASCADE"), index=True)
@@ -375,7 +379,8 @@ class TaskLogLine(Base):
 
 class AuditEntry(Base):
     __tablename__ = "audit_entry"
-    __table_args__ = (Index("ix_audit_object", "object_type", "object_name"),)
+    # Audit ids only grow, even after retention deletes old entries.
+    __table_args__ = (Index("ix_audit_object", "object_type", "object_name"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

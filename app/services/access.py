@@ -204,6 +204,22 @@ def _sign_in_audit(username: str, at: datetime, outcome: AuditOutcome, why: str)
     )
 
 
+def _role(value: object) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        raise ValidationError(f"Unknown role {value!r}; the roles are: {', '.join(r.value for r in Role)}.") from None
+
+
+def _principal_kind(value: object) -> PrincipalKind:
+    try:
+        return PrincipalKind(value)
+    except ValueError:
+        raise ValidationError(
+            f"Unknown principal kind {value!r}; use one of: {', '.join(k.value for k in PrincipalKind)}."
+        ) from None
+
+
 def _check_password(password: str) -> str:
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ValidationError(f"The password must have at least {MIN_PASSWORD_LENGTH} characters.", field="password")
@@ -247,10 +263,11 @@ class AccessService(Service):
             account = LocalAccount(username=username, password_hash=hash_password(_check_password(password)),
                                    created_at=self._now())
             session.add(account)
-            for role in dict.fromkeys(Role(r) for r in roles):
+            for role in dict.fromkeys(_role(r) for r in roles):
                 session.add(self._grant(PrincipalKind.LOCAL_USER, username, role, username))
-            change.details = {"roles": sorted(Role(r).value for r in roles)}
-            return AccountInfo(username, False, tuple(sorted(Role(r) for r in roles)), account.created_at)
+            granted = sorted({_role(r) for r in roles})
+            change.details = {"roles": [r.value for r in granted]}
+            return AccountInfo(username, False, tuple(granted), account.created_at)
 
     def set_password(self, username: str, password: str, *, comment: str = "") -> None:
         with self._change(Operation.EDIT_ACCESS, "account.password", "local account", username, comment) as change:
@@ -286,7 +303,7 @@ class AccessService(Service):
     def grant_role(
         self, kind: PrincipalKind, principal: str, role: Role, *, display_name: str = "", comment: str = ""
     ) -> RoleGrantInfo:
-        kind, role = PrincipalKind(kind), Role(role)
+        kind, role = _principal_kind(kind), _role(role)
         with self._change(Operation.EDIT_ACCESS, "role.grant", "role grant", principal, comment) as change:
             principal = self._principal(change.session, kind, principal)
             exists = change.session.scalars(
@@ -303,7 +320,7 @@ class AccessService(Service):
             return RoleGrantInfo(grant.id, kind, principal, grant.display_name, role, grant.granted_at, grant.granted_by)
 
     def revoke_role(self, kind: PrincipalKind, principal: str, role: Role, *, comment: str = "") -> None:
-        kind, role = PrincipalKind(kind), Role(role)
+        kind, role = _principal_kind(kind), _role(role)
         with self._change(Operation.EDIT_ACCESS, "role.revoke", "role grant", principal, comment) as change:
             grant = change.session.scalars(
                 select(RoleGrant).where(

@@ -45,10 +45,20 @@ class Change:
     object_type: str
     object_name: str
     details: dict[str, Any] = field(default_factory=dict)
+    _after_commit: list[Callable[[], None]] = field(default_factory=list)
+    _on_rollback: list[Callable[[], None]] = field(default_factory=list)
 
     def require(self, operation: Operation) -> None:
         """Check a permission that depends on what the transaction found (a layer's type, say)."""
         self.caller.require(operation)
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the change is committed (e.g. forget a secret of a deleted object)."""
+        self._after_commit.append(action)
+
+    def on_rollback(self, action: Callable[[], None]) -> None:
+        """Run ``action`` if the change is rolled back (e.g. undo a secret stored for it)."""
+        self._on_rollback.append(action)
 
 
 class Service:
@@ -89,6 +99,7 @@ class Service:
         the body then calls :meth:`Change.require`. A refusal is audited as ``denied`` on its own.
         """
         text = validate_comment(comment)
+        change: Change | None = None
         try:
             if operation is not None:
                 self.caller.require(operation)
@@ -107,9 +118,18 @@ class Service:
                         outcome=AuditOutcome.SUCCESS,
                     )
                 )
-        except PermissionDenied as refused:
-            self._audit_denied(action, object_type, object_name, text, str(refused))
+        except BaseException as failure:
+            if change is not None:
+                for undo in reversed(change._on_rollback):
+                    try:
+                        undo()
+                    except Exception:
+                        log.exception("undoing part of a failed %s did not work", action)
+            if isinstance(failure, PermissionDenied):
+                self._audit_denied(action, object_type, object_name, text, str(failure))
             raise
+        for follow_up in change._after_commit:
+            follow_up()
 
     def _audit_denied(self, action: str, object_type: str, object_name: str, comment: str, why: str) -> None:
         log.warning("denied %s on %s %r for %s", action, object_type, object_name, self.caller.username)

@@ -82,8 +82,11 @@ class ConnectorService(Service):
             session.add(row)
             session.flush()
             if password:
-                # Inside the transaction: if the keyring refuses, the connector is not created either.
-                self._ctx.secrets.set(_secret_name(row.id), password)
+                # Inside the transaction: if the keyring refuses, the connector is not created either;
+                # if the commit fails, the secret is taken back out.
+                secret = _secret_name(row.id)
+                self._ctx.secrets.set(secret, password)
+                change.on_rollback(lambda: self._ctx.secrets.delete(secret))
                 row.has_password = True
             change.details = {"type": type, "endpoint": row.endpoint, "verify_tls": verify_tls}
             if not verify_tls:
@@ -136,9 +139,9 @@ class ConnectorService(Service):
             connector_id = row.id
             had_password = row.has_password
             session.delete(row)
-            session.flush()
             if had_password:
-                self._ctx.secrets.delete(_secret_name(connector_id))
+                # Only once the removal is committed: a failed removal keeps a working connector.
+                change.after_commit(lambda: self._ctx.secrets.delete(_secret_name(connector_id)))
 
     def password(self, name: str) -> str | None:
         """The connector's password from the keyring (for the connector code, never for display)."""

@@ -116,7 +116,9 @@ class DirectoryService(Service):
             session.add(row)
             session.flush()
             if password:
-                self._ctx.secrets.set(_secret_name(row.id), password)
+                secret = _secret_name(row.id)
+                self._ctx.secrets.set(secret, password)
+                change.on_rollback(lambda: self._ctx.secrets.delete(secret))
                 row.has_password = True
             change.details = {"server": row.server, "port": row.port, "security": row.security.value}
             return _info(row)
@@ -148,9 +150,8 @@ class DirectoryService(Service):
             junction_id, had_password = row.id, row.has_password
             change.details = {"server": row.server}
             change.session.delete(row)
-            change.session.flush()
             if had_password:
-                self._ctx.secrets.delete(_secret_name(junction_id))
+                change.after_commit(lambda: self._ctx.secrets.delete(_secret_name(junction_id)))
 
     @staticmethod
     def _row(session: Session, name: str) -> DirectoryJunction:

@@ -19,7 +19,7 @@ from app.catalog.models import (
 )
 from app.errors import Conflict, ValidationError
 from app.services.base import Service, find_layer, find_version, split_qualified
-from app.services.rbac import LAYER_OPERATION
+from app.services.rbac import LAYER_OPERATION, Operation
 from app.services.validation import check_unique, validate_description, validate_name
 from app.services.views import LayerDetail, LayerInfo, LayerVersionInfo
 
@@ -192,7 +192,7 @@ class LayerService(Service):
         icon: str | None = None,
         comment: str = "",
     ) -> LayerInfo:
-        with self._change(None, "layer.update", "layer", name, comment) as change:
+        with self._change(Operation.EDIT_ANY_LAYERS, "layer.update", "layer", name, comment) as change:
             layer = find_layer(change.session, name)
             change.require(LAYER_OPERATION[layer.type])
             details: dict[str, object] = {}
@@ -215,7 +215,7 @@ class LayerService(Service):
 
     def delete_layer(self, name: str, *, comment: str = "") -> None:
         """Delete a layer and all its versions; refused while any version or bound layer is in use."""
-        with self._change(None, "layer.delete", "layer", name, comment) as change:
+        with self._change(Operation.EDIT_ANY_LAYERS, "layer.delete", "layer", name, comment) as change:
             session = change.session
             layer = find_layer(session, name)
             change.require(LAYER_OPERATION[layer.type])
@@ -240,7 +240,7 @@ class LayerService(Service):
         comment: str = "",
     ) -> LayerVersionInfo:
         """Start a new version (state ``editing``) of a layer, with optional prerequisite versions."""
-        with self._change(None, "layer.version.add", "layer", layer_name, comment) as change:
+        with self._change(Operation.EDIT_ANY_LAYERS, "layer.version.add", "layer", layer_name, comment) as change:
             session = change.session
             layer = find_layer(session, layer_name)
             change.require(LAYER_OPERATION[layer.type])
@@ -265,7 +265,7 @@ class LayerService(Service):
             return _version_info(session, version)
 
     def set_prerequisites(self, ref: str, prerequisites: Sequence[str], *, comment: str = "") -> LayerVersionInfo:
-        with self._change(None, "layer.version.prerequisites", "layer version", ref, comment) as change:
+        with self._change(Operation.EDIT_ANY_LAYERS, "layer.version.prerequisites", "layer version", ref, comment) as change:
             session = change.session
             version = find_version(session, ref, default_latest=False)
             change.require(LAYER_OPERATION[version.layer.type])
@@ -289,7 +289,7 @@ class LayerService(Service):
     ) -> LayerVersionInfo:
         """Move a version along its life (``editing`` → ``finalizing`` → ``deployable`` / ``broken``)."""
         state = VersionState(state)
-        with self._change(None, "layer.version.state", "layer version", ref, comment) as change:
+        with self._change(Operation.EDIT_ANY_LAYERS, "layer.version.state", "layer version", ref, comment) as change:
             session = change.session
             version = find_version(session, ref, default_latest=False)
             change.require(LAYER_OPERATION[version.layer.type])
@@ -319,7 +319,7 @@ class LayerService(Service):
         name, version_name = split_qualified(ref)
         if version_name is None:
             raise ValidationError(f"Name the version to delete: {name}:VERSION (or delete the whole layer).")
-        with self._change(None, "layer.version.delete", "layer version", ref, comment) as change:
+        with self._change(Operation.EDIT_ANY_LAYERS, "layer.version.delete", "layer version", ref, comment) as change:
             session = change.session
             version = find_version(session, ref, default_latest=False)
             change.require(LAYER_OPERATION[version.layer.type])

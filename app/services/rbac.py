@@ -27,6 +27,12 @@ class Operation(enum.Enum):
         frozenset({Role.MANAGE_PLATFORM_LAYERS}),
     )
     EDIT_APP_LAYERS = ("create, change or delete app layers", frozenset({Role.MANAGE_APP_LAYERS}))
+    #: Checked before a layer is looked up, so a caller with no layer role learns nothing of what
+    #: exists; the role for the layer's type is checked once it is found.
+    EDIT_ANY_LAYERS = (
+        "create, change or delete layers",
+        frozenset({Role.MANAGE_OS_LAYERS, Role.MANAGE_PLATFORM_LAYERS, Role.MANAGE_APP_LAYERS}),
+    )
     EDIT_TEMPLATES = (
         "create, change or delete image templates",
         frozenset({Role.MANAGE_IMAGE_TEMPLATES}),
@@ -36,12 +42,12 @@ class Operation(enum.Enum):
         "change elastic layer assignments and machine associations",
         frozenset({Role.MANAGE_ELASTIC_ASSIGNMENTS}),
     )
-    EDIT_STORAGE = ("change user layer storage locations", frozenset())
-    EDIT_CONNECTORS = ("change connector configurations", frozenset())
-    EDIT_DIRECTORY = ("change directory junctions", frozenset())
-    EDIT_SETTINGS = ("change system settings", frozenset())
-    EDIT_ACCESS = ("change local accounts and role grants", frozenset())
-    MANAGE_ALL_TASKS = ("cancel or purge tasks started by others", frozenset())
+    EDIT_STORAGE = ("change user layer storage locations", frozenset[Role]())
+    EDIT_CONNECTORS = ("change connector configurations", frozenset[Role]())
+    EDIT_DIRECTORY = ("change directory junctions", frozenset[Role]())
+    EDIT_SETTINGS = ("change system settings", frozenset[Role]())
+    EDIT_ACCESS = ("change local accounts and role grants", frozenset[Role]())
+    MANAGE_ALL_TASKS = ("cancel or purge tasks started by others", frozenset[Role]())
     #: Starting and cancelling one's own tasks: any role that may change something.
     RUN_TASKS = (
         "run tasks",
@@ -75,7 +81,8 @@ class Caller:
         if self.may(operation):
             return
         held = ", ".join(sorted(r.value for r in self.roles)) or "no role"
-        needed = " or ".join(sorted(r.value for r in operation.roles))
+        # The specific roles first, Administrator (who may do everything) last.
+        needed = " or ".join([*sorted(r.value for r in operation.roles - {Role.ADMINISTRATOR}), "Administrator"])
         raise PermissionDenied(
             f"{self.username} ({held}) may not {operation.wording}: that needs the {needed} role. "
             "Ask an Administrator to grant it."

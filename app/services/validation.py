@@ -97,10 +97,14 @@ def validate_host(value: str | None, what: str = "server") -> str:
     return host
 
 
-def validate_port(value: int, what: str = "port") -> int:
-    if not 1 <= int(value) <= 65535:
-        raise ValidationError(f"The {what} {value} is not between 1 and 65535.", field=what)
-    return int(value)
+def validate_port(value: object, what: str = "port") -> int:
+    try:
+        port = int(str(value).strip())
+    except ValueError:
+        raise ValidationError(f"The {what} {value!r} is not a number.", field=what) from None
+    if not 1 <= port <= 65535:
+        raise ValidationError(f"The {what} {value!r} is not between 1 and 65535.", field=what)
+    return port
 
 
 def validate_unc_path(value: str | None, what: str = "path") -> str:

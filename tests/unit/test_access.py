@@ -625,3 +625,13 @@ def test_resolve_caller_uses_the_kept_session_once_sign_in_is_required(
     admin.secrets.set("session", token)
     caller = resolve_caller(home, admin.catalog, admin.secrets)
     assert (caller.username, caller.roles, caller.builtin) == ("root2", frozenset({Role.ADMINISTRATOR}), False)
+
+
+def test_unknown_role_or_principal_kind_is_a_clear_validation_error(admin: Services) -> None:
+    with pytest.raises(ValidationError, match="Unknown role 'Superuser'; the roles are: Administrator"):
+        admin.access.grant_role(PrincipalKind.OS_USER, "bob", "Superuser")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="Unknown principal kind 'computer'"):
+        admin.access.grant_role("computer", "bob", Role.READ_ONLY)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="Unknown role 'Root'"):
+        admin.access.create_account("carol", "long enough pw", ["Root"])  # type: ignore[list-item]
+    assert admin.access.list_grants() == [] and admin.access.list_accounts() == []

@@ -908,3 +908,38 @@ def test_purge_expired_respects_the_retention_setting(admin: Services) -> None:
     assert not remaining & {"Almost a year", "Forty days"}
     assert "retention" in remaining  # the purges themselves are kept
     assert admin.audit.purge_expired() == 0
+
+
+def test_a_connector_whose_commit_fails_leaves_no_secret_behind(
+    admin: Services, memory_keyring: MemoryKeyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The password is stored inside the transaction; when anything later in it fails (here the
+    result cannot be built), the catalog rolls back and the keyring entry is taken out again."""
+    from app.services.connectors import ConnectorService
+
+    def broken(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ConnectorService, "_info", classmethod(broken))
+    with pytest.raises(OSError, match="No space left"):
+        admin.connectors.add_connector("Lab", "vsphere", username="svc", password=CONNECTOR_PASSWORD)
+    monkeypatch.undo()
+    assert admin.connectors.list_connectors() == []
+    assert connector_secrets(memory_keyring.store) == {}
+
+
+def test_a_removal_that_fails_keeps_the_connectors_secret(
+    admin: Services, memory_keyring: MemoryKeyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin.connectors.add_connector("Lab", "vsphere", username="svc", password=CONNECTOR_PASSWORD)
+    from app.catalog.models import AuditEntry
+
+    def refuse_audit(*_args: object, **_kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(AuditEntry, "__init__", refuse_audit)
+    with pytest.raises(OSError):
+        admin.connectors.remove_connector("Lab")
+    monkeypatch.undo()
+    assert [c.name for c in admin.connectors.list_connectors()] == ["Lab"]
+    assert list(connector_secrets(memory_keyring.store).values()) == [CONNECTOR_PASSWORD]

@@ -441,8 +441,17 @@ def caller_name(roles: tuple[Role, ...]) -> str:
     return "caller-" + ("-".join(r.name.lower() for r in roles) or "norole")
 
 
+#: Changing an existing layer is refused before the layer is looked up when the caller holds no layer
+#: role at all, so a caller who may not touch layers learns nothing from NotFound versus refusal.
+ANY_LAYER_WORDING = "create, change or delete layers"
+ANY_LAYER_ROLES = frozenset({A, Role.MANAGE_OS_LAYERS, Role.MANAGE_PLATFORM_LAYERS, Role.MANAGE_APP_LAYERS})
+
+
 def refusal(call: Call, roles: tuple[Role, ...]) -> tuple[str, frozenset[Role]]:
     """What a refusal of ``call`` to a caller holding ``roles`` must say: the wording and the roles needed."""
+    looks_up_a_layer = call.id.startswith("layers.") and not call.id.startswith("layers.create_layer")
+    if looks_up_a_layer and not set(roles) & ANY_LAYER_ROLES:
+        return ANY_LAYER_WORDING, ANY_LAYER_ROLES
     if not roles and call.id.startswith("tasks.cancel"):
         # A caller without roles fails the "run tasks" check before the task is looked at.
         return RUN_TASKS_WORDING, OWN_TASK_ROLES
@@ -748,3 +757,19 @@ def test_read_only_cannot_start_a_task(services_for: ServicesFactory) -> None:
         assert reader.tasks.list_tasks() == []
     finally:
         runner.shutdown()
+
+
+@pytest.mark.parametrize("role", [Role.READ_ONLY, Role.MANAGE_IMAGE_TEMPLATES, Role.PUBLISH_LAYERED_IMAGES])
+def test_a_caller_without_layer_roles_learns_nothing_about_which_layers_exist(
+    services_for: ServicesFactory, role: Role
+) -> None:
+    admin = services_for(Role.ADMINISTRATOR)
+    admin.layers.create_layer("Win11", LayerType.OS)
+    caller = services_for(role)
+    refusals = []
+    for name in ("Win11", "NoSuchLayer"):
+        with pytest.raises(PermissionDenied) as refused:
+            caller.layers.delete_layer(name)
+        refusals.append(str(refused.value))
+    assert refusals[0] == refusals[1]
+    assert [layer.name for layer in admin.layers.list_layers()] == ["Win11"]
