@@ -54,7 +54,8 @@ def services_for(home: Home, memory_keyring: MemoryKeyring) -> Iterator[Services
     catalog, secrets = open_catalog(home)
 
     def make(*roles: Role, username: str | None = None) -> Services:
-        name = username or ("admin" if roles == (Role.ADMINISTRATOR,) else "-".join(r.name.lower() for r in roles) or "nobody")
+        default = "admin" if roles == (Role.ADMINISTRATOR,) else "-".join(r.name.lower() for r in roles)
+        name = username or default or "nobody"
         caller = Caller(name, frozenset(roles), PrincipalKind.LOCAL_USER)
         return Services.for_caller(home, catalog, caller, secrets)
 

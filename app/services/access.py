@@ -317,7 +317,9 @@ class AccessService(Service):
             change.session.add(grant)
             change.session.flush()
             change.details = {"kind": kind.value, "role": role.value}
-            return RoleGrantInfo(grant.id, kind, principal, grant.display_name, role, grant.granted_at, grant.granted_by)
+            return RoleGrantInfo(
+                grant.id, kind, principal, grant.display_name, role, grant.granted_at, grant.granted_by
+            )
 
     def revoke_role(self, kind: PrincipalKind, principal: str, role: Role, *, comment: str = "") -> None:
         kind, role = _principal_kind(kind), _role(role)

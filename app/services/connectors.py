@@ -48,7 +48,8 @@ def _endpoint(value: str) -> str:
 class ConnectorService(Service):
     def list_connectors(self) -> list[ConnectorInfo]:
         with self._read() as session:
-            return [self._info(session, row) for row in session.scalars(select(ConnectorConfig).order_by(ConnectorConfig.name))]
+            rows = session.scalars(select(ConnectorConfig).order_by(ConnectorConfig.name))
+            return [self._info(session, row) for row in rows]
 
     def get_connector(self, name: str) -> ConnectorInfo:
         with self._read() as session:
@@ -122,7 +123,7 @@ class ConnectorService(Service):
             if password is not None:
                 self._ctx.secrets.set(_secret_name(row.id), password)
                 row.has_password = True
-                details["password"] = "changed"
+                details["password"] = "changed"  # noqa: S105 - that it changed, never the value
             if not details:
                 raise ValidationError(f"Nothing to change in connector {row.name!r}.")
             change.details = details
@@ -162,7 +163,9 @@ class ConnectorService(Service):
     @staticmethod
     def _used_by(session: Session, row: ConnectorConfig) -> list[str]:
         return list(
-            session.scalars(select(ImageTemplate.name).where(ImageTemplate.connector_id == row.id).order_by(ImageTemplate.name))
+            session.scalars(
+                select(ImageTemplate.name).where(ImageTemplate.connector_id == row.id).order_by(ImageTemplate.name)
+            )
         )
 
     @classmethod

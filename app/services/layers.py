@@ -265,7 +265,9 @@ class LayerService(Service):
             return _version_info(session, version)
 
     def set_prerequisites(self, ref: str, prerequisites: Sequence[str], *, comment: str = "") -> LayerVersionInfo:
-        with self._change(Operation.EDIT_ANY_LAYERS, "layer.version.prerequisites", "layer version", ref, comment) as change:
+        with self._change(
+            Operation.EDIT_ANY_LAYERS, "layer.version.prerequisites", "layer version", ref, comment
+        ) as change:
             session = change.session
             version = find_version(session, ref, default_latest=False)
             change.require(LAYER_OPERATION[version.layer.type])

@@ -105,7 +105,7 @@ def test_template_commands_priority_history_clone(ctl: Ctl) -> None:
     assert clone["app_layers"] == ["Chrome:120", "Office:2024"]  # type: ignore[index]
     shown = ctl.json("template", "show", "Finance-Test")
     assert shown["revision"] == 1  # type: ignore[index]
-    status, out, _ = ctl("template", "show", "Finance")
+    _, out, _ = ctl("template", "show", "Finance")
     assert out.index("2. Office:2024") < out.index("1. Chrome:120")  # highest priority listed first
 
 
