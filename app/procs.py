@@ -6,6 +6,7 @@ and secrets go by environment or stdin, never on the command line. Results are :
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -46,9 +47,8 @@ class Outcome:
 
 def find_program(name: str, *, package_hint: str = "") -> str:
     """The full path of ``name``; :class:`EnvironmentProblem` naming what to install when missing."""
-    if os.sep in name or (os.altsep and os.altsep in name):
-        if Path(name).is_file():
-            return name
+    if (os.sep in name or (os.altsep and os.altsep in name)) and Path(name).is_file():
+        return name
     found = shutil.which(name)
     if found is None:
         hint = f" Install {package_hint}." if package_hint else ""
@@ -91,16 +91,19 @@ def stream(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     poll_s: float = 0.1,
+    stdin_text: str | None = None,
 ) -> Outcome:
     """Run a program, hand each stdout line to ``on_line`` as it comes, stop it when ``cancel`` says so.
 
-    Cancelling sends a polite terminate, then kills after :data:`TERMINATE_GRACE_S`.
+    Cancelling sends a polite terminate, then kills after :data:`TERMINATE_GRACE_S`. ``stdin_text``
+    (a small document, e.g. a job description with secrets) is written to the program's stdin,
+    which is then closed.
     """
     resolved = [find_program(argv[0]), *argv[1:]]
     started = time.monotonic()
     proc = subprocess.Popen(  # noqa: S603 - argument list, resolved program, no shell
         resolved,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if stdin_text is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -108,6 +111,15 @@ def stream(
         env={**os.environ, **env} if env else None,
         cwd=cwd,
     )
+    if stdin_text is not None:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(stdin_text)
+        except BrokenPipeError:
+            pass  # the program ended before reading; its exit status tells why
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
     stderr_parts: list[str] = []
     assert proc.stdout is not None and proc.stderr is not None
     err_reader = threading.Thread(target=lambda: stderr_parts.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
@@ -127,22 +139,33 @@ def stream(
     out_reader = threading.Thread(target=read_stdout, daemon=True)
     out_reader.start()
     cancelled = False
-    while True:
-        with lock:
-            if not lines and out_reader.is_alive():
-                lock.wait(poll_s)
-            pending, lines[:] = list(lines), []
-        for line in pending:
-            on_line(line)
-        if cancel.cancelled and not cancelled:
-            cancelled = True
-            _stop(proc)
-        if not out_reader.is_alive() and not pending:
+    try:
+        while True:
             with lock:
-                if not lines:
-                    break
-    proc.wait()
-    err_reader.join(timeout=5)
+                if not lines and out_reader.is_alive():
+                    lock.wait(poll_s)
+                pending, lines[:] = list(lines), []
+            for line in pending:
+                on_line(line)
+            if cancel.cancelled and not cancelled:
+                cancelled = True
+                _stop(proc)
+            if not out_reader.is_alive() and not pending:
+                with lock:
+                    if not lines:
+                        break
+        proc.wait()
+    except BaseException:
+        # ``on_line`` failed (or the caller was interrupted): never leave the program running.
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        out_reader.join(timeout=5)
+        err_reader.join(timeout=5)
+        for pipe, reader in ((proc.stdout, out_reader), (proc.stderr, err_reader)):
+            if not reader.is_alive():  # a reader still blocked (a grandchild holds the pipe) keeps it
+                pipe.close()
     return Outcome(
         tuple(resolved), proc.returncode, "", "".join(stderr_parts), time.monotonic() - started, cancelled
     )

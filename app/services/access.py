@@ -41,7 +41,7 @@ from app.errors import AuthenticationFailed, Conflict, NotFound, ValidationError
 from app.services.base import Service
 from app.services.rbac import Caller, Operation
 from app.services.settings import read_setting
-from app.services.validation import validate_name, validate_sid
+from app.services.validation import choice, validate_name, validate_sid
 from app.services.views import AccountInfo, RoleGrantInfo
 
 SESSION_TTL = timedelta(hours=12)
@@ -205,19 +205,11 @@ def _sign_in_audit(username: str, at: datetime, outcome: AuditOutcome, why: str)
 
 
 def _role(value: object) -> Role:
-    try:
-        return Role(value)
-    except ValueError:
-        raise ValidationError(f"Unknown role {value!r}; the roles are: {', '.join(r.value for r in Role)}.") from None
+    return choice(Role, value, "role")
 
 
 def _principal_kind(value: object) -> PrincipalKind:
-    try:
-        return PrincipalKind(value)
-    except ValueError:
-        raise ValidationError(
-            f"Unknown principal kind {value!r}; use one of: {', '.join(k.value for k in PrincipalKind)}."
-        ) from None
+    return choice(PrincipalKind, value, "principal kind")
 
 
 def _check_password(password: str) -> str:

@@ -15,7 +15,6 @@ from app.services.base import Service
 from app.services.rbac import Operation
 from app.services.settings import read_setting
 from app.services.views import TaskInfo, TaskLogLineInfo
-from app.tasks.runner import owner_alive
 
 INTERRUPTED = "Interrupted: LayerDesk stopped while this task ran. Start it again."
 
@@ -43,6 +42,10 @@ def recover_interrupted(catalog: Catalog) -> list[int]:
 
     Runs when LayerDesk starts, before any caller acts: a task is never left "running" by a crash.
     """
+    # Imported here: app.tasks.runner imports app.services, so a module-level import makes
+    # ``import app.tasks`` (before app.services) fail with a circular import.
+    from app.tasks.runner import owner_alive
+
     with catalog.write() as session:
         rows = session.scalars(select(Task).where(Task.state.not_in(FINAL_TASK_STATES))).all()
         lost = [row for row in rows if not owner_alive(row.owner)]

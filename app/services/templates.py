@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
@@ -25,10 +24,9 @@ from app.catalog.models import (
 from app.errors import Conflict, NotFound, ValidationError
 from app.services.base import Service, find_version
 from app.services.rbac import Operation
-from app.services.validation import check_unique, validate_description, validate_name
+from app.services.validation import check_unique, choice, validate_description, validate_name
 from app.services.views import FieldChange, TemplateInfo, TemplateRevisionInfo
 
-E = TypeVar("E", bound=enum.Enum)
 MAX_SIZE_GB = 65536
 #: The order in which a snapshot's fields are shown and diffed.
 SNAPSHOT_FIELDS = (
@@ -134,15 +132,6 @@ def diff_snapshots(before: dict[str, Any], after: dict[str, Any]) -> list[FieldC
     extra = sorted((set(before) | set(after)) - set(SNAPSHOT_FIELDS))
     changes.extend(FieldChange(k, before.get(k), after.get(k)) for k in extra if before.get(k) != after.get(k))
     return changes
-
-
-def _choice(kind: type[E], value: object, what: str) -> E:
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValidationError(
-            f"Unknown {what} {value!r}; use one of " + ", ".join(str(m.value) for m in kind) + "."
-        ) from None
 
 
 class TemplateService(Service):
@@ -349,7 +338,7 @@ class TemplateService(Service):
     def _apply_spec(self, session: Session, template: ImageTemplate, spec: TemplateSpec, *, keep_order: bool) -> None:
         template.description = validate_description(spec.description)
         template.icon = validate_name(spec.icon, "icon file name", max_length=260) if spec.icon else None
-        template.disk_format = _choice(DiskFormat, spec.disk_format, "disk format")
+        template.disk_format = choice(DiskFormat, spec.disk_format, "disk format")
         size = spec.size_gb
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE_GB:
             raise ValidationError(
@@ -357,8 +346,8 @@ class TemplateService(Service):
                 field="size_gb",
             )
         template.size_gb = size
-        template.elastic_mode = _choice(ElasticMode, spec.elastic_mode, "elastic layering mode")
-        template.sysprep = _choice(SysprepMode, spec.sysprep, "sysprep mode")
+        template.elastic_mode = choice(ElasticMode, spec.elastic_mode, "elastic layering mode")
+        template.sysprep = choice(SysprepMode, spec.sysprep, "sysprep mode")
 
         os_version = self._usable_version(session, spec.os, LayerType.OS, "OS layer")
         template.os_version = os_version

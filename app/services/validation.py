@@ -6,11 +6,15 @@ they must be valid Windows file names.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable
+from typing import TypeVar
 
 from app.catalog.models import NAME_LENGTH
 from app.errors import ValidationError
+
+E = TypeVar("E", bound=enum.Enum)
 
 #: Characters Windows refuses in file names, besides control characters.
 FORBIDDEN_CHARACTERS = '<>:"/\\|?*'
@@ -53,6 +57,16 @@ def validate_name(value: str | None, what: str = "name", *, max_length: int = NA
             field=what,
         )
     return value
+
+
+def choice(kind: type[E], value: object, what: str) -> E:
+    """``value`` as a member of the enum ``kind``, or a :class:`ValidationError` listing the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValidationError(
+            f"Unknown {what} {value!r}; use one of: " + ", ".join(str(m.value) for m in kind) + "."
+        ) from None
 
 
 def validate_comment(value: str | None) -> str:

@@ -7,6 +7,7 @@ log lines are written at most a few times a second. Listeners (the console) hear
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -75,6 +76,8 @@ class _RunContext(TaskContext):
         self._lines: list[tuple[Any, str, str]] = []
         self._dirty = False
         self._last_write = 0.0
+        # One flush at a time (worker or watcher), so lines and progress land in order.
+        self._flush_lock = threading.Lock()
 
     def progress(self, percent: float, message: str = "") -> None:
         with self._lock:
@@ -94,22 +97,34 @@ class _RunContext(TaskContext):
         if time.monotonic() - self._last_write >= self._runner.progress_interval_s:
             self.flush()
 
+    def flush_if_due(self) -> None:
+        """Write what a now quiet task reported (the watcher calls this), so a line logged just
+        before a long silence does not wait for the task's next report."""
+        self._maybe_flush()
+
     def flush(self) -> None:
-        with self._lock:
-            if not self._dirty:
-                return
-            percent, message, lines = self._percent, self._message, self._lines
-            self._lines, self._dirty = [], False
-            self._last_write = time.monotonic()
-        with self._runner.catalog.write() as session:
-            row = session.get(Task, self._task_id)
-            if row is None:
-                return
-            row.progress = percent
-            row.message = message
-            for at, level, text in lines:
-                session.add(TaskLogLine(task_id=self._task_id, at=at, level=level, text=text))
-            state = row.state
+        with self._flush_lock:
+            with self._lock:
+                if not self._dirty:
+                    return
+                percent, message, lines = self._percent, self._message, self._lines
+                self._lines, self._dirty = [], False
+                self._last_write = time.monotonic()
+            try:
+                with self._runner.catalog.write() as session:
+                    row = session.get(Task, self._task_id)
+                    if row is None:
+                        return
+                    row.progress = percent
+                    row.message = message
+                    for at, level, text in lines:
+                        session.add(TaskLogLine(task_id=self._task_id, at=at, level=level, text=text))
+                    state = row.state
+            except BaseException:
+                with self._lock:  # keep the lines for the next flush
+                    self._lines[:0] = lines
+                    self._dirty = True
+                raise
         self._runner._notify(TaskEvent(self._task_id, state, percent, message))
 
 
@@ -132,6 +147,7 @@ class TaskRunner:
         self.owner = process_owner()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="layerdesk-task")
         self._tokens: dict[int, CancelToken] = {}
+        self._contexts: dict[int, _RunContext] = {}
         self._futures: dict[int, Future[None]] = {}
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
@@ -201,10 +217,9 @@ class TaskRunner:
             futures = list(self._futures.values())
         for future in futures:
             remaining = max(0.0, deadline - time.monotonic())
-            try:
+            # The worker recorded its own failure in the task; here only the waiting matters.
+            with contextlib.suppress(Exception):
                 future.result(timeout=remaining)
-            except Exception:  # noqa: BLE001,S110 - the worker recorded its own failure
-                pass
         self._closed.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._watcher is not None:
@@ -226,6 +241,7 @@ class TaskRunner:
 
     def _watch(self) -> None:
         while not self._closed.wait(self.poll_s):
+            self._flush_quiet_tasks()
             with self._lock:
                 active = {tid: tok for tid, tok in self._tokens.items() if not tok.cancelled}
             if not active:
@@ -243,12 +259,22 @@ class TaskRunner:
             for tid in wanted:
                 active[tid].cancel()
 
+    def _flush_quiet_tasks(self) -> None:
+        with self._lock:
+            contexts = list(self._contexts.values())
+        for ctx in contexts:
+            try:
+                ctx.flush_if_due()
+            except LayerDeskError:
+                log.warning("cannot write a task's progress; will retry", exc_info=True)
+
     def _execute(self, task_id: int, task: LayerDeskTask, token: CancelToken) -> None:
         ctx = _RunContext(self, task_id, token)
         with self.catalog.write() as session:
             row = session.get(Task, task_id)
             assert row is not None
-            if row.cancel_requested or row.state is TaskState.CANCELED:
+            # ``token``: shutdown(cancel=True) cancels queued tasks too; they must not start.
+            if token.cancelled or row.cancel_requested or row.state is TaskState.CANCELED:
                 self._finish(session, row, TaskState.CANCELED, "Canceled before it started.")
                 started = False
             else:
@@ -258,6 +284,8 @@ class TaskRunner:
         if not started:
             self._forget(task_id)
             return
+        with self._lock:
+            self._contexts[task_id] = ctx
         self._notify(TaskEvent(task_id, TaskState.RUNNING, 0, ""))
         state, message, error, result = TaskState.FAILED, "", "", None
         try:
@@ -300,3 +328,4 @@ class TaskRunner:
     def _forget(self, task_id: int) -> None:
         with self._lock:
             self._tokens.pop(task_id, None)
+            self._contexts.pop(task_id, None)

@@ -628,7 +628,7 @@ def test_resolve_caller_uses_the_kept_session_once_sign_in_is_required(
 
 
 def test_unknown_role_or_principal_kind_is_a_clear_validation_error(admin: Services) -> None:
-    with pytest.raises(ValidationError, match="Unknown role 'Superuser'; the roles are: Administrator"):
+    with pytest.raises(ValidationError, match="Unknown role 'Superuser'; use one of: Administrator"):
         admin.access.grant_role(PrincipalKind.OS_USER, "bob", "Superuser")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="Unknown principal kind 'computer'"):
         admin.access.grant_role("computer", "bob", Role.READ_ONLY)  # type: ignore[arg-type]

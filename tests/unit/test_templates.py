@@ -710,6 +710,6 @@ def test_platform_blocker_is_listed(lab: Services) -> None:
 def test_unknown_choices_are_refused_with_the_valid_ones_listed(lab: Services, field: str, value: str,
                                                                 what: str) -> None:
     spec = dataclasses.replace(TemplateSpec(os="Win11:1.0"), **{field: value})
-    with pytest.raises(ValidationError, match=f"Unknown {what} '{value}'; use one of"):
+    with pytest.raises(ValidationError, match=f"Unknown {what} '{value}'; use one of: "):
         lab.templates.create_template("Odd", spec)
     assert lab.templates.list_templates() == []
