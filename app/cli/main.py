@@ -24,6 +24,7 @@ from app.paths import Home, resolve_home
 from app.secrets import SecretStore
 from app.services import Services, open_catalog, resolve_caller
 from app.services.views import to_jsonable
+from app.tasks.runner import TaskRunner
 
 log = logging.getLogger(__name__)
 INTERNAL_ERROR_STATUS = 70
@@ -37,6 +38,7 @@ class CliState:
     _home: Home | None = None
     _services: Services | None = None
     _opened: tuple[Catalog, SecretStore] | None = None
+    _runner: TaskRunner | None = None
     _cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     @property
@@ -61,6 +63,14 @@ class CliState:
             caller = resolve_caller(self.home, catalog, secrets)
             self._services = Services.for_caller(self.home, catalog, caller, secrets)
         return self._services
+
+    def runner(self) -> TaskRunner:
+        """A task runner for this command; its tasks are canceled if the command is interrupted."""
+        if self._runner is None:
+            services = self.services()
+            self._runner = TaskRunner(services.catalog, services.caller)
+            self._cleanups.append(self._runner.shutdown)
+        return self._runner
 
     def close(self) -> None:
         while self._cleanups:

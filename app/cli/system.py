@@ -6,8 +6,9 @@ from datetime import datetime
 
 import click
 
-from app.catalog.models import AuditOutcome
+from app.catalog.models import AuditOutcome, TaskState
 from app.cli.main import comment_option, emit, state, table
+from app.errors import EnvironmentProblem
 from app.services.views import AuditEntryInfo, SettingInfo
 
 
@@ -94,13 +95,24 @@ def catalog_group() -> None:
 
 @catalog_group.command("check")
 def catalog_check() -> None:
-    """Check the catalog's integrity (SQLite's check and foreign keys)."""
-    services = state().services()
-    problems = services.catalog.integrity_check()
-    emit({"ok": not problems, "problems": problems, "size_bytes": services.catalog.size_bytes()},
-         "The catalog is healthy." if not problems else "Problems:\n" + "\n".join(f"  {p}" for p in problems))
+    """Check the catalog's integrity (SQLite's check and foreign keys), as a task in a child process.
+    Exits 1 when problems are found."""
+    from app.catalog.maintenance import CatalogCheckTask
+
+    cli_state = state()
+    services = cli_state.services()
+    runner = cli_state.runner()
+    task_id = runner.submit(CatalogCheckTask(services.catalog.path))
+    runner.wait(task_id)
+    task = services.tasks.get_task(task_id)
+    if task.state is TaskState.FAILED:
+        raise EnvironmentProblem(f"Task {task_id} failed: {task.error}")
+    result = task.result or {}
+    problems = list(result.get("problems", []))
+    emit({"task": task_id, "ok": not problems, "problems": problems, "size_bytes": result.get("size_bytes", 0)},
+         task.message + ("" if not problems else "\n" + "\n".join(f"  {p}" for p in problems)))
     if problems:
-        raise SystemExit(1)
+        click.get_current_context().exit(1)
 
 
 def register(cli: click.Group) -> None:

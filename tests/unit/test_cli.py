@@ -245,3 +245,10 @@ def test_default_home_is_the_users_data_folder(tmp_path: Path) -> None:
     done = subprocess.run([program, "--json", "init"], capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["home"] == str(tmp_path / "userhome" / "data" / "LayerDesk")
+
+
+def test_catalog_check_runs_as_a_task_and_is_listed(ctl: Ctl) -> None:
+    result = ctl.json("catalog", "check")
+    assert result["ok"] is True and result["problems"] == []  # type: ignore[index]
+    (task,) = ctl.json("task", "list")  # type: ignore[misc]
+    assert (task["id"], task["kind"], task["state"]) == (result["task"], "catalog.check", "complete")  # type: ignore[index]

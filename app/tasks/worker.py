@@ -1,0 +1,151 @@
+"""Heavy work in a child process: a crash or a kill there never takes the console down, and the GIL
+of the child never stalls the UI.
+
+The parent (:class:`SubprocessTask`) starts ``python -m app.tasks.worker``, writes one JSON line to
+its stdin (``{"function": "app.module:function", "args": {...}}``; secrets travel this way, never on
+the command line), and reads JSON lines from its stdout:
+
+* ``{"progress": 42, "message": "…"}`` · ``{"log": "…", "level": "INFO"}``
+* ``{"result": {...}}`` as the last line of a run that worked, or
+* ``{"error": {"kind": "user" | "environment" | "internal", "message": "…"}}``.
+
+The function runs as ``function(args: dict, report: WorkerReport) -> dict``. Only functions under
+``app.`` can be named. A cancel terminates the child (then kills it if it does not stop).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TextIO
+
+from app.errors import EnvironmentProblem, LayerDeskError, UserError
+from app.procs import stream
+from app.tasks.base import LayerDeskTask, TaskCanceled, TaskContext, TaskResult
+
+WorkerFunction = Callable[[dict[str, Any], "WorkerReport"], dict[str, Any]]
+
+
+class WorkerReport:
+    """What a worker function uses to talk to its task (one JSON line per call, flushed)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._out.write(json.dumps(message, ensure_ascii=False) + "\n")
+        self._out.flush()
+
+    def progress(self, percent: float, message: str = "") -> None:
+        self._send({"progress": percent, "message": message})
+
+    def log(self, text: str, level: str = "INFO") -> None:
+        self._send({"log": text, "level": level})
+
+
+def resolve(name: str) -> WorkerFunction:
+    module_name, _, attribute = name.partition(":")
+    if not module_name.startswith("app.") or not attribute:
+        raise UserError(f"{name!r} is not a LayerDesk worker function (app.module:function).")
+    function = getattr(importlib.import_module(module_name), attribute, None)
+    if not callable(function):
+        raise UserError(f"{name!r} is not a LayerDesk worker function.")
+    return function  # type: ignore[no-any-return]
+
+
+def main(
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    resolver: Callable[[str], WorkerFunction] = resolve,
+) -> int:
+    """The child's entry point (``resolver`` turns the spec's function name into the function)."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    # The parent asks politely with SIGTERM; end at once with the conventional status.
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    report = WorkerReport(stdout)
+    try:
+        spec = json.loads(stdin.readline())
+        result = resolver(spec["function"])(dict(spec.get("args") or {}), report)
+        report._send({"result": result})
+        return 0
+    except UserError as exc:
+        report._send({"error": {"kind": "user", "message": str(exc)}})
+    except LayerDeskError as exc:
+        report._send({"error": {"kind": "environment", "message": str(exc)}})
+    except Exception as exc:  # noqa: BLE001 - any bug is reported to the parent, which shows it as one
+        report.log("".join(traceback.format_exception(exc)), "ERROR")
+        report._send({"error": {"kind": "internal", "message": f"{type(exc).__name__}: {exc}"}})
+    return 1
+
+
+class WorkerBug(RuntimeError):
+    """A bug in the worker function (its traceback is in the task log)."""
+
+
+@dataclass(frozen=True)
+class WorkerResult(TaskResult):
+    """What a subprocess task returns: the worker function's result document."""
+
+    data: dict[str, Any] | None = None
+
+
+class SubprocessTask(LayerDeskTask):
+    """A task whose work runs in a child process (see the module docstring for the protocol)."""
+
+    kind: ClassVar[str] = "subprocess"
+    #: ``app.module:function`` run in the child.
+    function: ClassVar[str]
+    #: The module the child runs with ``python -m``.
+    worker_module: ClassVar[str] = "app.tasks.worker"
+
+    def arguments(self) -> dict[str, Any]:
+        """The JSON-serialisable arguments handed to the worker function."""
+        return {}
+
+    def result(self, data: dict[str, Any]) -> TaskResult:
+        """Turn the worker's result document into this task's typed result."""
+        return WorkerResult(summary=str(data.get("summary", "")), data=data)
+
+    def run(self, ctx: TaskContext) -> TaskResult:
+        outcome: dict[str, Any] = {}
+
+        def on_line(line: str) -> None:
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                ctx.log(line, "INFO")  # stray output (a library printing) goes to the task log
+                return
+            if "progress" in message:
+                ctx.progress(float(message["progress"]), str(message.get("message", "")))
+            elif "log" in message:
+                ctx.log(str(message["log"]), str(message.get("level", "INFO")))
+            else:
+                outcome.update(message)
+
+        spec = json.dumps({"function": self.function, "args": self.arguments()}) + "\n"
+        done = stream([sys.executable, "-m", self.worker_module], on_line, ctx.cancel, stdin_text=spec)
+        if done.cancelled:
+            raise TaskCanceled()
+        if "result" in outcome:
+            return self.result(outcome["result"])
+        error = outcome.get("error") or {}
+        message = str(error.get("message") or "")
+        if error.get("kind") == "user":
+            raise UserError(message)
+        if error.get("kind") == "environment":
+            raise EnvironmentProblem(message)
+        if error.get("kind") == "internal":
+            raise WorkerBug(message)
+        detail = message or (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise EnvironmentProblem(f"The worker process for {self.title!r} failed: {detail}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
