@@ -9,8 +9,6 @@ import os
 import statistics
 import time
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 import argon2
 import pytest
@@ -19,7 +17,6 @@ from sqlalchemy import select
 from app.catalog.database import Catalog
 from app.catalog.models import (
     AuditOutcome,
-    Base,
     LocalAccount,
     PrincipalKind,
     Role,
@@ -39,6 +36,7 @@ from app.services.access import (
 )
 from app.services.directory import JunctionSpec
 from tests.conftest import ServicesFactory
+from tests.support.catalog_checks import catalog_bytes, snapshot
 
 PASSWORD = "correct horse battery"
 SID = "S-1-5-21-3623811015-3361044348-30300820-1013"
@@ -46,24 +44,6 @@ GROUP_SID = "S-1-5-21-3623811015-3361044348-30300820-2101"
 JUNCTION = JunctionSpec(server="dc1.lab.test", base_dn="DC=lab,DC=test", bind_account=r"LAB\svc")
 GENERIC_REFUSAL = "The user name or password is incorrect."
 
-
-def snapshot(catalog: Catalog, *, with_audit: bool = False) -> dict[str, list[tuple[Any, ...]]]:
-    tables = {}
-    with catalog.read_engine.connect() as conn:
-        for table in Base.metadata.sorted_tables:
-            if table.name == "audit_entry" and not with_audit:
-                continue
-            tables[table.name] = [tuple(r) for r in conn.execute(select(table).order_by(*table.primary_key.columns))]
-    return tables
-
-
-def catalog_bytes(catalog: Catalog) -> bytes:
-    data = b""
-    for suffix in ("", "-wal"):
-        part = Path(f"{catalog.path}{suffix}")
-        if part.exists():
-            data += part.read_bytes()
-    return data
 
 
 def account_row(catalog: Catalog, username: str) -> LocalAccount | None:

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import keyring
 import keyring.backends.fail
 import pytest
-from sqlalchemy import select
 
 from app.catalog.database import Catalog
 from app.catalog.models import (
     AuditEntry,
     AuditOutcome,
-    Base,
     DirectorySecurity,
     LayerType,
     PrincipalKind,
@@ -30,6 +27,7 @@ from app.services.directory import DEFAULT_ATTRIBUTES, PLAIN_WARNING, JunctionSp
 from app.services.storage import user_layer_folder
 from app.services.templates import TemplateSpec
 from tests.conftest import ServicesFactory, make_deployable
+from tests.support.catalog_checks import catalog_bytes, snapshot
 from tests.support.keyring_memory import MemoryKeyring
 
 USER_SID = "S-1-5-21-1004336348-1177238915-682003330-1105"
@@ -38,25 +36,6 @@ GROUP_SID = "S-1-5-21-1004336348-1177238915-682003330-1201"
 OTHER_GROUP_SID = "S-1-5-21-1004336348-1177238915-682003330-1202"
 PASSWORD = "correct horse battery"
 
-
-def snapshot(catalog: Catalog, *, with_audit: bool = True) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table (the audit log too, unless told otherwise)."""
-    tables = {}
-    with catalog.read_engine.connect() as conn:
-        for table in Base.metadata.sorted_tables:
-            if table.name == "audit_entry" and not with_audit:
-                continue
-            tables[table.name] = [tuple(r) for r in conn.execute(select(table).order_by(*table.primary_key.columns))]
-    return tables
-
-
-def catalog_bytes(catalog: Catalog) -> bytes:
-    data = b""
-    for suffix in ("", "-wal"):
-        part = Path(f"{catalog.path}{suffix}")
-        if part.exists():
-            data += part.read_bytes()
-    return data
 
 
 def refused(services: Services, error: type[Exception], match: str, change: Any) -> Exception:

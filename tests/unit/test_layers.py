@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,34 +13,13 @@ from app.services import Services
 from app.services.templates import TemplateSpec
 from app.services.views import AuditEntryInfo
 from tests.conftest import ServicesFactory, make_deployable
+from tests.support.catalog_checks import assert_refused
 
 FINANCE_SID = "S-1-5-21-1-2-3-1001"
 
 
 # --- helpers --------------------------------------------------------------------------------------
 
-
-def catalog_state(services: Services) -> tuple[Any, ...]:
-    """Everything the layer service shows: the list and every layer's detail (versions, users)."""
-    layers = services.layers.list_layers()
-    return tuple(layers), tuple(services.layers.get_layer(layer.name) for layer in layers)
-
-
-def assert_refused(
-    services: Services, action: Callable[[], object], error: type[UserError], *fragments: str
-) -> UserError:
-    """Run a change that must be refused: it raises ``error`` whose message holds every fragment,
-    and neither the catalog nor the audit log changes."""
-    state_before = catalog_state(services)
-    audit_before = services.audit.list_entries()
-    with pytest.raises(error) as caught:
-        action()
-    message = str(caught.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert catalog_state(services) == state_before
-    assert services.audit.list_entries() == audit_before
-    return caught.value
 
 
 def newest_audit(services: Services) -> AuditEntryInfo:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,13 +9,14 @@ import pytest
 from sqlalchemy import select
 
 from app.catalog.models import AuditOutcome, DiskFormat, LayerType, PublishedImage, Role, VersionState
-from app.errors import Conflict, NotFound, PermissionDenied, UserError, ValidationError
+from app.errors import Conflict, NotFound, PermissionDenied, ValidationError
 from app.services import Services
 from app.services.base import ServiceContext
 from app.services.publishing import PublishingService
 from app.services.templates import TemplateSpec
 from app.services.views import PublishPlan, StackEntry, to_jsonable
 from tests.conftest import ServicesFactory, make_deployable
+from tests.support.catalog_checks import assert_refused
 
 START = datetime(2024, 5, 17, 9, 5, 42, tzinfo=UTC)
 
@@ -95,26 +95,6 @@ def record(publishing: PublishingService, plan: PublishPlan, **overrides: Any) -
 def image_names(services: Services, template: str | None = None) -> list[str]:
     return [image.name for image in services.publishing.list_images(template)]
 
-
-def assert_refused(
-    services: Services, action: Callable[[], object], error: type[UserError], *fragments: str
-) -> UserError:
-    """The change raises ``error`` naming every fragment; images, templates and the audit log stay as they were."""
-
-    def state() -> tuple[Any, ...]:
-        return (
-            tuple(services.publishing.list_images()),
-            tuple(services.templates.list_templates()),
-            tuple(services.audit.list_entries()),
-        )
-
-    before = state()
-    with pytest.raises(error) as caught:
-        action()
-    for fragment in fragments:
-        assert fragment in str(caught.value), f"{fragment!r} not in {str(caught.value)!r}"
-    assert state() == before
-    return caught.value
 
 
 def stored_template_id(services: Services, image_name: str) -> int | None:

@@ -26,7 +26,6 @@ from app.catalog.database import Catalog
 from app.catalog.models import (
     AuditEntry,
     AuditOutcome,
-    Base,
     LayerType,
     PrincipalKind,
     Role,
@@ -42,6 +41,7 @@ from app.services.templates import TemplateSpec
 from app.tasks.base import LayerDeskTask, TaskCanceled, TaskContext, TaskResult
 from app.tasks.runner import TaskRunner
 from tests.conftest import ServicesFactory, make_deployable
+from tests.support.catalog_checks import snapshot
 from tests.support.keyring_memory import MemoryKeyring
 
 ALL_ROLES = tuple(Role)
@@ -405,17 +405,6 @@ CALLS: list[Call] = [
 # --- catalog snapshots ----------------------------------------------------------------------------
 
 
-Snapshot = dict[str, list[tuple[Any, ...]]]
-
-
-def snapshot(catalog: Catalog) -> Snapshot:
-    """Every row of every table, in primary-key order."""
-    tables: Snapshot = {}
-    with catalog.read_engine.connect() as conn:
-        for table in Base.metadata.sorted_tables:
-            rows = conn.execute(select(table).order_by(*table.primary_key.columns)).all()
-            tables[table.name] = [tuple(r) for r in rows]
-    return tables
 
 
 def audit_rows(catalog: Catalog) -> list[AuditEntry]:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from app.catalog.models import AuditOutcome, DiskFormat, ElasticMode, LayerType, Role, SysprepMode, VersionState
-from app.errors import Conflict, NotFound, PermissionDenied, UserError, ValidationError
+from app.errors import Conflict, NotFound, PermissionDenied, ValidationError
 from app.services import Services
 from app.services.templates import TemplateSpec
 from app.services.views import AuditEntryInfo, FieldChange, TemplateInfo
 from tests.conftest import ServicesFactory, make_deployable
+from tests.support.catalog_checks import assert_refused
 
 FINANCE = TemplateSpec(
     os="Win11:1.0",
@@ -30,31 +30,6 @@ FINANCE = TemplateSpec(
 def spec(base: TemplateSpec = FINANCE, **changes: Any) -> TemplateSpec:
     return dataclasses.replace(base, **changes)
 
-
-def catalog_state(services: Services) -> tuple[Any, ...]:
-    """Every template as listed, with its full history, plus the layers it could touch."""
-    templates = services.templates.list_templates()
-    return (
-        tuple(templates),
-        tuple(tuple(services.templates.history(t.name)) for t in templates),
-        tuple(services.layers.list_layers()),
-    )
-
-
-def assert_refused(
-    services: Services, action: Callable[[], object], error: type[UserError], *fragments: str
-) -> UserError:
-    """The change raises ``error`` whose message holds every fragment; catalog and audit log stay as they were."""
-    state_before = catalog_state(services)
-    audit_before = services.audit.list_entries()
-    with pytest.raises(error) as caught:
-        action()
-    message = str(caught.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert catalog_state(services) == state_before
-    assert services.audit.list_entries() == audit_before
-    return caught.value
 
 
 def assert_audited(services: Services, operation: str, object_name: str) -> AuditEntryInfo:
