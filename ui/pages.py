@@ -48,7 +48,8 @@ class ListPage(QWidget):
     failed = Signal(str)  # a message a user can act on
 
     def __init__(self, title: str, columns: Sequence[Column[Any]], key: Callable[[Any], Any],
-                 fetch: Callable[[], Sequence[Any]], parent: QWidget | None = None) -> None:
+                 fetch: Callable[[], Sequence[Any]], parent: QWidget | None = None, *,
+                 newest_first: bool = False) -> None:
         super().__init__(parent)
         self.setObjectName(title.replace(" ", "_").lower())
         self._fetch = fetch
@@ -70,7 +71,8 @@ class ListPage(QWidget):
         self.table = QTableView()
         self.table.setModel(self.proxy)
         self.table.setSortingEnabled(True)
-        self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
+        # Logs (tasks, audit) read newest first; catalogs of objects read by name.
+        self.table.sortByColumn(0, Qt.SortOrder.DescendingOrder if newest_first else Qt.SortOrder.AscendingOrder)
         self.table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
         self.table.setAlternatingRowColors(True)
         self.table.verticalHeader().setVisible(False)
@@ -148,7 +150,7 @@ def tasks_page(services: Services) -> ListPage:
         Column("Started by", lambda t: t.started_by),
         Column("Created", lambda t: _when(t.created_at), sort=lambda t: t.created_at),
     ]
-    return ListPage("Tasks", columns, lambda t: t.id, services.tasks.list_tasks)
+    return ListPage("Tasks", columns, lambda t: t.id, services.tasks.list_tasks, newest_first=True)
 
 
 def audit_page(services: Services) -> ListPage:
@@ -160,4 +162,4 @@ def audit_page(services: Services) -> ListPage:
         Column("Outcome", lambda e: e.outcome.value),
         Column("Comment", lambda e: e.comment),
     ]
-    return ListPage("Audit log", columns, lambda e: e.id, services.audit.list_entries)
+    return ListPage("Audit log", columns, lambda e: e.id, services.audit.list_entries, newest_first=True)

@@ -5,12 +5,24 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt
 
 R = TypeVar("R")
 Index = QModelIndex | QPersistentModelIndex
+
+
+def _sortable(value: Any) -> Any:
+    """A value Qt can compare: it cannot order Python objects such as datetimes."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if value is None:
+        return ""
+    if isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
 
 
 class ItemRole(enum.IntEnum):
@@ -54,7 +66,7 @@ class RecordTableModel(QAbstractTableModel, Generic[R]):
         if role == ItemRole.RECORD:
             return record
         if role == ItemRole.SORT:
-            return column.sort(record) if column.sort else column.text(record)
+            return _sortable(column.sort(record) if column.sort else column.text(record))
         if role == Qt.ItemDataRole.ToolTipRole and column.tooltip:
             return column.tooltip(record)
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, replace
 
+from PySide6.QtCore import Qt
 from pytestqt.modeltest import ModelTester
 from pytestqt.qtbot import QtBot
 
@@ -79,3 +80,30 @@ def test_main_window_shows_the_catalog(qtbot: QtBot, event_loop: asyncio.Abstrac
     assert templates.objectName() == "image_templates"
     qtbot.waitUntil(lambda: templates.status.text() == "0 items", timeout=5000)
     assert "admin" in window.statusBar().findChildren(type(templates.status))[0].text()
+
+
+def test_tasks_and_audit_read_newest_first_and_sort_by_time(
+    qtbot: QtBot, event_loop: asyncio.AbstractEventLoop, lab: Services
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from app.catalog.models import AuditEntry
+
+    # Entries whose ids and times run in opposite orders: only a real time sort puts them right.
+    with lab.catalog.write() as session:
+        base = datetime(2026, 1, 1, tzinfo=UTC)
+        for hours, name in ((3, "third"), (1, "first"), (2, "second")):
+            session.add(AuditEntry(at=base + timedelta(hours=hours), user="u", operation="probe",
+                                   object_type="t", object_name=name, change={}, comment="",
+                                   outcome="success"))
+    window = MainWindow(lab, remember=False)
+    qtbot.addWidget(window)
+    window.nav.setCurrentRow(3)
+    page = window.current_page()
+    qtbot.waitUntil(lambda: page.model.rowCount() > 3, timeout=5000)
+    page.filter.setText("probe")
+    shown = [page.proxy.index(r, 3).data() for r in range(page.proxy.rowCount())]
+    assert shown == ["third", "second", "first"]
+    page.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
+    shown = [page.proxy.index(r, 3).data() for r in range(page.proxy.rowCount())]
+    assert shown == ["first", "second", "third"]
