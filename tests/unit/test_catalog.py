@@ -202,3 +202,61 @@ def test_catalogs_of_every_released_schema_open_with_their_content(
     finally:
         catalog.close()
     assert _pragma(home.catalog, "user_version") == SCHEMA_VERSION
+
+
+def test_a_full_disk_gives_a_clear_error_and_loses_nothing(tmp_path: Path, memory_keyring: object) -> None:
+    """SQLite's page limit stands in for a full disk: the same SQLITE_FULL error reaches us."""
+    from sqlalchemy import event
+
+    from app.catalog.models import LayerType, Role
+    from app.errors import EnvironmentProblem
+    from app.paths import Home
+    from app.services import Services, open_catalog
+    from app.services.rbac import Caller
+
+    home = Home(tmp_path / "home").ensure()
+    catalog, secrets = open_catalog(home)
+    admin = Services.for_caller(home, catalog, Caller("a", frozenset({Role.ADMINISTRATOR})), secrets)
+    admin.layers.create_layer("Win11", LayerType.OS)
+    with catalog.read() as session:
+        pages = session.execute(text("PRAGMA page_count")).scalar_one()
+    catalog.write_engine.dispose()
+
+    @event.listens_for(catalog.write_engine, "connect")
+    def _no_room(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        dbapi_connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    with pytest.raises(EnvironmentProblem) as full:
+        for i in range(500):
+            admin.layers.create_layer(f"App{i:03}", LayerType.APP, os_layer="Win11",
+                                      description="x" * 1900)
+    assert "is full" in str(full.value) and "nothing was changed" in str(full.value)
+    created = [layer.name for layer in admin.layers.list_layers()]
+    event.remove(catalog.write_engine, "connect", _no_room)
+    catalog.write_engine.dispose()
+    assert catalog.integrity_check() == []
+    entries = {e.object_name for e in admin.audit.list_entries(operation="layer.create")}
+    assert entries == set(created), "every layer that exists has its audit entry and no other"
+    admin.layers.create_layer("AfterSpaceFreed", LayerType.APP, os_layer="Win11")
+    catalog.close()
+
+
+def test_a_catalog_kept_busy_by_another_process_gives_a_clear_error(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.catalog.database as database
+
+    monkeypatch.setattr(database, "BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "c.sqlite"
+    catalog = Catalog(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(CatalogError, match="is busy: another LayerDesk process kept it locked"), \
+                catalog.write() as session:
+            session.execute(text("SELECT 1"))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with catalog.write() as session:
+        assert session.execute(text("SELECT 1")).scalar_one() == 1
+    catalog.close()
