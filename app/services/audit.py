@@ -10,15 +10,8 @@ from app.catalog.models import AuditEntry, AuditOutcome
 from app.services.base import Service
 from app.services.rbac import Operation
 from app.services.settings import read_setting
+from app.services.validation import like_contains, like_escape
 from app.services.views import AuditEntryInfo
-
-
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _like(text: str) -> str:
-    return f"%{_escape(text)}%"
 
 
 class AuditService(Service):
@@ -41,7 +34,7 @@ class AuditService(Service):
                 query = query.where(
                     or_(
                         AuditEntry.object_name == object_name,
-                        AuditEntry.object_name.like(f"{_escape(object_name)}:%", escape="\\"),
+                        AuditEntry.object_name.like(f"{like_escape(object_name)}:%", escape="\\"),
                     )
                 )
             if user:
@@ -53,7 +46,7 @@ class AuditService(Service):
             if since:
                 query = query.where(AuditEntry.at >= since)
             if search:
-                pattern = _like(search)
+                pattern = like_contains(search)
                 query = query.where(
                     or_(
                         AuditEntry.object_name.ilike(pattern, escape="\\"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import func, or_, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from app.catalog.models import (
     ElasticAssignment,
@@ -20,7 +20,7 @@ from app.catalog.models import (
 from app.errors import Conflict, ValidationError
 from app.services.base import Service, find_layer, find_version, split_qualified
 from app.services.rbac import LAYER_OPERATION, Operation
-from app.services.validation import check_unique, validate_description, validate_name
+from app.services.validation import check_unique, like_contains, validate_description, validate_name
 from app.services.views import LayerDetail, LayerInfo, LayerVersionInfo
 
 #: The state machine of a layer version. ``deployable`` is final: a deployed version never changes.
@@ -107,13 +107,41 @@ class LayerService(Service):
     def list_layers(self, type: LayerType | None = None, search: str | None = None) -> list[LayerInfo]:
         """Layers sorted by name, optionally of one type and/or whose name contains ``search``."""
         with self._read() as session:
-            query = select(Layer).options(selectinload(Layer.versions), selectinload(Layer.os_layer))
+            # Counts, sizes and the newest version come from one aggregate, not from loading every
+            # version of every layer (a catalog holds tens of thousands of versions).
+            stats = (
+                select(
+                    LayerVersion.layer_id.label("layer_id"),
+                    func.count().label("count"),
+                    func.coalesce(func.sum(LayerVersion.size_bytes), 0).label("size"),
+                    func.max(LayerVersion.id).label("latest_id"),
+                )
+                .group_by(LayerVersion.layer_id)
+                .subquery()
+            )
+            latest = aliased(LayerVersion)
+            os_layer = aliased(Layer)
+            query = (
+                select(Layer, os_layer.name, stats.c.count, stats.c.size, latest.name, latest.state)
+                .outerjoin(os_layer, os_layer.id == Layer.os_layer_id)
+                .outerjoin(stats, stats.c.layer_id == Layer.id)
+                .outerjoin(latest, latest.id == stats.c.latest_id)
+            )
             if type is not None:
                 query = query.where(Layer.type == type)
             if search:
-                escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                query = query.where(Layer.name.ilike(f"%{escaped}%", escape="\\"))
-            return [_layer_info(layer) for layer in session.scalars(query.order_by(Layer.name))]
+                query = query.where(Layer.name.ilike(like_contains(search), escape="\\"))
+            return [
+                LayerInfo(
+                    id=layer.id, name=layer.name, type=layer.type, description=layer.description, icon=layer.icon,
+                    os_layer=os_name, created_at=layer.created_at, created_by=layer.created_by,
+                    version_count=count or 0, latest_version=latest_name, latest_state=latest_state,
+                    size_bytes=size or 0,
+                )
+                for layer, os_name, count, size, latest_name, latest_state in session.execute(
+                    query.order_by(Layer.name)
+                )
+            ]
 
     def get_layer(self, name: str) -> LayerDetail:
         with self._read() as session:

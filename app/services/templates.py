@@ -24,7 +24,7 @@ from app.catalog.models import (
 from app.errors import Conflict, NotFound, ValidationError
 from app.services.base import Service, find_version
 from app.services.rbac import Operation
-from app.services.validation import check_unique, choice, validate_description, validate_name
+from app.services.validation import check_unique, choice, like_contains, validate_description, validate_name
 from app.services.views import FieldChange, TemplateInfo, TemplateRevisionInfo
 
 MAX_SIZE_GB = 65536
@@ -148,8 +148,7 @@ class TemplateService(Service):
                 selectinload(ImageTemplate.connector),
             )
             if search:
-                escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                query = query.where(ImageTemplate.name.ilike(f"%{escaped}%", escape="\\"))
+                query = query.where(ImageTemplate.name.ilike(like_contains(search), escape="\\"))
             return [template_info(t) for t in session.scalars(query.order_by(ImageTemplate.name))]
 
     def get_template(self, name: str) -> TemplateInfo:

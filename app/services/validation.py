@@ -69,6 +69,16 @@ def choice(kind: type[E], value: object, what: str) -> E:
         ) from None
 
 
+def like_escape(text: str) -> str:
+    """``text`` for a LIKE pattern with escape character ``\\``: ``%`` and ``_`` match themselves."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def like_contains(text: str) -> str:
+    """A LIKE pattern (escape character ``\\``) matching ``text`` anywhere."""
+    return f"%{like_escape(text)}%"
+
+
 def validate_comment(value: str | None) -> str:
     text = (value or "").strip()
     if len(text) > COMMENT_LENGTH:
