@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use (Qt's offscreen platform needs EGL, fontconfig, xkbcommon).
-bash packaging/ensure-debian-packages.sh libegl1 libgl1 libfontconfig1 libxkbcommon0 libdbus-1-3 fonts-dejavu-core
+# Debian packages the tests use: Qt's offscreen platform needs EGL, fontconfig and xkbcommon; the engine
+# tests use real wimlib and NTFS-3G.
+bash packaging/ensure-debian-packages.sh libegl1 libgl1 libfontconfig1 libxkbcommon0 libdbus-1-3 fonts-dejavu-core \
+    libwim15 wimtools ntfs-3g
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
