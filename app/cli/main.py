@@ -132,9 +132,9 @@ def cli(ctx: click.Context, home_option: str | None, json_output: bool) -> None:
 
 
 def _register() -> None:
-    from app.cli import access, admin, elastic, images, layers, system, tasks, templates
+    from app.cli import access, admin, elastic, images, layers, repo, system, tasks, templates
 
-    for module in (access, admin, elastic, images, layers, system, tasks, templates):
+    for module in (access, admin, elastic, images, layers, repo, system, tasks, templates):
         module.register(cli)
 
 
@@ -146,8 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     json_output = "--json" in args[: args.index("--") if "--" in args else len(args)]
     try:
-        cli.main(args=args, prog_name="layerctl", standalone_mode=False)
-        return 0
+        # Without standalone mode, click returns the status of ``ctx.exit(N)`` instead of raising it.
+        status = cli.main(args=args, prog_name="layerctl", standalone_mode=False)
+        return status if isinstance(status, int) and not isinstance(status, bool) else 0
     except click.exceptions.Exit as done:
         return int(done.exit_code)
     except click.exceptions.Abort:

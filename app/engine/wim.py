@@ -1,7 +1,8 @@
 """A small ctypes binding to libwim (wimlib 1.13.x): the engine's way to capture, merge and apply layers.
 
 What the engine needs and nothing more: create/open a WIM, add an image from an NTFS volume image or a
-folder, update an image with ADD/DELETE commands (layers and their whiteouts), write it, apply an image
+folder, update an image with ADD/DELETE commands (layers and their whiteouts), export an image into
+another WIM, delete an image, verify a WIM (and its integrity table), write it, apply an image
 onto an empty NTFS volume image (wimlib's NTFS-3G mode) or a folder, list an image's tree, and report
 progress with cancellation.
 
@@ -71,6 +72,10 @@ _COMPRESSION = {"none": 0, "xpress": 1, "lzx": 2}
 Compression = Literal["none", "xpress", "lzx"]
 
 _INIT_FLAG_DEFAULT_CASE_INSENSITIVE = 0x20
+_OPEN_FLAG_CHECK_INTEGRITY = 0x1
+_WRITE_FLAG_CHECK_INTEGRITY = 0x1
+_WRITE_FLAG_NO_CHECK_INTEGRITY = 0x2
+_WRITE_FLAG_FSYNC = 0x20
 _ADD_FLAG_NTFS = 0x1
 _ADD_FLAG_VERBOSE = 0x4  # only makes wimlib send a progress message per scanned file (for cancellation)
 _DELETE_FLAG_FORCE = 0x1
@@ -84,6 +89,7 @@ _UPDATE_OP_DELETE = 1
 
 _PROGRESS_MSG_EXTRACT_STREAMS = 4
 _PROGRESS_MSG_WRITE_STREAMS = 12
+_PROGRESS_MSG_VERIFY_STREAMS = 29
 _PROGRESS_STATUS_CONTINUE = 0
 _PROGRESS_STATUS_ABORT = 1
 
@@ -272,6 +278,16 @@ class _ExtractProgress(ctypes.Structure):  # the head of union wimlib_progress_i
     ]
 
 
+class _VerifyStreamsProgress(ctypes.Structure):  # the "verify_streams" member
+    _fields_ = [
+        ("wimfile", ctypes.c_void_p),
+        ("total_streams", ctypes.c_uint64),
+        ("total_bytes", ctypes.c_uint64),
+        ("completed_streams", ctypes.c_uint64),
+        ("completed_bytes", ctypes.c_uint64),
+    ]
+
+
 class _WriteStreamsProgress(ctypes.Structure):  # the head of the "write_streams" member
     _fields_ = [
         ("total_bytes", ctypes.c_uint64),
@@ -321,6 +337,9 @@ class _Library:
         self._proto("wimlib_add_image", i, [vp, vp, vp, vp, i])
         self._proto("wimlib_update_image", i, [vp, i, ctypes.POINTER(_UpdateCommand), ctypes.c_size_t, i])
         self._proto("wimlib_write", i, [vp, vp, i, i, u])
+        self._proto("wimlib_delete_image", i, [vp, i])
+        self._proto("wimlib_export_image", i, [vp, i, vp, vp, vp, i])
+        self._proto("wimlib_verify_wim", i, [vp, i])
         self._proto("wimlib_overwrite", i, [vp, i, u])
         self._proto("wimlib_extract_image", i, [vp, i, vp, i])
         self._proto("wimlib_iterate_dir_tree", i, [vp, i, vp, i, _ITERATE_CALLBACK, vp])
@@ -510,7 +529,7 @@ class Wim:
     Image indexes are 1-based as in wimlib. The heavy operations take ``progress`` (a
     :data:`ProgressFn`) and ``cancel`` (anything with ``.cancelled``); a cancel makes wimlib stop at its
     next progress message and the call raise :class:`TaskCanceled`. Byte progress is reported while file
-    data is written or applied; capturing and updating only scan (file data is read at write/apply time),
+    data is written, applied or verified; capturing and updating only scan (file data is read at write/apply time),
     so there ``cancel`` is checked per scanned file and ``progress`` is not called. One thread at a time.
     """
 
@@ -534,8 +553,9 @@ class Wim:
         return cls(lib, handle.value, None)
 
     @classmethod
-    def open(cls, path: Path | str) -> Wim:
-        """Open an existing WIM file."""
+    def open(cls, path: Path | str, *, check_integrity: bool = False) -> Wim:
+        """Open an existing WIM file. ``check_integrity``: if the file has an integrity table, check the
+        whole file against it first (a damaged file raises :class:`WimError`)."""
         path = Path(path)
         if not path.exists():
             raise WimError(f"The WIM file {path} does not exist.")
@@ -544,7 +564,8 @@ class Wim:
         lib = load_library()
         handle = ctypes.c_void_p()
         buf = _tstr(path)
-        lib.check(f"Cannot open the WIM file {path}", lambda: lib.wimlib_open_wim(buf, 0, ctypes.byref(handle)))
+        flags = _OPEN_FLAG_CHECK_INTEGRITY if check_integrity else 0
+        lib.check(f"Cannot open the WIM file {path}", lambda: lib.wimlib_open_wim(buf, flags, ctypes.byref(handle)))
         assert handle.value is not None
         return cls(lib, handle.value, path)
 
@@ -569,12 +590,20 @@ class Wim:
 
     # information
 
-    @property
-    def image_count(self) -> int:
+    def _info(self) -> _WimInfo:
         info = _WimInfo()
         wim = self._wim
         self._lib.check("Cannot read the WIM's header", lambda: self._lib.wimlib_get_wim_info(wim, ctypes.byref(info)))
-        return int(info.image_count)
+        return info
+
+    @property
+    def image_count(self) -> int:
+        return int(self._info().image_count)
+
+    @property
+    def has_integrity_table(self) -> bool:
+        """Whether the file this WIM was opened from carries an integrity table (SHA-1 of every chunk)."""
+        return bool(self._info().flags & 0x1)  # the first bit field of wimlib_wim_info's flags
 
     def _check_index(self, index: int) -> None:
         count = self.image_count
@@ -585,6 +614,13 @@ class Wim:
     def image_name(self, index: int) -> str:
         self._check_index(index)
         return _from_tstr(self._lib.wimlib_get_image_name(self._wim, index)) or ""
+
+    def find_image(self, name: str) -> int | None:
+        """The index of the image named ``name`` (exactly), or ``None``."""
+        for index in range(1, self.image_count + 1):
+            if _from_tstr(self._lib.wimlib_get_image_name(self._wim, index)) == name:
+                return index
+        return None
 
     def iterate_dir_tree(self, index: int, path: str = "/") -> Iterator[DirEntry]:
         """Every file and directory at and under ``path`` of image ``index``, parents before children.
@@ -711,17 +747,53 @@ class Wim:
         with self._progress(progress, cancel, f"Cannot update image {index}") as run:
             run(lambda: self._lib.wimlib_update_image(self._wim, index, array, len(commands), flags))
 
+    def delete_image(self, index: int) -> None:
+        """Remove image ``index`` from this WIM in memory (later images move down by one); the file
+        changes on :meth:`write`, which leaves out data no remaining image uses."""
+        self._check_index(index)
+        wim = self._wim
+        self._lib.check(f"Cannot delete image {index}", lambda: self._lib.wimlib_delete_image(wim, index))
+
+    def export_image(self, index: int, destination: Wim, name: str) -> int:
+        """Copy image ``index`` into ``destination`` (in memory) as a new image called ``name``; returns its
+        index there. Keep this WIM open until ``destination`` is written: the file data is read from it then.
+        wimlib cannot update either image's tree afterwards while both are open."""
+        self._check_index(index)
+        source, target, image_name = self._wim, destination._wim, _tstr(name)
+        self._lib.check(
+            f"Cannot export image {index}",
+            lambda: self._lib.wimlib_export_image(source, index, target, image_name, None, 0),
+        )
+        return destination.image_count
+
+    # checking
+
+    def verify(self, *, progress: ProgressFn | None = None, cancel: Cancellable | None = None) -> None:
+        """wimlib_verify_wim: every image's metadata and every file data blob is read back and checked
+        against its SHA-1; a damaged WIM raises :class:`WimError` (or :class:`EnvironmentProblem` for a read
+        error). Open with ``check_integrity=True`` to check the integrity table as well."""
+        wim = self._wim
+        with self._progress(progress, cancel, f"The WIM file {self.path or ''} failed verification") as run:
+            run(lambda: self._lib.wimlib_verify_wim(wim, 0))
+
     # writing
 
-    def write(self, path: Path | str, *, progress: ProgressFn | None = None, cancel: Cancellable | None = None) -> None:
+    def write(
+        self, path: Path | str, *, check_integrity: bool | None = None, fsync: bool = False,
+        progress: ProgressFn | None = None, cancel: Cancellable | None = None,
+    ) -> None:
         """Write every image to a new WIM file at ``path`` (through a temporary file: a failed or cancelled
-        write leaves nothing behind and never damages an existing file)."""
+        write leaves nothing behind and never damages an existing file). ``check_integrity``: ``True`` writes
+        an integrity table (SHA-1 of every chunk of the file), ``False`` none, ``None`` one if the WIM this
+        was opened from had one (wimlib's default); ``fsync``: the data is on disk when this returns."""
         path = Path(path)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         buf = _tstr(partial)
+        integrity = {True: _WRITE_FLAG_CHECK_INTEGRITY, False: _WRITE_FLAG_NO_CHECK_INTEGRITY, None: 0}
+        flags = integrity[check_integrity] | (_WRITE_FLAG_FSYNC if fsync else 0)
         try:
             with self._progress(progress, cancel, f"Cannot write the WIM file {path}") as run:
-                run(lambda: self._lib.wimlib_write(self._wim, buf, _ALL_IMAGES, 0, 0))
+                run(lambda: self._lib.wimlib_write(self._wim, buf, _ALL_IMAGES, flags, 0))
             partial.replace(path)
         finally:
             partial.unlink(missing_ok=True)
@@ -799,6 +871,9 @@ class Wim:
                     elif msg == _PROGRESS_MSG_WRITE_STREAMS:
                         write = _WriteStreamsProgress.from_address(info)
                         progress(int(write.completed_bytes), int(write.total_bytes))
+                    elif msg == _PROGRESS_MSG_VERIFY_STREAMS:
+                        verify = _VerifyStreamsProgress.from_address(info)
+                        progress(int(verify.completed_bytes), int(verify.total_bytes))
                 if cancel is not None and cancel.cancelled:
                     return _PROGRESS_STATUS_ABORT
             except BaseException as exc:  # noqa: BLE001 - carried across the C frame and re-raised below

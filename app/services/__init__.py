@@ -6,6 +6,7 @@ Use :func:`open_services` to get a :class:`Services` bundle for one caller.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from app.catalog.database import Catalog
 from app.paths import Home
@@ -23,6 +24,12 @@ from app.services.settings import SettingsService, installation_id
 from app.services.storage import StorageService
 from app.services.tasks import TaskService, recover_interrupted
 from app.services.templates import TemplateService
+
+if TYPE_CHECKING:
+    # Imported when a bundle is built: they reach the engine, whose modules import app.tasks, whose
+    # runner imports app.services (this package) – a module-level import here would be circular.
+    from app.services.imports import ImportService
+    from app.services.repository import RepositoryService
 
 
 @dataclass
@@ -44,16 +51,24 @@ class Services:
     settings: SettingsService
     audit: AuditService
     access: AccessService
+    imports: ImportService
+    repository: RepositoryService
 
     @classmethod
     def for_caller(cls, home: Home, catalog: Catalog, caller: Caller, secrets: SecretStore) -> Services:
+        from app.engine.repository import LayerRepository
+        from app.services.imports import ImportService
+        from app.services.repository import RepositoryService
+
         ctx = ServiceContext(catalog=catalog, caller=caller, secrets=secrets)
+        repository = LayerRepository(home.repository)
         return cls(
             home=home, catalog=catalog, caller=caller, secrets=secrets,
             layers=LayerService(ctx), templates=TemplateService(ctx), publishing=PublishingService(ctx),
             assignments=AssignmentService(ctx), storage=StorageService(ctx), connectors=ConnectorService(ctx),
             directory=DirectoryService(ctx), tasks=TaskService(ctx), settings=SettingsService(ctx),
             audit=AuditService(ctx), access=AccessService(ctx),
+            imports=ImportService(ctx, repository), repository=RepositoryService(ctx, repository),
         )
 
 

@@ -72,6 +72,10 @@ class LayerDeskTask(abc.ABC):
     def prepare(self) -> None:  # noqa: B027 - optional hook; the default has nothing to check
         """Validate and plan without side effects; raise a :class:`app.errors.UserError` to refuse."""
 
+    def discard(self) -> None:  # noqa: B027 - optional hook; most tasks prepare nothing outside themselves
+        """Called instead of :meth:`run` when the task is cancelled before it started: undo what was set up
+        for it when it was submitted (e.g. a catalog row it was going to fill)."""
+
     @abc.abstractmethod
     def run(self, ctx: TaskContext) -> TaskResult:
         """Do the work; raise :class:`TaskCanceled` (via ``ctx.cancel``) when cancelled."""

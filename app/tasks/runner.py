@@ -282,7 +282,12 @@ class TaskRunner:
                 row.started_at = utcnow()
                 started = True
         if not started:
-            self._forget(task_id)
+            try:
+                task.discard()
+            except Exception:
+                log.exception("task %d (%s) could not undo what was prepared for it", task_id, task.kind)
+            finally:
+                self._forget(task_id)
             return
         with self._lock:
             self._contexts[task_id] = ctx

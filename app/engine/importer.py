@@ -1,0 +1,307 @@
+"""Import (capture) of a layer version: what a source is, its whiteouts, and the worker that stores it.
+
+Sources:
+
+* a **folder**, with OCI-style whiteouts: a file ``.wh.NAME`` deletes ``NAME`` from the lower layers and
+  is not stored itself; a file ``.wh..wh..opq`` in a directory hides everything the lower layers had in
+  that directory. A whiteout must name one plain Windows file name: ``..``, path separators, reserved
+  device names (``CON``, ``NUL``, ``COM1``…), characters Windows forbids and names ending in a dot or
+  blank are refused, as is an opaque marker at the layer's root (it would hide the whole OS layer);
+* a **WIM file** (one image of it: ``image``, 1 by default);
+* an **NTFS volume image** (the OEM id ``NTFS    `` at byte 3 of its boot sector).
+
+Disk images (VHD, VHDX, VMDK, qcow2, raw disks with MBR or GPT) are recognised by their signatures and
+refused as not supported yet. Everything is checked by :func:`inspect_source` before a version is created;
+the worker (:func:`import_worker`, run in a child process) checks again and captures with progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import FrameType
+from typing import Any
+
+from app.engine.registry.delta import RegistryDelta
+from app.engine.registry.regfile import parse_reg_file
+from app.engine.repository import CaptureSource, Deletion, LayerRepository, SourceKind
+from app.engine.wim import Wim, WimError
+from app.errors import UserError
+from app.tasks.base import CancelToken, TaskCanceled
+from app.tasks.worker import WorkerReport
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "OPAQUE_MARKER",
+    "WHITEOUT_PREFIX",
+    "FolderScan",
+    "ImportSourceError",
+    "import_worker",
+    "inspect_source",
+    "read_registry_files",
+    "scan_folder",
+]
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+_WIM_MAGICS = (b"MSWIM\0\0\0", b"WLPWM\0\0\0")  # ordinary and pipable WIMs
+_NTFS_OEM_ID = b"NTFS    "
+_FORBIDDEN_CHARACTERS = frozenset('<>:"/\\|?*') | frozenset(chr(c) for c in range(32))
+_RESERVED_NAMES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{port}{n}" for port in ("COM", "LPT") for n in [*"123456789", "¹", "²", "³"]]
+)
+
+
+class ImportSourceError(UserError):
+    """The import source cannot be used as given (missing, of an unknown kind, bad whiteouts, bad image)."""
+
+    code = "import_source"
+
+
+# --- what a source is -----------------------------------------------------------------------------------
+
+
+def _disk_image_kind(head: bytes, tail: bytes) -> str | None:
+    """The disk image format ``head`` (the first 4 KiB) and ``tail`` (the last 512 bytes) show, if any."""
+    if head.startswith(b"vhdxfile"):
+        return "VHDX"
+    if head.startswith(b"conectix") or tail.startswith(b"conectix"):
+        return "VHD"
+    if head.startswith((b"KDMV", b"# Disk DescriptorFile")):
+        return "VMDK"
+    if head.startswith(b"QFI\xfb"):
+        return "qcow2"
+    if head[512:520] == b"EFI PART":
+        return "raw disk (GPT)"
+    if len(head) >= 512 and head[510:512] == b"\x55\xaa" and any(head[446 + 16 * n + 4] for n in range(4)):
+        return "raw disk (MBR)"
+    return None
+
+
+def inspect_source(path: Path, *, image: int | None = None) -> CaptureSource:
+    """What ``path`` is, checked: a folder (its whiteouts too), one image of a WIM file, or an NTFS volume
+    image (its path made absolute). :class:`ImportSourceError` with one clear sentence otherwise."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise ImportSourceError(f"The import source {path} does not exist.")
+    if path.is_dir():
+        if image is not None:
+            raise ImportSourceError(f"{path} is a folder; --image only applies to WIM files.")
+        scan_folder(path)
+        return CaptureSource(SourceKind.FOLDER, path)
+    if not (path.is_file() or path.is_block_device()):
+        raise ImportSourceError(f"{path} is neither a folder nor a file; it cannot be imported.")
+    try:
+        with path.open("rb") as file:
+            head = file.read(4096)
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(0, size - 512))
+            tail = file.read(512)
+    except OSError as exc:
+        raise ImportSourceError(f"Cannot read the import source {path}: {exc.strerror or exc}.") from None
+    if head[:8] in _WIM_MAGICS:
+        return CaptureSource(SourceKind.WIM, path, _check_wim_image(path, 1 if image is None else image))
+    if image is not None:
+        raise ImportSourceError(f"{path} is not a WIM file; --image only applies to WIM files.")
+    if head[3:11] == _NTFS_OEM_ID:
+        return CaptureSource(SourceKind.NTFS_VOLUME, path)
+    disk = _disk_image_kind(head, tail)
+    if disk is not None:
+        raise ImportSourceError(
+            f"{path} is a {disk} disk image; importing disk images is not supported yet. Import the Windows "
+            "partition as an NTFS volume image, a WIM file or a folder."
+        )
+    raise ImportSourceError(
+        f"{path} is not a folder, a WIM file or an NTFS volume image (nor a disk image LayerDesk knows), "
+        "so it cannot be imported."
+    )
+
+
+def _check_wim_image(path: Path, image: int) -> int:
+    try:
+        with Wim.open(path) as source:
+            count = source.image_count
+    except WimError as exc:
+        raise ImportSourceError(f"{path} cannot be read as a WIM file: {exc}") from None
+    if not 1 <= image <= count:
+        raise ImportSourceError(
+            f"{path} has no image {image}: it has {count} image{'s' if count != 1 else ''} "
+            f"(--image 1{f' to {count}' if count > 1 else ''})."
+        )
+    return image
+
+
+# --- whiteouts ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """A folder's whiteouts: the deletions they mean and the marker files (not part of the layer)."""
+
+    deletions: tuple[Deletion, ...]
+    #: ``/``-separated paths of the marker files in the captured tree (``/Program Files/.wh.old.dll``).
+    markers: tuple[str, ...]
+
+
+def _windows(relative: PurePosixPath) -> str:
+    return "\\".join(relative.parts)
+
+
+def _whiteout_problem(target: str) -> str | None:
+    """Why ``target`` (the name after ``.wh.``) is not one Windows file name inside the layer, or None."""
+    if target == "":
+        return "names nothing"
+    if target in (".", ".."):
+        return "escapes the layer"
+    if any(ch in _FORBIDDEN_CHARACTERS for ch in target):
+        bad = next(ch for ch in target if ch in _FORBIDDEN_CHARACTERS)
+        shown = repr(bad) if bad.isprintable() else f"U+{ord(bad):04X}"
+        what = "a path separator" if bad in "/\\" else "a character Windows forbids in file names"
+        return f"contains {what} ({shown})"
+    if target[-1] in ". ":
+        return "ends with a dot or a blank, which Windows cannot name"
+    if target.split(".", 1)[0].rstrip(" ").upper() in _RESERVED_NAMES:
+        return "is a reserved Windows device name"
+    try:
+        target.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
+
+
+def scan_folder(root: Path, cancel: CancelToken | None = None) -> FolderScan:
+    """Find the whiteouts under ``root`` (sorted, so the result is deterministic)."""
+    deletions: list[Deletion] = []
+    markers: list[str] = []
+
+    def refuse(where: PurePosixPath, why: str) -> ImportSourceError:
+        return ImportSourceError(f"The whiteout {_windows(where)!r} in {root} {why}; it was refused.")
+
+    def walk_error(exc: OSError) -> None:
+        raise ImportSourceError(f"Cannot read the folder {exc.filename}: {exc.strerror or exc}.")
+
+    for folder, dirnames, filenames in os.walk(root, onerror=walk_error):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        dirnames.sort()
+        here = PurePosixPath(Path(folder).relative_to(root).as_posix())
+        if here == PurePosixPath("."):
+            here = PurePosixPath()
+        for name in dirnames:
+            if name.startswith(WHITEOUT_PREFIX):
+                raise refuse(here / name, "is a folder (a whiteout must be a file)")
+        for name in sorted(filenames):
+            if not name.startswith(WHITEOUT_PREFIX):
+                continue
+            marker = here / name
+            if name == OPAQUE_MARKER:
+                if not here.parts:
+                    raise refuse(marker, "is at the root of the layer, where it would hide the whole OS layer")
+                deletions.append(Deletion(_windows(here), opaque=True))
+            elif name.startswith(WHITEOUT_PREFIX * 2):
+                raise refuse(marker, "uses the reserved prefix .wh..wh. (only .wh..wh..opq is known)")
+            else:
+                target = name[len(WHITEOUT_PREFIX):]
+                problem = _whiteout_problem(target)
+                if problem is not None:
+                    raise refuse(marker, problem)
+                deletions.append(Deletion(_windows(here / target)))
+            markers.append("/" + marker.as_posix())
+    return FolderScan(tuple(deletions), tuple(markers))
+
+
+# --- registry files ---------------------------------------------------------------------------------------
+
+
+def read_registry_files(paths: Sequence[Path]) -> RegistryDelta:
+    """The ``.reg`` files' changes, merged in the order given (later files win)."""
+    deltas = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ImportSourceError(f"The registry file {path} does not exist (or is not a file).")
+        deltas.append(parse_reg_file(path))
+    return RegistryDelta.merged(deltas)
+
+
+# --- the worker -----------------------------------------------------------------------------------------
+
+
+class _Throttle:
+    """Sends progress at most every 0.2 s or whole percent."""
+
+    def __init__(self, report: WorkerReport, low: float, high: float, message: str) -> None:
+        self._report, self._low, self._high, self._message = report, low, high, message
+        self._last_percent = -1
+        self._last_time = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        percent = int(self._low + (self._high - self._low) * (done / total if total else 1.0))
+        now = time.monotonic()
+        if percent != self._last_percent or now - self._last_time >= 0.2:
+            self._last_percent, self._last_time = percent, now
+            self._report.progress(percent, self._message)
+
+
+def import_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
+    """Worker function (child process): capture the source into the repository.
+
+    ``args``: ``repository`` (root folder), ``layer_id``, ``version_id``, ``source`` (path, kind, image)
+    and ``registry`` (a :class:`RegistryDelta` as a dict). A SIGTERM (the task's cancel) stops the capture
+    at wimlib's next progress message; the repository is left as it was and the process exits 143.
+    """
+    token = CancelToken()
+    previous: Callable[[int, FrameType | None], Any] | int | None = None
+    if hasattr(signal, "SIGTERM"):
+        previous = signal.signal(signal.SIGTERM, lambda *_: token.cancel())
+    try:
+        return _import(args, report, token)
+    except TaskCanceled:
+        report.log("Import canceled; nothing was stored.", "WARNING")
+        sys.exit(143)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _import(args: dict[str, Any], report: WorkerReport, token: CancelToken) -> dict[str, Any]:
+    wanted = CaptureSource.from_dict(args["source"])
+    report.progress(1, "Checking the source")
+    source = inspect_source(wanted.path, image=wanted.image)
+    if source.kind is not wanted.kind:
+        raise ImportSourceError(f"{source.path} changed: it is now a {source.kind.value}, not a {wanted.kind.value}.")
+    scan = scan_folder(source.path, token) if source.kind is SourceKind.FOLDER else FolderScan((), ())
+    delta = RegistryDelta.from_dict(args["registry"])
+    if scan.deletions:
+        report.log(f"{len(scan.deletions)} whiteout(s): "
+                   + ", ".join(f"{d.path}{' (opaque)' if d.opaque else ''}" for d in scan.deletions[:5])
+                   + (", …" if len(scan.deletions) > 5 else ""))
+    report.progress(2, f"Capturing {source.path}")
+    repository = LayerRepository(Path(args["repository"]))
+    stored = repository.store_version(
+        int(args["layer_id"]), int(args["version_id"]), source,
+        deletions=scan.deletions, delta=delta, drop=scan.markers,
+        progress=_Throttle(report, 5, 99, "Writing the layer's WIM"), cancel=token,
+    )
+    report.log(f"Stored image {stored.image}: {stored.files} files, {stored.data_bytes} bytes of data; "
+               f"the layer's WIM is now {stored.wim_bytes} bytes.")
+    report.progress(100, "Stored")
+    return {
+        "summary": f"Imported {stored.files} files ({stored.data_bytes} bytes) from {source.path}.",
+        "image": stored.image,
+        "checksum": stored.checksum,
+        "files": stored.files,
+        "data_bytes": stored.data_bytes,
+        "wim_bytes": stored.wim_bytes,
+        "deletions": stored.deletions,
+        "registry_operations": stored.registry_operations,
+    }
