@@ -45,11 +45,17 @@ class Outcome:
         return self.returncode == 0 and not self.cancelled
 
 
+#: Where system tools (mkntfs, mkfs.fat, ...) live on Linux even when a user's PATH leaves them out.
+SYSTEM_PROGRAM_DIRS: tuple[str, ...] = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
 def find_program(name: str, *, package_hint: str = "") -> str:
     """The full path of ``name``; :class:`EnvironmentProblem` naming what to install when missing."""
     if (os.sep in name or (os.altsep and os.altsep in name)) and Path(name).is_file():
         return name
     found = shutil.which(name)
+    if found is None and os.name != "nt":
+        found = shutil.which(name, path=os.pathsep.join(SYSTEM_PROGRAM_DIRS))
     if found is None:
         hint = f" Install {package_hint}." if package_hint else ""
         raise EnvironmentProblem(f"The program {name!r} was not found on this machine.{hint}")

@@ -43,7 +43,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import struct
 import tempfile
 import uuid
@@ -144,7 +143,6 @@ _CHECKABLE = frozenset({"qcow2", "vhdx", "vmdk", "vdi", "qed", "parallels"})
 #: Formats :func:`extract_ntfs_volume` reads.
 _READABLE = frozenset({"raw", "vpc", "vhdx", "vmdk", "qcow2", "vdi"})
 _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
-_SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 
 class DiskError(UserError):
@@ -1142,14 +1140,7 @@ def _qemu_img() -> str:
 
 
 def _sbin_program(name: str, package: str) -> str:
-    """Tools of dosfstools live in /usr/sbin, which is not on every PATH."""
-    found = shutil.which(name)
-    if found:
-        return found
-    for folder in _SBIN_DIRS:
-        candidate = Path(folder) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
+    """Tools of dosfstools live in /usr/sbin (found by procs.find_program even off the PATH)."""
     return procs.find_program(name, package_hint=f"the Debian package {package}")
 
 

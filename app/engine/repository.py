@@ -48,6 +48,7 @@ from typing import Any
 from app.engine.registry.delta import RegistryDelta, RegistryDeltaError
 from app.engine.wim import Compression, DeleteCommand, DirEntry, ProgressFn, Wim, WimError
 from app.errors import EnvironmentProblem, LayerDeskError
+from app.files import fsync_dir, write_atomic
 from app.procs import Cancellable
 from app.tasks.base import TaskCanceled
 
@@ -222,31 +223,6 @@ def manifest_checksum(document: Mapping[str, Any]) -> str:
 # --- file system helpers ------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    if sys.platform == "win32":  # directories cannot be opened for fsync there; NTFS journals renames
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` entirely or keeps what it had: temp file, fsync, rename, fsync the folder."""
-    work = path.with_name(f".{path.name}.tmp")
-    try:
-        with work.open("wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        work.replace(path)
-    except BaseException:
-        work.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 @contextlib.contextmanager
 def _exclusive(lock_path: Path, cancel: Cancellable | None, *, discard: Any) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_path`` (created if needed). ``discard()`` is asked on release
@@ -410,10 +386,10 @@ class LayerRepository:
                 manifest_path.parent.mkdir(parents=True, exist_ok=True)
                 body = json.dumps({"checksum": checksum, "manifest": document}, indent=1, sort_keys=True,
                                   ensure_ascii=False) + "\n"
-                _write_atomic(manifest_path, body.encode("utf-8"))
+                write_atomic(manifest_path, body.encode("utf-8"))
                 manifest_written = True
                 work.replace(wim_path)
-                _fsync_dir(self.layers)
+                fsync_dir(self.layers)
             except BaseException:
                 work.unlink(missing_ok=True)
                 if manifest_written:
@@ -467,7 +443,7 @@ class LayerRepository:
                             wim_path.unlink()
                         else:
                             work.replace(wim_path)
-                        _fsync_dir(self.layers)
+                        fsync_dir(self.layers)
                         removed = True
             finally:
                 work.unlink(missing_ok=True)

@@ -342,6 +342,7 @@ class _Library:
         self._proto("wimlib_verify_wim", i, [vp, i])
         self._proto("wimlib_overwrite", i, [vp, i, u])
         self._proto("wimlib_extract_image", i, [vp, i, vp, i])
+        self._proto("wimlib_extract_paths", i, [vp, i, vp, ctypes.POINTER(vp), ctypes.c_size_t, i])
         self._proto("wimlib_iterate_dir_tree", i, [vp, i, vp, i, _ITERATE_CALLBACK, vp])
         self._proto("wimlib_register_progress_function", None, [vp, _PROGRESS_CALLBACK, vp])
         self._proto("wimlib_set_error_file_by_name", i, [vp])
@@ -847,6 +848,24 @@ class Wim:
                         child.unlink(missing_ok=True)
             raise
 
+    def extract_paths_to_folder(self, index: int, paths: Sequence[str], folder: Path | str) -> None:
+        """Extract the files ``paths`` (``/``-separated, looked up case-insensitively) of image ``index`` into
+        the existing ``folder``, keeping their directory structure (``/a/b.txt`` lands in ``folder/a/b.txt``).
+        A path that is not in the image raises :class:`WimError`."""
+        self._check_index(index)
+        target = Path(folder)
+        if not target.is_dir():
+            raise WimError(f"Cannot extract into {target}: it is not a folder.")
+        if not paths:
+            return
+        keep = [_tstr(path) for path in paths]
+        array = (ctypes.c_void_p * len(keep))(*(ctypes.addressof(buf) for buf in keep))
+        buf, wim = _tstr(target), self._wim
+        self._lib.check(
+            f"Cannot extract {', '.join(paths)} from image {index}",
+            lambda: self._lib.wimlib_extract_paths(wim, index, buf, array, len(keep), 0),
+        )
+
     # progress and cancellation
 
     @contextlib.contextmanager
@@ -912,18 +931,8 @@ def _require_source(source: Path, *, ntfs: bool) -> None:
         raise WimError(f"{source} is not an NTFS volume image (a file or block device).")
 
 
-_SBIN_DIRS: tuple[str, ...] = ("/usr/sbin", "/sbin")
-
-
 def _ntfs_program(name: str) -> str:
-    """ntfs-3g's tools live in /usr/sbin (mkntfs, ntfscp) or /usr/bin: find them even off the PATH."""
-    found = shutil.which(name)
-    if found:
-        return found
-    for folder in _SBIN_DIRS:
-        candidate = Path(folder) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
+    """ntfs-3g's tools live in /usr/sbin (mkntfs, ntfscp) or /usr/bin."""
     return procs.find_program(name, package_hint="the Debian package ntfs-3g")
 
 

@@ -582,7 +582,7 @@ def test_make_ntfs_volume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(WimError, match="at least 2 MiB"):
         make_ntfs_volume(tmp_path / "tiny.ntfs", 4096)
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    monkeypatch.setattr(wim, "_SBIN_DIRS", ())
+    monkeypatch.setattr(procs, "SYSTEM_PROGRAM_DIRS", (str(tmp_path / "empty-sbin"),))
     with pytest.raises(EnvironmentProblem, match=r"'mkntfs' was not found.*ntfs-3g"):
         make_ntfs_volume(tmp_path / "w.ntfs", 64 * MiB)
     assert not (tmp_path / "w.ntfs").exists()

@@ -29,13 +29,13 @@ virtualization-control and user (Wow64) flags, kept in bits 16-23 of :attr:`Regi
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from app.engine.registry.model import Hive, RegistryKey, RegistryValue, ValueType, fold
 from app.errors import UserError
+from app.files import write_atomic
 
 __all__ = [
     "BIG_DATA_SEGMENT",
@@ -467,24 +467,8 @@ def _replay_logs(data: bytes, logs: Iterable[bytes], name: str) -> bytes | None:
 
 
 def write_hive(hive: Hive, path: Path) -> None:
-    """Write ``hive`` to ``path`` atomically (a temporary file beside it, flushed, then renamed over it)."""
-    data = serialize_hive(hive)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    try:
-        with temporary.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    """Write ``hive`` to ``path`` atomically (a temporary file beside it, synced, then renamed over it)."""
+    write_atomic(path, serialize_hive(hive))
 
 
 def default_security_descriptor() -> bytes:
