@@ -1,6 +1,7 @@
 """The service layer: the only way to change the catalog. The console and ``layerctl`` both call it.
 
-Use :func:`open_services` to get a :class:`Services` bundle for one caller.
+:func:`open_catalog` opens a home's catalog, :func:`resolve_caller` says who is calling, and
+:meth:`Services.for_caller` binds every service to that caller.
 """
 
 from __future__ import annotations
