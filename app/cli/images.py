@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import click
 
+from app.catalog.models import TaskState
+from app.cli.layers import Interrupted
 from app.cli.main import comment_option, emit, state, table
+from app.errors import Conflict, EnvironmentProblem
 from app.services.views import PublishPlan
+from app.tasks.runner import TaskEvent
 
 
 def _plan(p: PublishPlan) -> str:
@@ -46,6 +53,55 @@ def forget(name: str, comment: str) -> None:
     """Delete a published image's record (the disk itself is left where it is)."""
     state().services().publishing.delete_image_record(name, comment=comment)
     emit({"deleted": name}, f"Forgot published image {name!r}.")
+
+
+@image_group.command("publish")
+@click.argument("template")
+@click.option("--output", "output", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the image (default: published/ in the LayerDesk home).")
+@click.option("--wait", is_flag=True, help="Show the progress on stderr until the image is published.")
+@comment_option
+def publish(template: str, output: Path | None, wait: bool, comment: str) -> None:
+    """Publish TEMPLATE's image as a task: composite its layers into <image name>.<ext>.
+
+    The task id is printed at once. Tasks run inside this command, so it stays until the image is
+    published (Ctrl-C cancels; nothing is left behind); --wait also shows the progress on stderr."""
+    cli_state = state()
+    services = cli_state.services()
+    runner = cli_state.runner()
+    if wait and not cli_state.json:
+        last: dict[int, tuple[int, str]] = {}
+
+        def show(event: TaskEvent) -> None:
+            seen = (event.progress, event.message)
+            if event.message and not event.state.is_final and last.get(event.task_id) != seen:
+                last[event.task_id] = seen
+                click.echo(f"[{event.progress:3d}%] {event.message}", err=True)
+
+        runner.subscribe(show)
+    task_id = services.publishing.publish(runner, template, output, comment=comment)
+    if not cli_state.json:
+        click.echo(f"Task {task_id}: publishing template {template}.")
+    try:
+        runner.wait(task_id)
+    except KeyboardInterrupt as interrupt:
+        click.echo(f"Canceling task {task_id}…", err=True)
+        with contextlib.suppress(Conflict):  # it has just ended
+            services.tasks.cancel(task_id, comment="Ctrl-C in layerctl image publish")
+        if runner.wait(task_id) is TaskState.CANCELED:
+            raise Interrupted(f"Publish of {template} canceled by Ctrl-C (task {task_id}); nothing was kept.") \
+                from interrupt
+    task = services.tasks.get_task(task_id)
+    if task.state is TaskState.CANCELED:
+        raise EnvironmentProblem(f"Publish of {template} was canceled (task {task_id}); nothing was kept.")
+    if task.state is not TaskState.COMPLETE:
+        raise EnvironmentProblem(f"Publish of {template} failed (task {task_id}): {task.error or task.message}")
+    result = task.result or {}
+    emit({"task": task_id, "image": result.get("image"), "path": result.get("path"), "format": result.get("format"),
+          "size_bytes": result.get("size_bytes"), "checksum": result.get("checksum"),
+          "conflicts": result.get("conflicts"), "seconds": result.get("seconds")},
+         f"Published {result.get('image')} to {result.get('path')} ({result.get('size_bytes')} bytes, "
+         f"{result.get('conflicts')} conflict(s); task {task_id}).")
 
 
 def register(cli: click.Group) -> None:

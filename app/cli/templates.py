@@ -205,5 +205,21 @@ def delete(name: str, comment: str) -> None:
     emit({"deleted": name}, f"Deleted template {name!r}.")
 
 
+@template_group.command("conflicts")
+@click.argument("name")
+def conflicts(name: str) -> None:
+    """Every file path and registry value more than one layer of template NAME supplies, lowest priority
+    first, and the layer that wins ("removes" when the winner deletes it). Nothing is written."""
+    found = state().services().publishing.conflicts(name)
+
+    def human(_: object) -> str:
+        if not found:
+            return "No conflicts."
+        return table([(c.kind, c.path, " < ".join(c.layers), c.winner + (" (removes)" if c.deleted else ""))
+                      for c in found], ["KIND", "PATH", "LAYERS (LOWEST FIRST)", "WINNER"])
+
+    emit([c.to_dict() for c in found], human)
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(template_group)

@@ -6,17 +6,36 @@ can be published, names the image ``<template>_<yyyy-mm-dd_hh-mm>``, and records
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from app.catalog.models import LayerVersion, PublishedImage, Task
-from app.errors import Conflict, NotFound, ValidationError
-from app.services.base import Service
+from app.catalog.models import DiskFormat, LayerVersion, PublishedImage, Task
+from app.errors import Conflict, NotFound, PermissionDenied, UserError, ValidationError
+from app.paths import Home
+from app.services.base import Service, ServiceContext
 from app.services.rbac import Operation
 from app.services.templates import find_template, publish_blockers
+from app.services.validation import validate_comment
 from app.services.views import PublishedImageInfo, PublishPlan, StackEntry, to_jsonable
+
+if TYPE_CHECKING:  # the engine imports app.tasks, whose runner imports app.services: imported when used
+    from app.engine.compose import Conflict as LayerConflict
+    from app.engine.compose import StackLayer
+    from app.tasks.runner import TaskRunner
+
+#: The engine's output format for each template disk format (VHD dynamic, VMDK monolithicSparse: the
+#: streamOptimized VMDK is single-threaded zlib and several times slower, DESIGN.md §4).
+ENGINE_FORMATS: Mapping[DiskFormat, str] = {
+    DiskFormat.VHD: "vhd-dynamic",
+    DiskFormat.VHDX: "vhdx",
+    DiskFormat.VMDK: "vmdk-sparse",
+    DiskFormat.QCOW2: "qcow2",
+    DiskFormat.RAW: "raw",
+    DiskFormat.WIM: "wim",
+}
 
 
 def _entry(role: str, version: LayerVersion, priority: int | None) -> StackEntry:
@@ -49,6 +68,15 @@ def _info(row: PublishedImage) -> PublishedImageInfo:
 
 
 class PublishingService(Service):
+    def __init__(self, ctx: ServiceContext, home: Home | None = None) -> None:
+        super().__init__(ctx)
+        self.home = home
+
+    def _home(self) -> Home:
+        if self.home is None:
+            raise UserError("This publishing service has no LayerDesk home, so it cannot reach the layer repository.")
+        return self.home
+
     def plan(self, template_name: str) -> PublishPlan:
         """The layer stack to composite, bottom (OS) to top (platform), and the image's name.
 
@@ -138,3 +166,91 @@ class PublishingService(Service):
                 raise NotFound(f"There is no published image named {name!r}.")
             change.details = {"location": row.location, "checksum": row.checksum}
             change.session.delete(row)
+
+    # --- compositing ---------------------------------------------------------------------------
+
+    def _engine_stack(self, plan: PublishPlan) -> list[StackLayer]:
+        from app.engine.compose import StackLayer
+
+        with self.catalog.read() as session:
+            stack = []
+            for entry in plan.stack:
+                row = session.get(LayerVersion, entry.version_id)
+                if row is None:
+                    raise NotFound(f"Layer version {entry.layer}:{entry.version} was deleted meanwhile.")
+                stack.append(StackLayer(entry.role, entry.layer, row.layer_id, row.id, row.checksum))
+            return stack
+
+    def conflicts(self, template_name: str) -> list[LayerConflict]:
+        """Every file path and registry value more than one layer of the template supplies, which layers
+        supplied it (lowest priority first) and which wins (see :func:`app.engine.compose.conflicts`).
+        Computed from the layers' listings and manifests; nothing is written. Open to every role."""
+        from app.engine.compose import conflicts
+        from app.engine.repository import LayerRepository
+
+        self.caller.require(Operation.READ)
+        with self.catalog.read() as session:
+            template = find_template(session, template_name)
+            blockers = publish_blockers(template)
+            if blockers:
+                raise Conflict(f"The layers of template {template.name!r} cannot be compared yet: "
+                               + "; ".join(blockers) + ".")
+            name = template.name
+        plan = self._plan_unchecked(name)
+        return conflicts(self._engine_stack(plan), LayerRepository(self._home().repository))
+
+    def _plan_unchecked(self, template_name: str) -> PublishPlan:
+        """:meth:`plan` without the publish role (for read-only views of the stack)."""
+        with self.catalog.read() as session:
+            template = find_template(session, template_name)
+            stack = [_entry("os", template.os_version, None)]
+            stack.extend(_entry("app", e.version, e.priority) for e in template.app_layers)
+            if template.platform_version is not None:
+                stack.append(_entry("platform", template.platform_version, None))
+            return PublishPlan(
+                template=template.name, template_revision=template.revision, image_name=template.name,
+                disk_format=template.disk_format, size_gb=template.size_gb, stack=tuple(stack),
+                connector=template.connector.name if template.connector else None,
+            )
+
+    def _require(self, operation: Operation, template: str, comment: str) -> None:
+        try:
+            self.caller.require(operation)
+        except PermissionDenied as exc:
+            self._audit_denied("image.publish", "published image", template, comment, str(exc))
+            raise
+
+    def publish(
+        self, runner: TaskRunner, template: str, output_dir: Path | str | None = None, *, comment: str = "",
+    ) -> int:
+        """Start publishing ``template``'s image as a task; returns the task id.
+
+        The image is written to ``<output_dir>/<image name>.<ext>`` (default folder: ``published`` in the
+        LayerDesk home) and recorded when complete (:meth:`record_image`, audited). Refused before anything
+        is written when a layer version is not deployable, the caller may not publish or run tasks (the
+        refusal is audited), or the file exists already.
+        """
+        from app.engine.compose import EXTENSIONS
+        from app.engine.repository import LayerRepository
+        from app.services.publish_task import PublishTask
+
+        comment = validate_comment(comment)
+        self._require(Operation.PUBLISH_IMAGES, template, comment)
+        self._require(Operation.RUN_TASKS, template, comment)
+        plan = self.plan(template)
+        stack = self._engine_stack(plan)
+        fmt = ENGINE_FORMATS[plan.disk_format]
+        folder = Path(output_dir) if output_dir is not None else self._home().root / "published"
+        if output_dir is None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"Cannot create the output folder {folder}: {exc.strerror or exc}.") from exc
+        if not folder.is_dir():
+            raise ValidationError(f"The output folder {folder} does not exist (or is not a folder).")
+        target = folder / f"{plan.image_name}.{EXTENSIONS[fmt]}"
+        if target.exists():
+            raise Conflict(f"{target} already exists; publish again in a minute or move it away.")
+        task = PublishTask(self, LayerRepository(self._home().repository), plan, stack, folder.absolute(), fmt,
+                           comment=comment)
+        return runner.submit(task)

@@ -51,6 +51,8 @@ class TaskContext(abc.ABC):
     """Handed to :meth:`LayerDeskTask.run`."""
 
     cancel: CancelToken
+    #: The catalog id of the task being run (``None`` outside a runner).
+    task_id: int | None = None
 
     @abc.abstractmethod
     def progress(self, percent: float, message: str = "") -> None:

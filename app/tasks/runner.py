@@ -70,6 +70,7 @@ class _RunContext(TaskContext):
         self.cancel = token
         self._runner = runner
         self._task_id = task_id
+        self.task_id = task_id
         self._lock = threading.Lock()
         self._percent = 0
         self._message = ""

@@ -1,0 +1,688 @@
+"""Compositing: a layer stack (OS, app layers lowest priority first, platform) → one image (DESIGN.md §3–4).
+
+* :func:`conflicts` lists every file path and registry value supplied by more than one layer of a stack,
+  which layers supplied it (lowest first) and which one wins. It reads only the layers' WIM directory
+  listings and manifests; nothing is written. Rules:
+
+  - **Files.** Paths compare case-insensitively and read Windows-style (``Program Files\\App\\x.dll``),
+    spelled as the merged image spells them (a directory keeps the lowest layer's spelling, a file takes
+    the spelling of the layer that supplied it last). Directories are not reported. A whiteout of a
+    layer that removes a file a lower layer supplied counts as that layer supplying it: it wins, and the
+    :class:`Conflict` is marked ``deleted``. A layer that removes a path and supplies it again (an opaque
+    directory) counts once.
+  - **Registry.** Conflicts are between the layers' registry *deltas*; the OS layer's own hive files are
+    the base every delta applies to and supply nothing here (its version may carry a delta of its own,
+    which counts like any other). A value is reported when the deltas of two or more layers set or
+    delete it; a key deletion also counts as touching every value and key below it that a lower layer
+    touched. ``Path``-like environment variables that the layers only extend (they concatenate, see
+    :func:`app.engine.registry.delta.merge_environment`) and keys that layers only create are not
+    conflicts. Registry paths read ``HKLM\\SOFTWARE\\Key\\Sub\\ValueName`` (keys end with ``\\``).
+
+* :func:`compose` builds the image, in the process that calls it (the publish task runs it in a child
+  process through :func:`compose_worker`):
+
+  1. the OS version's image is opened from the repository's WIM and changed *in memory only* (the
+     repository file is never written);
+  2. each app layer in order, then the platform layer, is applied onto an empty staging NTFS volume
+     and merged with ONE ``wimlib_update_image`` call: its whiteouts (recursive deletes, missing paths
+     ignored), then the volume at ``/`` (NTFS mode: ACLs, streams and short names kept; the wimlib
+     aliasing bug needs one NTFS source per call). Where both layers hold a directory, the lower
+     layer's directory (name, ACL, attributes) stays; files are replaced whole;
+  3. the hives some delta changes (``Windows\\System32\\config\\SOFTWARE``, ``SYSTEM``, ``DEFAULT``,
+     ``DRIVERS``, ``Users\\Default\\NTUSER.DAT``) are extracted from the merged image, every layer's delta
+     is applied in stack order, and the new hive files replace the old ones in one more update call
+     (their transaction logs, stale now, are removed). ``.reg`` imports map ``CurrentControlSet`` to
+     ``ControlSet001``; when ``SYSTEM\\Select\\Current`` names another control set, keys under
+     ``ControlSet001`` are moved to it. The new hive files carry no ACL of their own (they come from the
+     local file system): Windows' ``config`` folder ACL applies;
+  4. ``wim``: the merged image is exported to a new WIM (XPRESS), written and verified; disk formats: a
+     partition-sized NTFS volume is made for the template's disk (GPT: ESP, MSR, then Windows up to the
+     backup GPT), the merged image is applied onto it, and ``qemu-img`` writes the disk from the GPT
+     pieces around the volume (:func:`app.engine.disk.convert`, which verifies it).
+
+  Everything is written in a work folder (``.<name>.<random>.work``) inside ``out_dir``; the output
+  appears as ``<name>.<ext>`` only when complete and verified (a hard link, so an existing file is never
+  replaced), and the work folder is removed on success, failure and cancel alike. The result carries a
+  digest of the merged tree's manifest (every path with its kind, size, attributes, named streams and
+  reparse tag, sorted; plus the new hives' SHA-256): the same inputs give the same digest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal, get_args
+
+from app.engine import disk
+from app.engine.registry.delta import (
+    CreateKey,
+    DeleteKey,
+    DeleteValue,
+    HiveName,
+    Operation,
+    RegistryDelta,
+    SetValue,
+    TouchKind,
+)
+from app.engine.registry.model import Hive, ValueType, fold
+from app.engine.registry.regf import read_hive, write_hive
+from app.engine.repository import LayerRepository, VersionManifest
+from app.engine.wim import AddCommand, DeleteCommand, DirEntry, UpdateCommand, Wim, WimError, make_ntfs_volume
+from app.errors import EnvironmentProblem, UserError
+from app.procs import Cancellable
+from app.tasks.base import CancelToken, TaskCanceled
+from app.tasks.worker import WorkerReport
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXTENSIONS",
+    "ComposeError",
+    "ComposeResult",
+    "Conflict",
+    "OutputFormat",
+    "StackLayer",
+    "compose",
+    "compose_worker",
+    "conflicts",
+]
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+OutputFormat = Literal["wim", "vhd-dynamic", "vhd-fixed", "vhdx", "vmdk-stream", "vmdk-sparse", "qcow2", "raw"]
+_OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+#: The file name extension of each output format.
+EXTENSIONS: Mapping[str, str] = {
+    "wim": "wim", "vhd-dynamic": "vhd", "vhd-fixed": "vhd", "vhdx": "vhdx", "vmdk-stream": "vmdk",
+    "vmdk-sparse": "vmdk", "qcow2": "qcow2", "raw": "raw",
+}
+
+#: Where each hive a delta may change lives in the image.
+HIVE_FILES: Mapping[HiveName, str] = {
+    HiveName.SOFTWARE: "/Windows/System32/config/SOFTWARE",
+    HiveName.SYSTEM: "/Windows/System32/config/SYSTEM",
+    HiveName.DEFAULT: "/Windows/System32/config/DEFAULT",
+    HiveName.DRIVERS: "/Windows/System32/config/DRIVERS",
+    HiveName.NTUSER: "/Users/Default/NTUSER.DAT",
+}
+_IMPORT_CONTROL_SET = "ControlSet001"  # what .reg imports map CurrentControlSet to
+#: Per file in the size estimate of an NTFS volume: its MFT record and the rounding to whole clusters.
+_NTFS_PER_FILE = 1024 + 4096
+_NTFS_FIXED = 32 * MiB  # $MFT zone start, $LogFile, bitmaps of a small volume
+
+ProgressFn = Callable[[float, str], None]
+
+
+class ComposeError(UserError):
+    """The stack cannot be composited as asked (a missing hive, a disk too small, a bad stack or format)."""
+
+    code = "compose"
+
+
+@dataclass(frozen=True)
+class StackLayer:
+    """One layer version of a stack, bottom (OS) to top (platform)."""
+
+    role: str  # "os", "app" or "platform"
+    name: str  # the layer's name, as conflict reports show it
+    layer_id: int
+    version_id: int
+    checksum: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "name": self.name, "layer_id": self.layer_id, "version_id": self.version_id,
+                "checksum": self.checksum}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StackLayer:
+        checksum = data.get("checksum")
+        return cls(str(data["role"]), str(data["name"]), int(data["layer_id"]), int(data["version_id"]),
+                   str(checksum) if checksum is not None else None)
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A path more than one layer supplied. ``deleted``: the winner removed it (a whiteout, a deletion)."""
+
+    kind: Literal["file", "registry"]
+    path: str
+    layers: tuple[str, ...]
+    winner: str
+    deleted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's JSON form: exactly ``kind``, ``path``, ``layers`` (lowest first) and ``winner``."""
+        return {"kind": self.kind, "path": self.path, "layers": list(self.layers), "winner": self.winner}
+
+
+@dataclass(frozen=True)
+class ComposeResult:
+    path: Path
+    format: str
+    size_bytes: int
+    #: ``sha256:<hex>`` of the output file.
+    checksum: str
+    files: int
+    data_bytes: int
+    #: ``sha256:<hex>`` of the merged tree's sorted manifest (see the module docstring).
+    manifest_digest: str
+    conflicts: tuple[Conflict, ...]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --- the stack -----------------------------------------------------------------------------------------
+
+
+def _check_stack(stack: Sequence[StackLayer]) -> None:
+    if not stack or stack[0].role != "os":
+        raise ComposeError("A stack starts with its OS layer version.")
+    if any(layer.role == "os" for layer in stack[1:]):
+        raise ComposeError("A stack has exactly one OS layer version, at the bottom.")
+    if any(layer.role == "platform" for layer in stack[:-1]):
+        raise ComposeError("The platform layer version goes on top of the stack.")
+
+
+def _manifests(stack: Sequence[StackLayer], repository: LayerRepository) -> list[VersionManifest]:
+    return [repository.manifest(layer.layer_id, layer.version_id, layer.checksum) for layer in stack]
+
+
+def _windows_path(image_path: str) -> str:
+    return image_path.strip("/").replace("/", "\\")
+
+
+def _list_image(repository: LayerRepository, layer: StackLayer, manifest: VersionManifest) -> list[DirEntry]:
+    with Wim.open(repository.wim_path(layer.layer_id)) as layer_wim:
+        index = layer_wim.find_image(manifest.image)
+        if index is None:
+            raise ComposeError(f"The repository's WIM of layer {layer.name} has no image {manifest.image}.")
+        return list(layer_wim.iterate_dir_tree(index))
+
+
+# --- conflicts -----------------------------------------------------------------------------------------
+
+
+def conflicts(stack: Sequence[StackLayer], repository: LayerRepository) -> list[Conflict]:
+    """Every file path and registry value more than one layer of ``stack`` supplies (see the module
+    docstring): files first, then registry values, each sorted by path (case-insensitively)."""
+    _check_stack(stack)
+    manifests = _manifests(stack, repository)
+    listings = [_list_image(repository, layer, manifest) for layer, manifest in zip(stack, manifests, strict=True)]
+    return _file_conflicts(stack, manifests, listings) + _registry_conflicts(stack, manifests)
+
+
+def _file_conflicts(
+    stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], listings: Sequence[Sequence[DirEntry]]
+) -> list[Conflict]:
+    present: set[str] = set()  # folded paths of the files in the tree so far
+    history: dict[str, list[int]] = {}  # folded path → indexes of the layers that supplied or removed it
+    removed: dict[str, bool] = {}  # folded path → whether its last layer removed it
+    spelled: dict[str, str] = {}  # folded file path → as the merged tree spells it
+    folders: dict[str, str] = {"": ""}  # folded directory path → as the merged tree spells it
+
+    def touch(key: str, index: int, *, deleting: bool) -> None:
+        seen = history.setdefault(key, [])
+        if not seen or seen[-1] != index:
+            seen.append(index)
+        removed[key] = deleting
+
+    for index, (manifest, entries) in enumerate(zip(manifests, listings, strict=True)):
+        if index:  # the OS layer has nothing below it to remove
+            for deletion in manifest.deletions:
+                gone = fold(deletion.path)
+                under = gone + "\\"
+                for key in sorted(k for k in present if k == gone or k.startswith(under)):
+                    present.discard(key)
+                    touch(key, index, deleting=True)
+                for key in [k for k in folders if k == gone or k.startswith(under)]:
+                    del folders[key]
+        for entry in entries:
+            if entry.path == "/":
+                continue
+            path = _windows_path(entry.path)
+            key = fold(path)
+            parent_key = key.rpartition("\\")[0]
+            parent = folders.get(parent_key, path.rpartition("\\")[0])
+            name = path.rpartition("\\")[2]
+            display = f"{parent}\\{name}" if parent else name
+            if entry.is_directory:
+                folders.setdefault(key, display)
+                continue
+            present.add(key)
+            spelled[key] = display
+            touch(key, index, deleting=False)
+    found = []
+    for key in sorted(history):
+        indexes = history[key]
+        if len(indexes) < 2:
+            continue
+        found.append(Conflict("file", spelled[key], tuple(stack[i].name for i in indexes), stack[indexes[-1]].name,
+                              deleted=removed[key]))
+    return found
+
+
+_QUIET_KINDS = frozenset({TouchKind.MERGE, TouchKind.CREATE_KEY})
+_DELETING_KINDS = frozenset({TouchKind.DELETE_VALUE, TouchKind.DELETE_KEY})
+
+
+def _registry_conflicts(stack: Sequence[StackLayer], manifests: Sequence[VersionManifest]) -> list[Conflict]:
+    touches: dict[str, list[tuple[int, TouchKind]]] = {}
+    spelled: dict[str, str] = {}
+    for index, manifest in enumerate(manifests):
+        for touch in manifest.registry.touched():
+            touches.setdefault(touch.folded, []).append((index, touch.kind))
+            spelled.setdefault(touch.folded, touch.path)
+    key_deletions = [(key, index) for key, seen in touches.items() for index, kind in seen
+                     if kind is TouchKind.DELETE_KEY]
+    for key, index in key_deletions:
+        for other, seen in touches.items():
+            if other != key and other.startswith(key) and any(i < index for i, _ in seen):
+                seen.append((index, TouchKind.DELETE_KEY))
+    found = []
+    for key in sorted(touches):
+        seen = sorted(touches[key], key=lambda t: t[0])  # stable: a layer's own order stays
+        indexes = list(dict.fromkeys(i for i, _ in seen))
+        if len(indexes) < 2 or all(kind in _QUIET_KINDS for _, kind in seen):
+            continue
+        found.append(Conflict("registry", spelled[key], tuple(stack[i].name for i in indexes),
+                              stack[indexes[-1]].name, deleted=seen[-1][1] in _DELETING_KINDS))
+    return found
+
+
+# --- compose -------------------------------------------------------------------------------------------
+
+
+class _Steps:
+    """Maps each step's own 0–1 progress onto a part of 0–100 % and times the steps."""
+
+    def __init__(self, report: ProgressFn | None, cancel: Cancellable | None) -> None:
+        self._report = report
+        self._cancel = cancel
+        self._last = (-1, 0.0)
+        self.timings: dict[str, float] = {}
+
+    def check(self) -> None:
+        if self._cancel is not None and self._cancel.cancelled:
+            raise TaskCanceled()
+
+    def at(self, percent: float, message: str) -> None:
+        self.check()
+        now = time.monotonic()
+        if self._report is not None and (int(percent) != self._last[0] or now - self._last[1] >= 0.2):
+            self._last = (int(percent), now)
+            self._report(percent, message)
+
+    def bytes_in(self, low: float, high: float, message: str) -> Callable[[int, int], None]:
+        def on_bytes(done: int, total: int) -> None:
+            self.at(low + (high - low) * (done / total if total else 1.0), message)
+        return on_bytes
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.monotonic() - start, 3)
+
+
+def compose(
+    stack: Sequence[StackLayer],
+    repository: LayerRepository,
+    out_dir: Path,
+    fmt: str,
+    size_gb: float,
+    *,
+    name: str,
+    work_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+    cancel: Cancellable | None = None,
+) -> ComposeResult:
+    """Composite ``stack`` into ``out_dir/<name>.<ext>`` in format ``fmt`` (see the module docstring);
+    ``size_gb`` GiB is the disk's size (unused for ``wim``). ``work_dir`` (a new folder inside ``out_dir``,
+    made here; a unique name by default) holds the work files and is removed at the end. On failure or
+    cancel nothing is left in ``out_dir``."""
+    started = time.monotonic()
+    _check_stack(stack)
+    if fmt not in _OUTPUT_FORMATS:
+        raise ComposeError(f"Unknown output format {fmt!r}; choose one of {', '.join(_OUTPUT_FORMATS)}.")
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ComposeError(f"The output folder {out_dir} does not exist.")
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ComposeError(f"{name!r} cannot name an image file.")
+    final = out_dir / f"{name}.{EXTENSIONS[fmt]}"
+    if final.exists():
+        raise ComposeError(f"{final} already exists; it is never overwritten.")
+    disk_size = 0
+    if fmt != "wim":
+        disk_size = round(size_gb * 1024) * MiB
+        disk.gpt_layout(disk_size)  # a disk too small for any Windows volume: refused before any work
+    steps = _Steps(progress, cancel)
+    steps.at(1, "Reading the layers' manifests")
+    with steps.timed("conflicts"):
+        report = conflicts(stack, repository)
+    manifests = _manifests(stack, repository)
+    work = Path(work_dir) if work_dir is not None else out_dir / f".{name}.{secrets.token_hex(4)}.work"
+    try:
+        work.mkdir()
+    except FileExistsError:
+        raise ComposeError(f"The work folder {work} already exists (another publish is using it).") from None
+    try:
+        with contextlib.ExitStack() as held:
+            merged, index = _merge(stack, manifests, repository, work, held, steps)
+            hive_digests = _merge_registry(stack, manifests, merged, index, work, steps)
+            steps.at(45, "Listing the merged image")
+            entries = list(merged.iterate_dir_tree(index))
+            files, data_bytes, digest = _tree_manifest(entries, hive_digests)
+            if fmt == "wim":
+                built = _write_wim(merged, index, name, work, steps)
+            else:
+                built = _write_disk(merged, index, fmt, disk_size, entries, work, steps)
+        steps.at(98, "Computing the image's checksum")
+        with steps.timed("checksum"):
+            checksum = _sha256(built, steps)
+        steps.check()
+        try:
+            os.link(built, final)  # never replaces an image another publish wrote meanwhile
+        except FileExistsError:
+            raise ComposeError(f"{final} appeared while the image was being built; it was left alone.") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    steps.at(100, "Published")
+    return ComposeResult(
+        path=final, format=fmt, size_bytes=final.stat().st_size, checksum=checksum, files=files,
+        data_bytes=data_bytes, manifest_digest=digest, conflicts=tuple(report),
+        seconds=round(time.monotonic() - started, 3), timings=steps.timings,
+    )
+
+
+def _staging_size(manifest: VersionManifest) -> int:
+    estimate = manifest.data_bytes + manifest.data_bytes // 8 + manifest.files * 2 * _NTFS_PER_FILE + 2 * _NTFS_FIXED
+    return -(-estimate // MiB) * MiB
+
+
+def _merge(
+    stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository, work: Path,
+    held: contextlib.ExitStack, steps: _Steps,
+) -> tuple[Wim, int]:
+    """The OS image, opened in memory, with every other layer merged into it (one update call per layer)."""
+    os_layer, os_manifest = stack[0], manifests[0]
+    merged = held.enter_context(Wim.open(repository.wim_path(os_layer.layer_id)))
+    index = merged.find_image(os_manifest.image)
+    if index is None:
+        raise ComposeError(f"The repository's WIM of layer {os_layer.name} has no image {os_manifest.image}.")
+    uppers = list(zip(stack[1:], manifests[1:], strict=True))
+    for number, (layer, manifest) in enumerate(uppers, 1):
+        low = 5 + 35 * (number - 1) / len(uppers)
+        high = 5 + 35 * number / len(uppers)
+        steps.at(low, f"Staging layer {layer.name}")
+        volume = work / f"layer-{number}.ntfs"
+        with steps.timed("stage"):
+            make_ntfs_volume(volume, _staging_size(manifest), label=layer.name[:32])
+            repository.extract_version_to_ntfs_volume(
+                layer.layer_id, layer.version_id, volume, checksum=layer.checksum,
+                progress=steps.bytes_in(low, high, f"Staging layer {layer.name}"), cancel=steps._cancel,
+            )
+        commands: list[UpdateCommand] = [DeleteCommand(d.image_path, recursive=True, missing_ok=True)
+                                         for d in manifest.deletions]
+        commands.append(AddCommand(volume, "/", ntfs=True))
+        steps.at(high, f"Merging layer {layer.name}")
+        with steps.timed("merge"):
+            merged.update_image(index, commands, cancel=steps._cancel)
+    return merged, index
+
+
+# --- registry ------------------------------------------------------------------------------------------
+
+
+def _find_entry(merged: Wim, index: int, path: str) -> DirEntry | None:
+    """The entry at ``path`` (found case-insensitively), or ``None`` when it is not in the image."""
+    try:
+        entries = merged.iterate_dir_tree(index, path)
+    except WimError as exc:
+        if exc.wimlib_code == 49:  # PATH_DOES_NOT_EXIST
+            return None
+        raise
+    return next(iter(entries), None)
+
+
+def _current_control_set(system: Hive) -> str:
+    select = system.find("Select")
+    value = select.value("Current") if select is not None else None
+    if value is None or value.type != ValueType.DWORD or len(value.data) < 4:
+        raise ComposeError("The OS layer's SYSTEM hive has no Select\\Current value (REG_DWORD), so its current "
+                           "control set is unknown.")
+    number = int.from_bytes(value.data[:4], "little")
+    if not 1 <= number <= 999:
+        raise ComposeError(f"The OS layer's SYSTEM hive names control set {number} as current.")
+    return f"ControlSet{number:03d}"
+
+
+def _retarget(delta: RegistryDelta, control_set: str) -> RegistryDelta:
+    """``delta`` with SYSTEM keys under ``ControlSet001`` (what ``CurrentControlSet`` was imported as) moved
+    to ``control_set``."""
+    if fold(control_set) == fold(_IMPORT_CONTROL_SET):
+        return delta
+
+    def moved(op: Operation) -> Operation:
+        head, _, rest = op.key.partition("\\")
+        if op.hive != HiveName.SYSTEM or fold(head) != fold(_IMPORT_CONTROL_SET):
+            return op
+        key = f"{control_set}\\{rest}" if rest else control_set
+        if isinstance(op, SetValue):
+            return SetValue(op.hive, key, op.name, op.type, op.data)
+        if isinstance(op, DeleteValue):
+            return DeleteValue(op.hive, key, op.name)
+        if isinstance(op, DeleteKey):
+            return DeleteKey(op.hive, key)
+        return CreateKey(op.hive, key)
+
+    return RegistryDelta(moved(op) for op in delta)
+
+
+def _merge_registry(
+    stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], merged: Wim, index: int, work: Path,
+    steps: _Steps,
+) -> dict[str, str]:
+    """Apply every layer's delta to the merged image's hives; returns each new hive's SHA-256 by hive name."""
+    changed = sorted({hive for manifest in manifests for hive in manifest.registry.hives})
+    if not changed:
+        return {}
+    steps.at(40, "Merging the registry")
+    with steps.timed("registry"):
+        found: dict[str, DirEntry] = {}
+        for hive in changed:
+            entry = _find_entry(merged, index, HIVE_FILES[HiveName(hive)])
+            if entry is None or entry.is_directory:
+                users = [layer.name for layer, manifest in zip(stack, manifests, strict=True)
+                         if hive in manifest.registry.hives]
+                raise ComposeError(
+                    f"The OS layer {stack[0].name} has no {hive} hive ({_windows_path(HIVE_FILES[HiveName(hive)])} "
+                    f"is not in its image), but the registry changes of {', '.join(users)} need it. Import the OS "
+                    "layer with its registry hive files."
+                )
+            found[hive] = entry
+        if HiveName.SYSTEM not in found:
+            system_entry = _find_entry(merged, index, HIVE_FILES[HiveName.SYSTEM])
+            if system_entry is not None and not system_entry.is_directory:
+                found[HiveName.SYSTEM] = system_entry
+        logs: list[str] = []
+        for entry in found.values():
+            for suffix in (".LOG1", ".LOG2"):
+                log_entry = _find_entry(merged, index, entry.path + suffix)
+                if log_entry is not None and not log_entry.is_directory:
+                    logs.append(log_entry.path)
+        source = work / "hives-in"
+        source.mkdir()
+        merged.extract_paths_to_folder(index, [e.path for e in found.values()] + logs, source)
+        hives = {hive: read_hive(source / entry.path.lstrip("/")) for hive, entry in found.items()}
+        control_set = _current_control_set(hives[HiveName.SYSTEM]) if HiveName.SYSTEM in hives else None
+        for manifest in manifests:
+            delta = manifest.registry
+            if control_set is not None:
+                delta = _retarget(delta, control_set)
+            delta.apply(hives)
+        target = work / "hives-out"
+        target.mkdir()
+        commands: list[UpdateCommand] = [DeleteCommand(path, recursive=False, missing_ok=True) for path in logs]
+        digests = {}
+        for hive in changed:
+            written = target / hive
+            write_hive(hives[hive], written)
+            digests[hive] = hashlib.sha256(written.read_bytes()).hexdigest()
+            commands.append(AddCommand(written, found[hive].path, ntfs=False))
+        steps.check()
+        merged.update_image(index, commands, cancel=steps._cancel)
+    return digests
+
+
+# --- the merged tree -----------------------------------------------------------------------------------
+
+
+def _tree_manifest(entries: Sequence[DirEntry], hive_digests: Mapping[str, str]) -> tuple[int, int, str]:
+    """(files, data bytes, ``sha256:`` digest of the sorted tree manifest)."""
+    files = 0
+    data_bytes = 0
+    linked: set[int] = set()
+    lines = []
+    for entry in entries:
+        if not entry.is_directory:
+            files += 1
+            if entry.link_count <= 1 or entry.inode_id not in linked:
+                data_bytes += entry.size
+                if entry.link_count > 1:
+                    linked.add(entry.inode_id)
+        lines.append((fold(entry.path), "\t".join([
+            entry.path, "d" if entry.is_directory else "f", str(entry.size), f"{entry.attributes:x}",
+            ",".join(sorted(entry.stream_names)), f"{entry.reparse_tag:x}",
+        ])))
+    digest = hashlib.sha256()
+    for _, line in sorted(lines):
+        digest.update(line.encode("utf-8") + b"\n")
+    for hive in sorted(hive_digests):
+        digest.update(f"hive\t{hive}\t{hive_digests[hive]}\n".encode())
+    return files, data_bytes, "sha256:" + digest.hexdigest()
+
+
+# --- output --------------------------------------------------------------------------------------------
+
+
+def _write_wim(merged: Wim, index: int, name: str, work: Path, steps: _Steps) -> Path:
+    out = work / f"{name}.wim"
+    with steps.timed("write"), Wim.create("xpress") as output:
+        merged.export_image(index, output, name)
+        output.write(out, check_integrity=True, progress=steps.bytes_in(50, 90, "Writing the WIM"),
+                     cancel=steps._cancel)
+    steps.at(90, "Verifying the WIM")
+    with steps.timed("verify"), Wim.open(out, check_integrity=True) as written:
+        written.verify(progress=steps.bytes_in(90, 98, "Verifying the WIM"), cancel=steps._cancel)
+    return out
+
+
+def _needed_volume_bytes(entries: Sequence[DirEntry]) -> int:
+    total = _NTFS_FIXED
+    linked: set[int] = set()
+    for entry in entries:
+        total += 1024  # its MFT record
+        if entry.is_directory or (entry.link_count > 1 and entry.inode_id in linked):
+            continue
+        linked.add(entry.inode_id)
+        total += -(-entry.size // 4096) * 4096
+    return total
+
+
+def _write_disk(
+    merged: Wim, index: int, fmt: str, disk_size: int, entries: Sequence[DirEntry], work: Path, steps: _Steps,
+) -> Path:
+    layout = disk.gpt_layout(disk_size)
+    needed = _needed_volume_bytes(entries)
+    if needed > layout.data_size:
+        raise ComposeError(
+            f"The merged layers need about {-(-needed // MiB)} MiB on the Windows volume, but a disk of "
+            f"{disk_size / GiB:g} GB leaves {layout.data_size // MiB} MiB for it (after the ESP and the MSR); "
+            "make the template's disk larger."
+        )
+    volume = work / "windows.ntfs"
+    steps.at(50, "Applying the merged image to the Windows volume")
+    with steps.timed("apply"):
+        make_ntfs_volume(volume, layout.data_size, label="Windows", partition_start_sector=layout.data_start_lba)
+        try:
+            merged.extract_image_to_ntfs_volume(index, volume, progress=steps.bytes_in(50, 80, "Applying the image"),
+                                                cancel=steps._cancel)
+        except (WimError, EnvironmentProblem) as exc:
+            if "space" in str(exc).lower():
+                raise ComposeError(f"The merged layers do not fit on a disk of {disk_size / GiB:g} GB: {exc}") from exc
+            raise
+    steps.at(80, "Writing the disk image")
+    prefix, suffix = work / "prefix.raw", work / "suffix.raw"
+    out = work / f"disk.{EXTENSIONS[fmt]}"
+    with steps.timed("disk"):
+        disk.build_gpt_pieces(volume, prefix, suffix, disk_size=disk_size)
+        disk.convert([prefix, volume, suffix], out, fmt,  # type: ignore[arg-type]  # checked in compose()
+                     progress=steps.bytes_in(80, 98, "Writing the disk image"), cancel=steps._cancel)
+    return out
+
+
+def _sha256(path: Path, steps: _Steps) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(4 * MiB):
+            digest.update(chunk)
+            steps.check()
+    return "sha256:" + digest.hexdigest()
+
+
+# --- the worker ----------------------------------------------------------------------------------------
+
+
+def compose_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
+    """Worker function (child process) of the publish task: :func:`compose` with ``args`` ``repository``,
+    ``stack`` (:meth:`StackLayer.to_dict` forms), ``out_dir``, ``format``, ``size_gb``, ``name`` and optionally
+    ``work_dir``. A
+    SIGTERM (the task's cancel) stops it at the next progress point; nothing is left in ``out_dir`` and the
+    process exits 143."""
+    token = CancelToken()
+    previous: Callable[[int, FrameType | None], Any] | int | None = None
+    if hasattr(signal, "SIGTERM"):
+        previous = signal.signal(signal.SIGTERM, lambda *_: token.cancel())
+    try:
+        result = compose(
+            [StackLayer.from_dict(layer) for layer in args["stack"]], LayerRepository(Path(args["repository"])),
+            Path(args["out_dir"]), str(args["format"]), float(args["size_gb"]), name=str(args["name"]),
+            work_dir=Path(args["work_dir"]) if args.get("work_dir") else None,
+            progress=lambda percent, message: report.progress(int(percent), message), cancel=token,
+        )
+    except TaskCanceled:
+        report.log("Publish canceled; nothing was written.", "WARNING")
+        sys.exit(143)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    report.log(f"Composited {result.files} files ({result.data_bytes} bytes) in {result.seconds:.1f} s; "
+               f"steps: {', '.join(f'{k} {v:.2f} s' for k, v in result.timings.items())}.")
+    return {
+        "summary": f"Published {result.path.name}: {result.size_bytes} bytes, {len(result.conflicts)} conflict(s).",
+        "path": str(result.path),
+        "format": result.format,
+        "size_bytes": result.size_bytes,
+        "checksum": result.checksum,
+        "files": result.files,
+        "data_bytes": result.data_bytes,
+        "manifest_digest": result.manifest_digest,
+        "conflicts": [c.to_dict() for c in result.conflicts],
+        "seconds": result.seconds,
+        "timings": result.timings,
+    }

@@ -1,0 +1,268 @@
+"""Compose: the conflict report and publishing a real stack to WIM, VHDX and raw, checked with tools that are not
+ours (wimlib-imagex, qemu-img, sgdisk, dd + ntfsls/ntfscat, hivexget) against the stack's definition
+(tests/support/compose_stack.py), never against the engine's own view."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from app.engine.compose import ComposeError, StackLayer, compose, conflicts
+from app.engine.disk import DiskError
+from app.engine.importer import scan_folder
+from app.engine.registry.delta import RegistryDelta
+from app.engine.registry.regfile import parse_reg_file
+from app.engine.repository import CaptureSource, LayerRepository, SourceKind
+from app.tasks.base import CancelToken, TaskCanceled
+from tests.engine.test_wim import run_ok, tool
+from tests.support.compose_stack import (
+    CITRIX,
+    EXPECTED_CONFLICTS,
+    EXPECTED_DIRS,
+    EXPECTED_FILES,
+    EXPECTED_PATH,
+    OFFICE,
+    TOOLS,
+    LayerDef,
+    os_layer,
+)
+
+MiB = 1024 * 1024
+
+
+def store(repository: LayerRepository, root: Path, layer: LayerDef, layer_id: int) -> StackLayer:
+    """Import ``layer`` as the import worker does: folder capture, whiteouts, .reg delta."""
+    folder = layer.folder(root / "sources")
+    scan = scan_folder(folder)
+    reg = layer.reg_file(root)
+    delta = parse_reg_file(reg) if reg is not None else RegistryDelta()
+    stored = repository.store_version(layer_id, layer_id * 10, CaptureSource(SourceKind.FOLDER, folder),
+                                      deletions=scan.deletions, delta=delta, drop=scan.markers)
+    return StackLayer(layer.role, layer.name, layer_id, layer_id * 10, stored.checksum)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> tuple[LayerRepository, list[StackLayer]]:
+    root = tmp_path_factory.mktemp("stack")
+    repository = LayerRepository(root / "repository").ensure()
+    layers = [os_layer(root), OFFICE, TOOLS, CITRIX]
+    return repository, [store(repository, root, layer, n) for n, layer in enumerate(layers, 1)]
+
+
+# --- independent readers ------------------------------------------------------------------------------
+
+
+def output(*argv: str | Path) -> bytes:
+    done = subprocess.run([tool(str(argv[0])), *map(str, argv[1:])], capture_output=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def wim_listing(wim_file: Path) -> set[str]:
+    return {line for line in run_ok("wimlib-imagex", "dir", wim_file, "1").stdout.splitlines() if line}
+
+
+def ntfs_listing(volume: Path) -> dict[str, str]:
+    """Every path on the volume per ``ntfsls -R -F`` → "dir" or "file"."""
+    found: dict[str, str] = {}
+    current = ""
+    for line in run_ok("ntfsls", "-R", "-F", volume).stdout.splitlines():
+        if line.startswith("/") and line.endswith(":"):
+            current = line[:-1].rstrip("/")
+        elif line and line not in {"./", "../"}:
+            path = f"{current}/{line.rstrip('/')}".lstrip("/")
+            found[path] = "dir" if line.endswith("/") else "file"
+    return found
+
+
+def hive_value(hive: Path, key: str, name: str) -> str:
+    return run_ok("hivexget", hive, key, name).stdout.rstrip("\n")
+
+
+def check_hives(software: Path, system: Path) -> None:
+    assert hive_value(software, "\\Vendor\\App", "Version") == "1.0"
+    assert hive_value(software, "\\Vendor\\App", "InstallDir") == "C:\\Program Files\\Office"
+    assert hive_value(software, "\\Vendor\\App", "Seats") == "42"
+    assert hive_value(software, "\\Shared", "Owner") == "Tools"
+    assert hive_value(software, "\\Microsoft\\Windows NT\\CurrentVersion", "ProductName") == "Windows 11 Pro"
+    environment = "\\ControlSet001\\Control\\Session Manager\\Environment"
+    assert hive_value(system, environment, "Path") == EXPECTED_PATH
+    assert hive_value(system, environment, "OS") == "Windows_NT"
+
+
+def expected_listing() -> dict[str, str]:
+    found = dict.fromkeys(EXPECTED_DIRS, "dir")
+    found.update(dict.fromkeys(EXPECTED_FILES, "file"))
+    return found
+
+
+# --- conflicts ----------------------------------------------------------------------------------------
+
+
+def test_the_conflict_report_lists_exactly_the_expected_entries(
+    stack: tuple[LayerRepository, list[StackLayer]],
+) -> None:
+    repository, layers = stack
+    report = conflicts(layers, repository)
+    assert [c.to_dict() for c in report] == EXPECTED_CONFLICTS
+    assert [c.deleted for c in report] == [False, False, False, True, False]  # Tools' whiteout removes old.log
+
+
+def test_conflicts_follow_the_stack_order(stack: tuple[LayerRepository, list[StackLayer]]) -> None:
+    repository, (os_, office, tools, citrix) = stack
+    swapped = [c.to_dict() for c in conflicts([os_, tools, office, citrix], repository)]
+    assert {"kind": "file", "path": "Program Files\\OFFICE\\config.ini", "layers": ["Tools", "Office"],
+            "winner": "Office"} in swapped
+    assert {"kind": "registry", "path": "HKLM\\SOFTWARE\\Shared\\Owner", "layers": ["Tools", "Office"],
+            "winner": "Office"} in swapped
+    with pytest.raises(ComposeError, match="starts with its OS layer"):
+        conflicts([office, os_], repository)
+
+
+# --- publishing ---------------------------------------------------------------------------------------
+
+
+def test_publish_to_wim(stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path) -> None:
+    repository, layers = stack
+    out = tmp_path / "out"
+    out.mkdir()
+    result = compose(layers, repository, out, "wim", 1, name="Gold_1")
+    assert result.path == out / "Gold_1.wim" and sorted(p.name for p in out.iterdir()) == ["Gold_1.wim"]
+    assert wim_listing(result.path) == {"/"} | {f"/{p}" for p in expected_listing()}
+    extracted = tmp_path / "x"
+    run_ok("wimlib-imagex", "apply", result.path, "1", extracted)
+    for rel, data in EXPECTED_FILES.items():
+        if data is not None:
+            assert (extracted / rel).read_bytes() == data, rel
+    config = extracted / "Windows/System32/config"
+    check_hives(config / "SOFTWARE", config / "SYSTEM")
+    assert result.files == len(EXPECTED_FILES)
+    assert [c.to_dict() for c in result.conflicts] == EXPECTED_CONFLICTS
+    assert result.checksum == "sha256:" + hashlib.sha256(result.path.read_bytes()).hexdigest()
+    again = compose(layers, repository, out, "wim", 1, name="Gold_2")
+    assert again.manifest_digest == result.manifest_digest  # deterministic
+
+
+def _partition_table(raw: Path) -> list[tuple[int, int, int, str, str]]:
+    """(number, first sector, last sector, type code, name) per ``sgdisk -p``."""
+    rows = []
+    for line in run_ok("sgdisk", "-p", raw).stdout.splitlines():
+        m = re.match(r"\s+(\d+)\s+(\d+)\s+(\d+)\s+\S+ \S+\s+([0-9A-F]{4})\s+(.*)", line)
+        if m:
+            rows.append((int(m[1]), int(m[2]), int(m[3]), m[4], m[5].strip()))
+    return rows
+
+
+def _check_disk(raw: Path, tmp_path: Path, disk_size: int) -> None:
+    assert raw.stat().st_size == disk_size
+    table = _partition_table(raw)
+    assert [(n, code) for n, _, _, code, _ in table] == [(1, "EF00"), (2, "0C01"), (3, "0700")]
+    _, first, last, _, _ = table[2]
+    volume = tmp_path / "windows.ntfs"  # copied out by dd at sgdisk's offsets, not by our extractor
+    run_ok("dd", f"if={raw}", f"of={volume}", "bs=512", f"skip={first}", f"count={last - first + 1}",
+           "conv=sparse", "status=none")
+    listing = {p: k for p, k in ntfs_listing(volume).items() if not p.startswith(("$", "System Volume Information"))}
+    assert listing == expected_listing()
+    for rel, data in EXPECTED_FILES.items():
+        if data is not None:
+            assert output("ntfscat", volume, "/" + rel) == data, rel
+    hives = tmp_path / "hives"
+    hives.mkdir()
+    for name in ("SOFTWARE", "SYSTEM"):
+        (hives / name).write_bytes(output("ntfscat", volume, f"/Windows/System32/config/{name}"))
+    check_hives(hives / "SOFTWARE", hives / "SYSTEM")
+
+
+def test_publish_to_vhdx_and_raw(stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path) -> None:
+    repository, layers = stack
+    out = tmp_path / "out"
+    out.mkdir()
+    result = compose(layers, repository, out, "vhdx", 1, name="Gold")
+    assert sorted(p.name for p in out.iterdir()) == ["Gold.vhdx"]
+    run_ok("qemu-img", "check", "-f", "vhdx", result.path)
+    raw = tmp_path / "converted.raw"
+    run_ok("qemu-img", "convert", "-f", "vhdx", "-O", "raw", result.path, raw)
+    (tmp_path / "from-vhdx").mkdir()
+    _check_disk(raw, tmp_path / "from-vhdx", 1024 * MiB)
+    direct = compose(layers, repository, out, "raw", 1, name="Gold")
+    assert direct.manifest_digest == result.manifest_digest
+    (tmp_path / "from-raw").mkdir()
+    _check_disk(direct.path, tmp_path / "from-raw", 1024 * MiB)
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def test_registry_changes_without_os_hives_are_refused(stack: tuple[LayerRepository, list[StackLayer]],
+                                                       tmp_path: Path) -> None:
+    repository, layers = stack
+    bare = store(repository, tmp_path, LayerDef("Bare", "os", {"Windows/win.ini": b"[fonts]"}), 9)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ComposeError, match=r"The OS layer Bare has no SOFTWARE hive .*Office, Tools need it"):
+        compose([bare, *layers[1:]], repository, out, "wim", 1, name="Bare")
+    assert list(out.iterdir()) == []
+
+
+def test_a_disk_too_small_for_the_merged_layers(stack: tuple[LayerRepository, list[StackLayer]],
+                                                 tmp_path: Path) -> None:
+    repository, layers = stack
+    big = store(repository, tmp_path, LayerDef("Big", "app", {"Big/blob.bin": bytes(120 * MiB)}), 8)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ComposeError, match=r"need about \d+ MiB .* a disk of 0.25 GB leaves \d+ MiB"):
+        compose([*layers[:3], big], repository, out, "vhdx", 0.25, name="Small")
+    assert list(out.iterdir()) == []
+    with pytest.raises(DiskError, match="leaves no room"):
+        compose(layers, repository, out, "vhdx", 0.1, name="Tiny")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(("fmt", "at"), [("wim", 50), ("vhdx", 50), ("vhdx", 80)])
+def test_cancel_leaves_nothing_in_the_output_folder(stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path,
+                                                    fmt: str, at: int) -> None:
+    repository, layers = stack
+    token = CancelToken()
+    seen: list[float] = []
+
+    def progress(percent: float, _message: str) -> None:
+        seen.append(percent)
+        if percent >= at:
+            token.cancel()
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(TaskCanceled):
+        compose(layers, repository, out, fmt, 1, name="Gone", progress=progress, cancel=token)
+    assert list(out.iterdir()) == [] and max(seen) >= at
+
+
+def test_compose_refuses_what_it_cannot_write(stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path) -> None:
+    repository, layers = stack
+    with pytest.raises(ComposeError, match="Unknown output format"):
+        compose(layers, repository, tmp_path, "iso", 1, name="x")
+    with pytest.raises(ComposeError, match="does not exist"):
+        compose(layers, repository, tmp_path / "missing", "wim", 1, name="x")
+    (tmp_path / "taken.wim").write_bytes(b"keep")
+    with pytest.raises(ComposeError, match="already exists"):
+        compose(layers, repository, tmp_path, "wim", 1, name="taken")
+    assert (tmp_path / "taken.wim").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize(("fmt", "driver"), [("vhd-dynamic", "vpc"), ("qcow2", "qcow2"), ("vmdk-sparse", "vmdk")])
+def test_publish_to_the_other_disk_formats(stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path,
+                                           fmt: str, driver: str) -> None:
+    repository, layers = stack
+    out = tmp_path / "out"
+    out.mkdir()
+    result = compose(layers, repository, out, fmt, 1, name="Gold")
+    if driver != "vpc":
+        run_ok("qemu-img", "check", "-f", driver, result.path)
+    raw = tmp_path / "converted.raw"
+    run_ok("qemu-img", "convert", "-f", driver, "-O", "raw", result.path, raw)
+    (tmp_path / "check").mkdir()
+    _check_disk(raw, tmp_path / "check", 1024 * MiB)
