@@ -241,13 +241,12 @@ class PublishingService(Service):
         stack = self._engine_stack(plan)
         fmt = ENGINE_FORMATS[plan.disk_format]
         folder = Path(output_dir) if output_dir is not None else self._home().root / "published"
-        if output_dir is None:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserError(f"Cannot create the output folder {folder}: {exc.strerror or exc}.") from exc
-        if not folder.is_dir():
-            raise ValidationError(f"The output folder {folder} does not exist (or is not a folder).")
+        if folder.exists() and not folder.is_dir():
+            raise ValidationError(f"The output path {folder} is a file, not a folder.")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"Cannot create the output folder {folder}: {exc.strerror or exc}.") from None
         target = folder / f"{plan.image_name}.{EXTENSIONS[fmt]}"
         if target.exists():
             raise Conflict(f"{target} already exists; publish again in a minute or move it away.")

@@ -73,8 +73,7 @@ def test_template_conflicts_prints_the_exact_report(cli: Ctl) -> None:
 
 
 def test_publish_wim_with_wait_and_json(cli: Ctl, tmp_path: Path) -> None:
-    out_dir = tmp_path / "published"
-    out_dir.mkdir()
+    out_dir = tmp_path / "published" / "gold"  # created on the way, parents included
     result = cli.json("image", "publish", "GoldWim", "--output", str(out_dir), "--wait", "--comment", "gold")
     assert isinstance(result, dict)
     path = Path(result["path"])
