@@ -172,7 +172,8 @@ class Interrupted(LayerDeskError):
 @click.argument("name")
 @click.option("--version", "version", required=True, metavar="V", help="The new version's name.")
 @click.option("--from", "source", required=True, metavar="PATH",
-              help="A folder (OCI-style .wh. whiteouts honoured), a WIM file or an NTFS volume image.")
+              help="A folder (OCI-style .wh. whiteouts honoured), a WIM file, an NTFS volume image, or a disk "
+                   "image (VHD, VHDX, VMDK, qcow2, raw; its Windows NTFS partition).")
 @click.option("--image", type=click.IntRange(min=1), metavar="N", help="The image of a WIM file (default 1).")
 @click.option("--registry", "registry_files", multiple=True, metavar="FILE.reg",
               help="Registry changes of the version (repeatable; later files win).")

@@ -8,10 +8,10 @@ Sources:
   device names (``CON``, ``NUL``, ``COM1``…), characters Windows forbids and names ending in a dot or
   blank are refused, as is an opaque marker at the layer's root (it would hide the whole OS layer);
 * a **WIM file** (one image of it: ``image``, 1 by default);
-* an **NTFS volume image** (the OEM id ``NTFS    `` at byte 3 of its boot sector).
+* an **NTFS volume image** (the OEM id ``NTFS    `` at byte 3 of its boot sector);
+* a **disk image** (VHD, VHDX, VMDK, qcow2, or a raw disk with MBR or GPT): its Windows NTFS partition.
 
-Disk images (VHD, VHDX, VMDK, qcow2, raw disks with MBR or GPT) are recognised by their signatures and
-refused as not supported yet. Everything is checked by :func:`inspect_source` before a version is created;
+Everything is checked by :func:`inspect_source` before a version is created;
 the worker (:func:`import_worker`, run in a child process) checks again and captures with progress.
 """
 
@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import Any
 
+from app.engine.disk import DiskError, image_info, read_partition_table
 from app.engine.registry.delta import RegistryDelta
 from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, Deletion, LayerRepository, SourceKind
@@ -116,14 +117,23 @@ def inspect_source(path: Path, *, image: int | None = None) -> CaptureSource:
         return CaptureSource(SourceKind.NTFS_VOLUME, path)
     disk = _disk_image_kind(head, tail)
     if disk is not None:
-        raise ImportSourceError(
-            f"{path} is a {disk} disk image; importing disk images is not supported yet. Import the Windows "
-            "partition as an NTFS volume image, a WIM file or a folder."
-        )
+        _check_disk_image(path, disk)
+        return CaptureSource(SourceKind.DISK_IMAGE, path)
     raise ImportSourceError(
         f"{path} is not a folder, a WIM file or an NTFS volume image (nor a disk image LayerDesk knows), "
         "so it cannot be imported."
     )
+
+
+def _check_disk_image(path: Path, kind: str) -> None:
+    """A disk image is imported from its Windows NTFS partition: check now, before a version exists, that
+    qemu-img can read it and (for disks read directly) that it has one."""
+    try:
+        info = image_info(path)
+        if info.raw_readable:
+            read_partition_table(path, size=info.virtual_size).ntfs_data_partition()
+    except DiskError as exc:
+        raise ImportSourceError(f"{path} looks like a disk image ({kind}) but cannot be imported: {exc}") from None
 
 
 def _check_wim_image(path: Path, image: int) -> int:

@@ -38,13 +38,16 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.engine.disk import extract_ntfs_volume
 from app.engine.registry.delta import RegistryDelta, RegistryDeltaError
 from app.engine.wim import Compression, DeleteCommand, DirEntry, ProgressFn, Wim, WimError
 from app.errors import EnvironmentProblem, LayerDeskError
@@ -104,6 +107,8 @@ class SourceKind(enum.StrEnum):
     FOLDER = "folder"
     WIM = "wim"
     NTFS_VOLUME = "ntfs_volume"
+    #: A disk image of any format qemu-img reads; its Windows NTFS partition is captured.
+    DISK_IMAGE = "disk_image"
 
 
 @dataclass(frozen=True)
@@ -401,9 +406,8 @@ class LayerRepository:
                 wim_bytes=wim_path.stat().st_size, deletions=len(deletions), registry_operations=len(delta),
             )
 
-    @staticmethod
     def _capture(
-        stack: contextlib.ExitStack, layer_wim: Wim, source: CaptureSource, name: str, drop: Sequence[str],
+        self, stack: contextlib.ExitStack, layer_wim: Wim, source: CaptureSource, name: str, drop: Sequence[str],
         cancel: Cancellable | None,
     ) -> int:
         if source.kind is SourceKind.WIM:
@@ -412,6 +416,14 @@ class LayerRepository:
             return source_wim.export_image(source.image or 1, layer_wim, name)
         if source.kind is SourceKind.NTFS_VOLUME:
             return layer_wim.add_image_from_ntfs_volume(source.path, name, cancel=cancel)
+        if source.kind is SourceKind.DISK_IMAGE:
+            # The Windows partition is copied out (sparse) beside the layer's WIM, captured, then removed.
+            folder = Path(tempfile.mkdtemp(prefix=".import-", dir=self.layers))
+            stack.callback(shutil.rmtree, folder, ignore_errors=True)
+            extracted = extract_ntfs_volume(source.path, folder / "volume.ntfs", cancel=cancel)
+            log.info("capturing partition %d of %s (%s, %d bytes)", extracted.partition.index, source.path,
+                     extracted.image.format, extracted.partition.size)
+            return layer_wim.add_image_from_ntfs_volume(extracted.volume, name, cancel=cancel)
         index = layer_wim.add_image_from_folder(source.path, name, cancel=cancel)
         if drop:
             layer_wim.update_image(index, [DeleteCommand(path, recursive=False) for path in drop], cancel=cancel)

@@ -101,13 +101,14 @@ def _vhd_footer() -> bytes:
     (b"\0" * 512 + b"EFI PART" + b"\0" * 4096, "raw disk (GPT)"),
     (b"\0" * 450 + b"\x07" + b"\0" * 59 + b"\x55\xaa" + b"\0" * 4096, "raw disk (MBR)"),
 ])
-def test_disk_images_are_recognised_and_refused_as_not_supported_yet(tmp_path: Path, content: bytes,
-                                                                      shown: str) -> None:
+def test_a_damaged_or_empty_disk_image_is_refused_before_a_version_exists(tmp_path: Path, content: bytes,
+                                                                           shown: str) -> None:
+    """Only the signature of each kind: recognised as that kind of disk, and refused as unreadable."""
     path = tmp_path / "disk.img"
     path.write_bytes(content)
-    with pytest.raises(ImportSourceError, match="not supported yet") as caught:
+    with pytest.raises(ImportSourceError) as caught:
         inspect_source(path)
-    assert f"is a {shown} disk image" in str(caught.value)
+    assert f"looks like a disk image ({shown}) but cannot be imported: " in str(caught.value)
 
 
 def test_other_files_and_misused_image_numbers_are_refused(tmp_path: Path) -> None:
@@ -287,7 +288,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Callable[[Services, TaskRunne
     return {
         "missing path": (start(tmp_path / "nowhere"), ImportSourceError, "does not exist"),
         "unknown kind": (start(unknown), ImportSourceError, "is not a folder, a WIM file or an NTFS volume image"),
-        "vhd": (start(vhd), ImportSourceError, "is a VHD disk image; importing disk images is not supported yet"),
+        "vhd": (start(vhd), ImportSourceError, "looks like a disk image (VHD) but cannot be imported"),
         "escaping whiteout": (start(escaping), ImportSourceError, "escapes the layer"),
         "malformed reg": (start(good, registry_files=[bad_reg]), RegFileError, "line 4"),
         "missing reg": (start(good, registry_files=[tmp_path / "no.reg"]), ImportSourceError, "no.reg does not exist"),
@@ -435,3 +436,26 @@ def test_importing_needs_the_role_for_the_layers_type(layers: Services, services
         assert task.state is TaskState.COMPLETE, task.error
     finally:
         runner.shutdown()
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "vhd-dynamic", "vmdk-sparse", "raw"])
+def test_import_the_windows_partition_of_a_disk_image(layers: Services, runner: TaskRunner, tmp_path: Path,
+                                                      fmt: str) -> None:
+    """A GPT disk (ESP, MSR, NTFS) in each format: the NTFS partition's files become the version, checked
+    with wimlib-imagex (not our code); the repository keeps no copy of the extracted partition."""
+    from app.engine import disk
+    from app.engine.wim import make_ntfs_volume
+
+    layout = disk.gpt_layout(256 * 1024 * 1024)
+    volume = make_ntfs_volume(tmp_path / "volume.ntfs", layout.data_size, partition_start_sector=layout.data_start_lba)
+    payload = make_tree(tmp_path / "payload", {"ntoskrnl.exe": b"MZkernel"})
+    run_ok("ntfscp", volume, payload / "ntoskrnl.exe", "ntoskrnl.exe")
+    raw = tmp_path / "gold.raw"
+    disk.build_gpt_disk(volume, raw, disk_size=256 * 1024 * 1024)
+    image = raw if fmt == "raw" else disk.convert(raw, tmp_path / f"gold.{fmt}", fmt)  # type: ignore[arg-type]
+    task = _import(layers, runner, "Win11", "1.0", image)
+    assert task.state is TaskState.COMPLETE, task.error
+    wim = _repo(layers).wim_path(_layer_id(layers, "Win11"))
+    assert wimlib_imagex_dir(wim, 1) == {"/", "/ntoskrnl.exe"}
+    leftovers = [p for p in wim.parent.rglob("*") if p.name.startswith(".import-") or p.suffix == ".ntfs"]
+    assert leftovers == []

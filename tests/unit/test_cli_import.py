@@ -60,8 +60,8 @@ def test_import_errors_are_one_line_with_the_right_exit_status(cli: Ctl, tmp_pat
     vhd.write_bytes(b"\0" * 4096 + b"conectix" + b"\0" * 504)
     status, out, err = cli("layer", "import", "Tools", "--version", "1", "--from", str(vhd))
     assert (status, out) == (3, "")
-    assert err == (f"layerctl: error: {vhd} is a VHD disk image; importing disk images is not supported yet. Import "
-                   "the Windows partition as an NTFS volume image, a WIM file or a folder.\n")
+    assert err == (f"layerctl: error: {vhd} looks like a disk image (VHD) but cannot be imported: {vhd} is a "
+                   "damaged VHD (its header is missing, its footer says type 0).\n")
     status, out, _ = cli("--json", "layer", "import", "Tools", "--version", "1", "--from", str(tmp_path / "none"))
     assert status == 3 and json.loads(out)["error"]["code"] == "import_source"
     status, _, err = cli("layer", "import", "Tools", "--version", "1", "--from", str(tmp_path), "--image", "0")
