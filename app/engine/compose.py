@@ -390,7 +390,7 @@ def compose(
             if fmt == "wim":
                 built = _write_wim(merged, index, name, work, steps)
             else:
-                built = _write_disk(merged, index, fmt, disk_size, entries, work, steps)
+                built = _write_disk(merged, index, fmt, disk_size, entries, work, steps, manifests[0].disk)
         steps.at(98, "Computing the image's checksum")
         with steps.timed("checksum"):
             checksum = _sha256(built, steps)
@@ -606,7 +606,10 @@ def _needed_volume_bytes(entries: Sequence[DirEntry]) -> int:
 
 def _write_disk(
     merged: Wim, index: int, fmt: str, disk_size: int, entries: Sequence[DirEntry], work: Path, steps: _Steps,
+    identity: disk.DiskIdentity | None = None,
 ) -> Path:
+    """The merged image on a GPT disk; an OS layer imported from a GPT gold image keeps its disk and
+    partition GUIDs (Windows knows its boot disk by them)."""
     layout = disk.gpt_layout(disk_size)
     needed = _needed_volume_bytes(entries)
     if needed > layout.data_size:
@@ -630,7 +633,10 @@ def _write_disk(
     prefix, suffix = work / "prefix.raw", work / "suffix.raw"
     out = work / f"disk.{EXTENSIONS[fmt]}"
     with steps.timed("disk"):
-        disk.build_gpt_pieces(volume, prefix, suffix, disk_size=disk_size)
+        gpt = identity if identity is not None and identity.scheme == "gpt" else None
+        disk.build_gpt_pieces(volume, prefix, suffix, disk_size=disk_size,
+                              disk_guid=gpt.disk_guid if gpt else None,
+                              partition_guids=gpt.partition_guids if gpt else None)
         disk.convert([prefix, volume, suffix], out, fmt,  # type: ignore[arg-type]  # checked in compose()
                      progress=steps.bytes_in(80, 98, "Writing the disk image"), cancel=steps._cancel)
     return out

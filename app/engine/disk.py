@@ -48,7 +48,7 @@ import tempfile
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -161,6 +161,41 @@ class ByteSource(Protocol):
 
 
 # --- partition tables -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskIdentity:
+    """What Windows knows its boot disk by: kept from an OS layer's gold image so the published disk
+    carries the same disk GUID and partition GUIDs (GPT) or disk signature (MBR)."""
+
+    scheme: Literal["gpt", "mbr"]
+    disk_guid: uuid.UUID | None = None
+    partition_guids: Mapping[Role, uuid.UUID] = field(default_factory=dict)
+    mbr_signature: int | None = None
+
+    @classmethod
+    def of(cls, table: PartitionTable) -> DiskIdentity:
+        return cls(table.scheme, table.disk_guid, table.partition_guids(), table.mbr_signature)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "disk_guid": str(self.disk_guid) if self.disk_guid else None,
+            "partition_guids": {role: str(guid) for role, guid in sorted(self.partition_guids.items())},
+            "mbr_signature": self.mbr_signature,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DiskIdentity:
+        scheme = data["scheme"]
+        if scheme not in ("gpt", "mbr"):
+            raise ValueError(f"unknown partition scheme {scheme!r}")
+        roles: tuple[Role, ...] = ("esp", "msr", "data")
+        guids = {role: uuid.UUID(str(data["partition_guids"][role]))
+                 for role in roles if role in data.get("partition_guids", {})}
+        signature = data.get("mbr_signature")
+        return cls(scheme, uuid.UUID(str(data["disk_guid"])) if data.get("disk_guid") else None, guids,
+                   int(signature) if signature is not None else None)
 
 
 @dataclass(frozen=True)

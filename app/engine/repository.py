@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.engine.disk import extract_ntfs_volume
+from app.engine.disk import DiskIdentity, extract_ntfs_volume
 from app.engine.registry.delta import RegistryDelta, RegistryDeltaError
 from app.engine.wim import Compression, DeleteCommand, DirEntry, ProgressFn, Wim, WimError
 from app.errors import EnvironmentProblem, LayerDeskError
@@ -176,6 +176,8 @@ class VersionManifest:
     files: int
     data_bytes: int
     checksum: str
+    #: The gold image's disk identity, for versions imported from a disk image.
+    disk: DiskIdentity | None = None
 
 
 @dataclass(frozen=True)
@@ -368,7 +370,7 @@ class LayerRepository:
                         log.warning("replacing image %s of %s left by an earlier version with the same id",
                                     name, wim_path)
                         layer_wim.delete_image(stale)
-                    index = self._capture(stack, layer_wim, source, name, drop, cancel)
+                    index, identity = self._capture(stack, layer_wim, source, name, drop, cancel)
                     count = _ImageCount()
                     for entry in layer_wim.iterate_dir_tree(index):
                         count.add(entry)
@@ -387,6 +389,8 @@ class LayerRepository:
                     "files": count.files,
                     "data_bytes": count.data_bytes,
                 }
+                if identity is not None:
+                    document["disk"] = identity.to_dict()
                 checksum = manifest_checksum(document)
                 manifest_path.parent.mkdir(parents=True, exist_ok=True)
                 body = json.dumps({"checksum": checksum, "manifest": document}, indent=1, sort_keys=True,
@@ -409,13 +413,14 @@ class LayerRepository:
     def _capture(
         self, stack: contextlib.ExitStack, layer_wim: Wim, source: CaptureSource, name: str, drop: Sequence[str],
         cancel: Cancellable | None,
-    ) -> int:
+    ) -> tuple[int, DiskIdentity | None]:
+        """Add ``source`` as image ``name``; return its index and, for a disk image, its identity."""
         if source.kind is SourceKind.WIM:
             source_wim = stack.enter_context(Wim.open(source.path))
             # Exported after the layer WIM was opened: ExitStack closes it first, before the layer WIM.
-            return source_wim.export_image(source.image or 1, layer_wim, name)
+            return source_wim.export_image(source.image or 1, layer_wim, name), None
         if source.kind is SourceKind.NTFS_VOLUME:
-            return layer_wim.add_image_from_ntfs_volume(source.path, name, cancel=cancel)
+            return layer_wim.add_image_from_ntfs_volume(source.path, name, cancel=cancel), None
         if source.kind is SourceKind.DISK_IMAGE:
             # The Windows partition is copied out (sparse) beside the layer's WIM, captured, then removed.
             folder = Path(tempfile.mkdtemp(prefix=".import-", dir=self.layers))
@@ -423,11 +428,12 @@ class LayerRepository:
             extracted = extract_ntfs_volume(source.path, folder / "volume.ntfs", cancel=cancel)
             log.info("capturing partition %d of %s (%s, %d bytes)", extracted.partition.index, source.path,
                      extracted.image.format, extracted.partition.size)
-            return layer_wim.add_image_from_ntfs_volume(extracted.volume, name, cancel=cancel)
+            index = layer_wim.add_image_from_ntfs_volume(extracted.volume, name, cancel=cancel)
+            return index, DiskIdentity.of(extracted.table)
         index = layer_wim.add_image_from_folder(source.path, name, cancel=cancel)
         if drop:
             layer_wim.update_image(index, [DeleteCommand(path, recursive=False) for path in drop], cancel=cancel)
-        return index
+        return index, None
 
     def remove_version(
         self, layer_id: int, version_id: int, *, progress: ProgressFn | None = None,
@@ -721,5 +727,6 @@ def _parse_manifest(document: Mapping[str, Any], checksum: str) -> VersionManife
         files=number("files"),
         data_bytes=number("data_bytes"),
         checksum=checksum,
+        disk=DiskIdentity.from_dict(document["disk"]) if document.get("disk") else None,
     )
 

@@ -438,11 +438,15 @@ def test_importing_needs_the_role_for_the_layers_type(layers: Services, services
         runner.shutdown()
 
 
-@pytest.mark.parametrize("fmt", ["vhdx", "vhd-dynamic", "vmdk-sparse", "raw"])
-def test_import_the_windows_partition_of_a_disk_image(layers: Services, runner: TaskRunner, tmp_path: Path,
-                                                      fmt: str) -> None:
-    """A GPT disk (ESP, MSR, NTFS) in each format: the NTFS partition's files become the version, checked
-    with wimlib-imagex (not our code); the repository keeps no copy of the extracted partition."""
+GOLD_DISK_GUID = "5c0ffee0-1d1e-4a11-8b00-000000000001"
+GOLD_PARTITIONS = {"esp": "5c0ffee0-1d1e-4a11-8b00-0000000000e5", "msr": "5c0ffee0-1d1e-4a11-8b00-00000000005e",
+                   "data": "5c0ffee0-1d1e-4a11-8b00-0000000000da"}
+
+
+def _gold_disk(tmp_path: Path, fmt: str) -> Path:
+    """A GPT gold image (ESP, MSR, NTFS with ntoskrnl.exe) with known identities, in format ``fmt``."""
+    import uuid
+
     from app.engine import disk
     from app.engine.wim import make_ntfs_volume
 
@@ -451,11 +455,39 @@ def test_import_the_windows_partition_of_a_disk_image(layers: Services, runner: 
     payload = make_tree(tmp_path / "payload", {"ntoskrnl.exe": b"MZkernel"})
     run_ok("ntfscp", volume, payload / "ntoskrnl.exe", "ntoskrnl.exe")
     raw = tmp_path / "gold.raw"
-    disk.build_gpt_disk(volume, raw, disk_size=256 * 1024 * 1024)
-    image = raw if fmt == "raw" else disk.convert(raw, tmp_path / f"gold.{fmt}", fmt)  # type: ignore[arg-type]
-    task = _import(layers, runner, "Win11", "1.0", image)
+    disk.build_gpt_disk(volume, raw, disk_size=256 * 1024 * 1024, disk_guid=uuid.UUID(GOLD_DISK_GUID),
+                        partition_guids={role: uuid.UUID(g) for role, g in GOLD_PARTITIONS.items()})  # type: ignore[misc]
+    return raw if fmt == "raw" else disk.convert(raw, tmp_path / f"gold.{fmt}", fmt)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "vhd-dynamic", "vmdk-sparse", "raw"])
+def test_import_the_windows_partition_of_a_disk_image(layers: Services, runner: TaskRunner, tmp_path: Path,
+                                                      fmt: str) -> None:
+    """A GPT disk (ESP, MSR, NTFS) in each format: the NTFS partition's files become the version, checked
+    with wimlib-imagex (not our code); the repository keeps no copy of the extracted partition."""
+    task = _import(layers, runner, "Win11", "1.0", _gold_disk(tmp_path, fmt))
     assert task.state is TaskState.COMPLETE, task.error
     wim = _repo(layers).wim_path(_layer_id(layers, "Win11"))
     assert wimlib_imagex_dir(wim, 1) == {"/", "/ntoskrnl.exe"}
     leftovers = [p for p in wim.parent.rglob("*") if p.name.startswith(".import-") or p.suffix == ".ntfs"]
     assert leftovers == []
+
+
+def test_a_published_disk_keeps_the_os_gold_images_identities(layers: Services, runner: TaskRunner,
+                                                              tmp_path: Path) -> None:
+    """Windows finds its boot disk by these GUIDs: sgdisk (not our code) reads them off the published VHDX."""
+    from app.catalog.models import DiskFormat
+    from app.services.templates import TemplateSpec
+
+    task = _import(layers, runner, "Win11", "1.0", _gold_disk(tmp_path, "vhdx"))
+    assert task.state is TaskState.COMPLETE, task.error
+    layers.templates.create_template("Gold", TemplateSpec(os="Win11:1.0", disk_format=DiskFormat.VHDX, size_gb=1))
+    task_id = layers.publishing.publish(runner, "Gold", tmp_path / "out")
+    assert runner.wait(task_id, 120) is TaskState.COMPLETE, layers.tasks.get_task(task_id).error
+    (image,) = layers.publishing.list_images()
+    raw = tmp_path / "published.raw"
+    run_ok("qemu-img", "convert", "-O", "raw", image.location, raw)
+    assert f"Disk identifier (GUID): {GOLD_DISK_GUID.upper()}" in run_ok("sgdisk", "-p", raw).stdout
+    for number, role in ((1, "esp"), (2, "msr"), (3, "data")):
+        info = run_ok("sgdisk", "-i", str(number), raw).stdout
+        assert f"Partition unique GUID: {GOLD_PARTITIONS[role].upper()}" in info, info
