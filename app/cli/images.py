@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import click
 
-from app.catalog.models import TaskState
-from app.cli.layers import Interrupted
-from app.cli.main import comment_option, emit, state, table
-from app.errors import Conflict, EnvironmentProblem
+from app.cli.main import comment_option, emit, finish_task, show_progress, state, table
 from app.services.views import PublishPlan
-from app.tasks.runner import TaskEvent
 
 
 def _plan(p: PublishPlan) -> str:
@@ -69,33 +64,12 @@ def publish(template: str, output: Path | None, wait: bool, comment: str) -> Non
     cli_state = state()
     services = cli_state.services()
     runner = cli_state.runner()
-    if wait and not cli_state.json:
-        last: dict[int, tuple[int, str]] = {}
-
-        def show(event: TaskEvent) -> None:
-            seen = (event.progress, event.message)
-            if event.message and not event.state.is_final and last.get(event.task_id) != seen:
-                last[event.task_id] = seen
-                click.echo(f"[{event.progress:3d}%] {event.message}", err=True)
-
-        runner.subscribe(show)
+    if wait:
+        show_progress(runner)
     task_id = services.publishing.publish(runner, template, output, comment=comment)
     if not cli_state.json:
         click.echo(f"Task {task_id}: publishing template {template}.")
-    try:
-        runner.wait(task_id)
-    except KeyboardInterrupt as interrupt:
-        click.echo(f"Canceling task {task_id}…", err=True)
-        with contextlib.suppress(Conflict):  # it has just ended
-            services.tasks.cancel(task_id, comment="Ctrl-C in layerctl image publish")
-        if runner.wait(task_id) is TaskState.CANCELED:
-            raise Interrupted(f"Publish of {template} canceled by Ctrl-C (task {task_id}); nothing was kept.") \
-                from interrupt
-    task = services.tasks.get_task(task_id)
-    if task.state is TaskState.CANCELED:
-        raise EnvironmentProblem(f"Publish of {template} was canceled (task {task_id}); nothing was kept.")
-    if task.state is not TaskState.COMPLETE:
-        raise EnvironmentProblem(f"Publish of {template} failed (task {task_id}): {task.error or task.message}")
+    task = finish_task(runner, task_id, f"Publish of {template}")
     result = task.result or {}
     emit({"task": task_id, "image": result.get("image"), "path": result.get("path"), "format": result.get("format"),
           "size_bytes": result.get("size_bytes"), "checksum": result.get("checksum"),

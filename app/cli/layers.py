@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import click
 
-from app.catalog.models import LayerType, TaskState, VersionState
-from app.cli.main import comment_option, emit, state, table
-from app.errors import Conflict, EnvironmentProblem, LayerDeskError
+from app.catalog.models import LayerType, VersionState
+from app.cli.main import comment_option, emit, finish_task, show_progress, state, table
 from app.services.base import split_qualified
 from app.services.views import LayerDetail, LayerInfo, LayerVersionInfo, to_jsonable
-from app.tasks.runner import TaskEvent
 
 
 def _size(n: int) -> str:
@@ -161,13 +158,6 @@ def version_mark_broken(ref: str, reason: str, comment: str) -> None:
     emit(info, f"{info.layer}:{info.name} is now broken.")
 
 
-class Interrupted(LayerDeskError):
-    """The user stopped the command with Ctrl-C (after it cleaned up)."""
-
-    code = "interrupted"
-    exit_status = 130
-
-
 @layer_group.command("import")
 @click.argument("name")
 @click.option("--version", "version", required=True, metavar="V", help="The new version's name.")
@@ -186,37 +176,12 @@ def import_(name: str, version: str, source: str, image: int | None, registry_fi
     cli_state = state()
     services = cli_state.services()
     runner = cli_state.runner()
-    if not cli_state.json:
-        last: dict[int, tuple[int, str]] = {}
-
-        def show(event: TaskEvent) -> None:
-            seen = (event.progress, event.message)
-            # The end (done, failed, canceled) is printed once the task is over, below.
-            if event.message and not event.state.is_final and last.get(event.task_id) != seen:
-                last[event.task_id] = seen
-                click.echo(f"[{event.progress:3d}%] {event.message}", err=True)
-
-        runner.subscribe(show)
+    show_progress(runner)
     task_id = services.imports.start_import(
         runner, name, version, Path(source), image=image, registry_files=[Path(f) for f in registry_files],
         comment=comment,
     )
-    try:
-        runner.wait(task_id)
-    except KeyboardInterrupt as interrupt:
-        click.echo(f"Canceling task {task_id}…", err=True)
-        with contextlib.suppress(Conflict):  # it has just ended
-            services.tasks.cancel(task_id, comment="Ctrl-C in layerctl layer import")
-        if runner.wait(task_id) is TaskState.CANCELED:
-            raise Interrupted(
-                f"Import of {name}:{version} canceled by Ctrl-C (task {task_id}); nothing was kept."
-            ) from interrupt
-        # It ended before the cancel arrived: report how, as usual.
-    task = services.tasks.get_task(task_id)
-    if task.state is TaskState.CANCELED:
-        raise EnvironmentProblem(f"Import of {name}:{version} was canceled (task {task_id}); nothing was kept.")
-    if task.state is not TaskState.COMPLETE:
-        raise EnvironmentProblem(f"Import of {name}:{version} failed (task {task_id}): {task.error or task.message}")
+    task = finish_task(runner, task_id, f"Import of {name}:{version}")
     result = task.result or {}
     info = services.layers.get_version(f"{result.get('layer', name)}:{result.get('version', version)}")
     emit({**to_jsonable(info), "task": task_id, "files": result.get("files"),

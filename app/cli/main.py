@@ -7,6 +7,7 @@ exit non-zero: 2 usage, 3 invalid input, 4 permission or sign-in, 5 not found, 6
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -18,13 +19,14 @@ import click
 
 from app import __version__
 from app.catalog.database import Catalog
-from app.errors import LayerDeskError
+from app.catalog.models import TaskState
+from app.errors import Conflict, EnvironmentProblem, LayerDeskError
 from app.logs import setup_logging
 from app.paths import Home, resolve_home
 from app.secrets import SecretStore
 from app.services import Services, open_catalog, resolve_caller
-from app.services.views import to_jsonable
-from app.tasks.runner import TaskRunner
+from app.services.views import TaskInfo, to_jsonable
+from app.tasks.runner import TaskEvent, TaskRunner
 
 log = logging.getLogger(__name__)
 INTERNAL_ERROR_STATUS = 70
@@ -102,6 +104,51 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) if rows else f"(none)\n{lines[0]}"
+
+
+class Interrupted(LayerDeskError):
+    """The user stopped the command with Ctrl-C (after it cleaned up)."""
+
+    code = "interrupted"
+    exit_status = 130
+
+
+def show_progress(runner: TaskRunner) -> None:
+    """Print each task's progress on stderr as ``[ 42%] message`` (once per change; not with --json).
+    The end (done, failed, canceled) is reported by the command once the task is over."""
+    if state().json:
+        return
+    last: dict[int, tuple[int, str]] = {}
+
+    def show(event: TaskEvent) -> None:
+        seen = (event.progress, event.message)
+        if event.message and not event.state.is_final and last.get(event.task_id) != seen:
+            last[event.task_id] = seen
+            click.echo(f"[{event.progress:3d}%] {event.message}", err=True)
+
+    runner.subscribe(show)
+
+
+def finish_task(runner: TaskRunner, task_id: int, what: str) -> TaskInfo:
+    """Wait for a task this command started; Ctrl-C cancels it (nothing is kept). Returns the task
+    when it completed; otherwise one clear error saying that ``what`` (e.g. "Import of Office:2")
+    failed or was canceled."""
+    services = state().services()
+    try:
+        runner.wait(task_id)
+    except KeyboardInterrupt as interrupt:
+        click.echo(f"Canceling task {task_id}…", err=True)
+        with contextlib.suppress(Conflict):  # it has just ended
+            services.tasks.cancel(task_id, comment="Ctrl-C in layerctl")
+        if runner.wait(task_id) is TaskState.CANCELED:
+            raise Interrupted(f"{what} canceled by Ctrl-C (task {task_id}); nothing was kept.") from interrupt
+        # It ended before the cancel arrived: report how, as usual.
+    task = services.tasks.get_task(task_id)
+    if task.state is TaskState.CANCELED:
+        raise EnvironmentProblem(f"{what} was canceled (task {task_id}); nothing was kept.")
+    if task.state is not TaskState.COMPLETE:
+        raise EnvironmentProblem(f"{what} failed (task {task_id}): {task.error or task.message}")
+    return task
 
 
 def comment_option(fn: F) -> F:
