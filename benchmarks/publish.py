@@ -1,0 +1,470 @@
+"""Publishing a layered image end to end, against ``cp -a`` of the same layer folders (issue 3, "Proof").
+A standalone script, not a test.
+
+    python benchmarks/publish.py [--full] [--dir DIR] [--apps N] [--runs N]
+
+Generates an OS layer folder (default ~300 MB / ~4,000 files; ``--full``: ~1.6 GB / ~20,000 files) with
+small SOFTWARE and SYSTEM hives, and ``--apps`` app layers (default 10 of 5–20 MB; ``--full``: 10 of
+50–200 MB) whose paths overlap: every app layer holds some files at the same shared paths and some at
+OS-layer paths, each with its own content, plus a ``.reg`` file. Half the files are random bytes, half
+repetitive text. The layers are imported through the real services (``ImportService`` via a
+``TaskRunner``, the capture in a child process) into a fresh LayerDesk home, a VHDX template is made of
+them, and then:
+
+(a) cold publish (``PublishingService.publish``, wall time from submit to the task's end) and ``cp -a``
+    of the OS folder then every app folder into one fresh target folder, alternated, ``--runs`` times
+    each (median; 3, or 5 with ``--full``); each followed by a timed ``sync``;
+(b) re-publish after one change: the first app layer gets a new version with 5 % of its bytes changed,
+    the template is updated to it and published, ``--runs`` times; median ÷ the cold median;
+(c) repository bytes of that app layer (its WIM and manifests) after ten 5 %-changed versions on top of
+    the first ÷ after the first;
+(d) peak memory: the parent's and its children's ``ru_maxrss``, and each phase's largest child process
+    (``VmHWM`` sampled from ``/proc``).
+
+The publish tasks' per-step timings (from the worker's log line) are printed as medians. Without
+``--dir`` everything goes to a temporary folder removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("PYTHON_KEYRING_BACKEND", "keyring.backends.null.Keyring")  # never the user's keyring
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.catalog.models import DiskFormat, LayerType, PrincipalKind, Role, TaskState
+from app.engine.registry.model import Hive, RegistryKey, ValueType
+from app.engine.registry.regf import write_hive
+from app.paths import Home
+from app.services import Services, open_catalog
+from app.services.rbac import Caller
+from app.services.templates import TemplateSpec
+from app.tasks.runner import TaskRunner
+
+MB = 1_000_000
+GiB = 1 << 30
+TEMPLATE = "Bench"
+CHANGE = 0.05
+TEXT = b"".join(f"line {n}: some setting = value {n % 97}\n".encode() for n in range(20_000))
+
+
+# --- generated layers ---------------------------------------------------------------------------------
+
+
+def _content(rng: random.Random, size: int, text: bool, variant: int = 0) -> bytes:
+    if not text:
+        return rng.randbytes(size)
+    head = f"variant {variant} {rng.random()}\n".encode()
+    return (head + TEXT * (size // len(TEXT) + 1))[:size]
+
+
+def _sizes(rng: random.Random, files: int, total_mb: float) -> list[int]:
+    weights = [rng.paretovariate(1.2) for _ in range(files)]
+    scale = total_mb * MB / sum(weights)
+    return [max(1, min(int(w * scale), 40 * MB)) for w in weights]
+
+
+def _sz(text: str) -> bytes:
+    return (text + "\0").encode("utf-16-le")
+
+
+def generate_os(root: Path, total_mb: float, files: int) -> tuple[list[str], int]:
+    """The OS layer folder; returns its file paths and byte count."""
+    rng = random.Random(2024)
+    paths, written = [], 0
+    for n, size in enumerate(_sizes(rng, files, total_mb)):
+        top = ("Windows/System32", "Windows/SysWOW64", "Windows/WinSxS", "Program Files", "ProgramData")[n % 5]
+        rel = f"{top}/Dir{n % 53}/sub{n % 7}/file{n:05d}.{'dll' if n % 2 else 'txt'}"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_content(rng, size, text=n % 2 == 0))
+        paths.append(rel)
+        written += size
+    config = root / "Windows/System32/config"
+    config.mkdir(parents=True, exist_ok=True)
+    software = Hive(RegistryKey("ROOT"), file_name="\\SystemRoot\\System32\\Config\\SOFTWARE")
+    software.ensure("Microsoft\\Windows NT\\CurrentVersion").set_value("ProductName", ValueType.SZ,
+                                                                        _sz("Windows 11 Pro"))
+    software.ensure("Shared").set_value("Owner", ValueType.SZ, _sz("OS"))
+    write_hive(software, config / "SOFTWARE")
+    system = Hive(RegistryKey("ROOT"), file_name="\\SystemRoot\\System32\\Config\\SYSTEM")
+    for name in ("Current", "Default"):
+        system.ensure("Select").set_value(name, ValueType.DWORD, (1).to_bytes(4, "little"))
+    system.ensure("ControlSet001\\Control\\Session Manager\\Environment").set_value(
+        "Path", ValueType.EXPAND_SZ, _sz("%SystemRoot%\\system32;%SystemRoot%"))
+    write_hive(system, config / "SYSTEM")
+    written += (config / "SOFTWARE").stat().st_size + (config / "SYSTEM").stat().st_size
+    return paths, written
+
+
+@dataclass
+class AppLayer:
+    name: str
+    folder: Path
+    reg: Path
+    files: dict[str, bool] = field(default_factory=dict)  # path → text content
+    bytes: int = 0
+
+
+def generate_app(root: Path, number: int, total_mb: float, os_paths: list[str]) -> AppLayer:
+    """App layer ``number``: 80 % of its files its own, 10 % at paths every app layer shares, 10 % at OS
+    paths (the same ones for every app layer); every file with this layer's own content."""
+    rng = random.Random(1000 + number)
+    name = f"App{number:02d}"
+    layer = AppLayer(name, root / name, root / f"{name}.reg")
+    files = max(40, int(total_mb * 8))
+    for n, size in enumerate(_sizes(rng, files, total_mb)):
+        if n % 10 == 1:
+            rel = f"Program Files/Common Files/Shared/lib{n % 60:02d}.dll"
+        elif n % 10 == 2:
+            rel = os_paths[(n * 7) % 400]
+        else:
+            rel = f"Program Files/{name}/Dir{n % 11}/file{n:05d}.{'dll' if n % 2 else 'dat'}"
+        text = n % 2 == 0
+        (layer.folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (layer.folder / rel).write_bytes(_content(rng, size, text))
+        layer.files[rel] = text
+        layer.bytes += size
+    layer.reg.write_text(
+        "Windows Registry Editor Version 5.00\r\n\r\n"
+        f"[HKEY_LOCAL_MACHINE\\SOFTWARE\\Vendor\\{name}]\r\n"
+        '"Version"="1.0"\r\n'
+        f'"InstallDir"="C:\\\\Program Files\\\\{name}"\r\n\r\n'
+        "[HKEY_LOCAL_MACHINE\\SOFTWARE\\Shared]\r\n"
+        f'"Owner"="{name}"\r\n\r\n', encoding="utf-16")
+    return layer
+
+
+def change_app(layer: AppLayer, version: int) -> tuple[int, int]:
+    """Rewrite files (same size, new content) in random order until 5 % of the layer's bytes changed, skipping
+    files that would overshoot; returns (files, bytes) changed."""
+    rng = random.Random(version * 7919)
+    order = sorted(layer.files)
+    rng.shuffle(order)
+    budget, changed, count = layer.bytes * CHANGE, 0, 0
+    for rel in order:
+        path = layer.folder / rel
+        size = path.stat().st_size
+        if changed + size > budget:
+            continue
+        path.write_bytes(_content(rng, size, layer.files[rel], variant=version))
+        changed += size
+        count += 1
+        if changed > budget * 0.98:
+            break
+    return count, changed
+
+
+# --- measuring ----------------------------------------------------------------------------------------
+
+
+class MemorySampler:
+    """Largest ``VmHWM`` of any descendant process seen during each phase (sampled every 0.1 s)."""
+
+    def __init__(self) -> None:
+        self.phase = "setup"
+        self.peaks: dict[str, tuple[int, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.wait(0.1):
+            parents: dict[int, int] = {}
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        stat = (entry / "stat").read_text()
+                        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                    except (OSError, ValueError, IndexError):
+                        continue
+            for pid in parents:
+                ancestor = parents.get(pid)
+                while ancestor and ancestor != me:
+                    ancestor = parents.get(ancestor)
+                if ancestor != me:
+                    continue
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:60]
+                except OSError:
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        kb = int(line.split()[1])
+                        if kb > self.peaks.get(self.phase, (0, ""))[0]:
+                            self.peaks[self.phase] = (kb, cmdline.strip())
+
+
+def sync_time() -> float:
+    started = time.perf_counter()
+    os.sync()
+    return time.perf_counter() - started
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass
+class Bench:
+    services: Services
+    runner: TaskRunner
+    out: Path
+
+    def wait(self, task_id: int, what: str) -> dict:
+        state = self.runner.wait(task_id, 3600)
+        info = self.services.tasks.get_task(task_id)
+        if state is not TaskState.COMPLETE:
+            raise SystemExit(f"{what} ended {state.name}: {info.error}")
+        return info.result or {}
+
+    def import_version(self, name: str, version: str, folder: Path, reg: Path | None) -> tuple[float, dict]:
+        started = time.perf_counter()
+        task_id = self.services.imports.start_import(self.runner, name, version, folder,
+                                                     registry_files=[reg] if reg else [])
+        result = self.wait(task_id, f"import of {name}:{version}")
+        return time.perf_counter() - started, result
+
+    def publish(self) -> tuple[float, float, dict[str, float]]:
+        """(wall seconds, the worker's own seconds, per-step timings); the image and its record are removed."""
+        started = time.perf_counter()
+        task_id = self.services.publishing.publish(self.runner, TEMPLATE, self.out)
+        result = self.wait(task_id, "publish")
+        wall = time.perf_counter() - started
+        steps: dict[str, float] = {}
+        for line in self.services.tasks.log(task_id):
+            if "steps: " in line.text:
+                for part in line.text.split("steps: ", 1)[1].rstrip(".").split(", "):
+                    key, value, _ = part.split(" ")
+                    steps[key] = float(value)
+        self.services.publishing.delete_image_record(str(result["image"]))
+        Path(str(result["path"])).unlink()
+        return wall, float(result.get("seconds", 0.0)), steps
+
+
+def copy_layers(sources: list[Path], target: Path) -> None:
+    target.mkdir()
+    for source in sources:
+        subprocess.run(["cp", "-a", f"{source}/.", str(target)], check=True)
+
+
+def timed(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+@contextmanager
+def phase(sampler: MemorySampler, name: str) -> Iterator[None]:
+    sampler.phase = name
+    yield
+    sampler.phase = "between"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="the issue's sizes: OS ~1.6 GB / 20k files, apps 50–200 MB")
+    parser.add_argument("--dir", type=Path, help="work folder (default: a temporary folder, removed at the end)")
+    parser.add_argument("--apps", type=int, default=10)
+    parser.add_argument("--runs", type=int, help="runs of each measurement (default 3, with --full 5)")
+    parser.add_argument("--os-mb", type=float, help="OS layer size in MB (default 300, with --full 1600)")
+    parser.add_argument("--os-files", type=int, help="OS layer file count (default 4000, with --full 20000)")
+    args = parser.parse_args()
+    runs = args.runs or (5 if args.full else 3)
+    os_mb = args.os_mb or (1600 if args.full else 300)
+    os_files = args.os_files or (20_000 if args.full else 4000)
+    app_low, app_high = (50, 200) if args.full else (5, 20)
+
+    work = Path(tempfile.mkdtemp(prefix="publish-bench-")) if args.dir is None else args.dir
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["HOME"] = str(work / "userhome")  # keep the benchmark's LayerDesk state out of the real home
+    runners: list[TaskRunner] = []
+    try:
+        with MemorySampler() as sampler:
+            run(args, work, runs, os_mb, os_files, app_low, app_high, sampler, runners.append)
+    finally:
+        for runner in runners:
+            runner.shutdown()
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files: int, app_low: int, app_high: int,
+        sampler: MemorySampler, keep_runner: Callable[[TaskRunner], None]) -> None:
+    sources = work / "sources"
+    shutil.rmtree(sources, ignore_errors=True)
+    started = time.perf_counter()
+    os_folder = sources / "Win11"
+    os_paths, os_bytes = generate_os(os_folder, os_mb, os_files)
+    apps = [generate_app(sources, k, app_low + (app_high - app_low) * k / max(1, args.apps - 1), os_paths)
+            for k in range(args.apps)]
+    total = os_bytes + sum(a.bytes for a in apps)
+    all_files = len(os_paths) + 2 + sum(len(a.files) for a in apps)
+    os.sync()
+    low, high = min(a.bytes for a in apps) / MB, max(a.bytes for a in apps) / MB
+    print(f"generated in {time.perf_counter() - started:.0f} s: OS layer {os_bytes / MB:.0f} MB / {len(os_paths) + 2} "
+          f"files, {len(apps)} app layers {low:.0f}–{high:.0f} MB "
+          f"({sum(len(a.files) for a in apps)} files); {total / MB:.0f} MB / {all_files} files in all", flush=True)
+
+    home = Home(work / "layerdesk")
+    shutil.rmtree(home.root, ignore_errors=True)
+    home.ensure()
+    catalog, secrets = open_catalog(home)
+    services = Services.for_caller(home, catalog, Caller("bench", frozenset({Role.ADMINISTRATOR}),
+                                                        PrincipalKind.LOCAL_USER), secrets)
+    services.imports.repository.ensure()
+    runner = TaskRunner(catalog, services.caller, poll_s=0.05)
+    keep_runner(runner)
+    out = work / "published"
+    out.mkdir(exist_ok=True)
+    bench = Bench(services, runner, out)
+
+    # --- imports ---
+    with phase(sampler, "import"):
+        services.layers.create_layer("Win11", LayerType.OS)
+        seconds, _ = bench.import_version("Win11", "1", os_folder, None)
+        import_s = [seconds]
+        for app in apps:
+            services.layers.create_layer(app.name, LayerType.APP, os_layer="Win11")
+            seconds, result = bench.import_version(app.name, "1", app.folder, app.reg)
+            import_s.append(seconds)
+            if app is apps[0]:
+                first_wim = int(result["wim_bytes"])
+    repo_bytes = dir_bytes(home.repository)
+    print(f"imported {len(import_s)} layers in {sum(import_s):.1f} s (OS {import_s[0]:.1f} s, "
+          f"{total / MB / sum(import_s):.0f} MB/s); repository {repo_bytes / MB:.0f} MB "
+          f"({repo_bytes / total:.2f} of the layer bytes)", flush=True)
+    size_gb = int(total * 1.6 / GiB) + 2
+    spec = TemplateSpec(os="Win11:1", apps=tuple(f"{a.name}:1" for a in apps), disk_format=DiskFormat.VHDX,
+                        size_gb=size_gb)
+    services.templates.create_template(TEMPLATE, spec)
+
+    # --- (a) cold publish against cp -a, alternated ---
+    target = work / "cp-target"
+    cold: list[tuple[float, float]] = []
+    worker_s: list[float] = []
+    cp: list[tuple[float, float]] = []
+    cold_steps: list[dict[str, float]] = []
+    folders = [os_folder] + [a.folder for a in apps]
+    for number in range(1, runs + 1):
+        shutil.rmtree(target, ignore_errors=True)
+        os.sync()
+        order = ("publish", "cp") if number % 2 else ("cp", "publish")
+        for what in order:
+            if what == "publish":
+                with phase(sampler, "publish"):
+                    wall, inner, steps = bench.publish()
+                cold.append((wall, sync_time()))
+                worker_s.append(inner)
+                cold_steps.append(steps)
+            else:
+                with phase(sampler, "cp"):
+                    cp.append((timed(lambda: copy_layers(folders, target)), sync_time()))
+        print(f"run {number}: publish {cold[-1][0]:.2f} s + sync {cold[-1][1]:.2f} s (worker {worker_s[-1]:.2f} s)   "
+              f"cp -a {cp[-1][0]:.2f} s + sync {cp[-1][1]:.2f} s", flush=True)
+    copied = dir_bytes(target)
+    shutil.rmtree(target, ignore_errors=True)
+
+    # --- (b) re-publish after one app layer changed, (c) ten changed versions ---
+    first = apps[0]
+    layer_id = services.layers.get_layer(first.name).layer.id
+    manifests = services.imports.repository.layers / str(layer_id)
+
+    def layer_bytes() -> int:
+        wim = services.imports.repository.wim_path(layer_id).stat().st_size
+        return wim + (dir_bytes(manifests) if manifests.is_dir() else 0)
+
+    one_version = layer_bytes()
+    republish: list[float] = []
+    republish_steps: list[dict[str, float]] = []
+    sizes = [one_version]
+    changed_bytes: list[int] = []
+    for version in range(2, 12):
+        n_files, n_bytes = change_app(first, version)
+        changed_bytes.append(n_bytes)
+        with phase(sampler, "import"):
+            seconds, _ = bench.import_version(first.name, str(version), first.folder, first.reg)
+        sizes.append(layer_bytes())
+        line = (f"{first.name}:{version}: {n_files} files / {n_bytes / MB:.1f} MB changed "
+                f"({n_bytes / first.bytes:.1%} of its bytes), import {seconds:.1f} s, layer now "
+                f"{sizes[-1] / MB:.1f} MB ({sizes[-1] / one_version:.2f}× one version)")
+        if version <= runs + 1:
+            apps_now = tuple(f"{a.name}:{version if a is first else 1}" for a in apps)
+            services.templates.update_template(TEMPLATE, TemplateSpec(
+                os="Win11:1", apps=apps_now, disk_format=DiskFormat.VHDX, size_gb=size_gb))
+            with phase(sampler, "publish"):
+                wall, _, steps = bench.publish()
+            republish.append(wall)
+            republish_steps.append(steps)
+            line += f"; re-publish {wall:.2f} s"
+        print(line, flush=True)
+
+    # --- the table ---
+    cold_median = median([op for op, _ in cold])
+    cold_sync_median = median([op + flush for op, flush in cold])
+    cp_median = median([op for op, _ in cp])
+    cp_sync_median = median([op + flush for op, flush in cp])
+    re_median = median(republish)
+    parent_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print()
+    print(f"layers: {total / MB:.0f} MB / {all_files} files ({len(apps)} app layers); cp -a target "
+          f"{copied / MB:.0f} MB; VHDX template {size_gb} GB; median of {runs}")
+    rows = [
+        ("(a) cold publish ÷ cp -a", f"{cold_median:.2f} s ÷ {cp_median:.2f} s", cold_median / cp_median, "≤ 1.05"),
+        ("(a) same, each + sync", f"{cold_sync_median:.2f} s ÷ {cp_sync_median:.2f} s",
+         cold_sync_median / cp_sync_median, "≤ 1.05"),
+        ("(b) re-publish after 1 change ÷ cold", f"{re_median:.2f} s ÷ {cold_median:.2f} s",
+         re_median / cold_median, "≤ 0.25"),
+        ("(c) layer bytes, 1 + 10 versions ÷ 1", f"{sizes[-1] / MB:.1f} MB ÷ {one_version / MB:.1f} MB",
+         sizes[-1] / one_version, "≤ 1.6"),
+        ("(c) same, 10 versions ÷ 1", f"{sizes[-2] / MB:.1f} MB ÷ {one_version / MB:.1f} MB",
+         sizes[-2] / one_version, "≤ 1.6"),
+    ]
+    print(f"{'measure':40} {'measured':28} {'ratio':>7}  goal")
+    for label, measured, ratio, goal in rows:
+        print(f"{label:40} {measured:28} {ratio:7.2f}  {goal}")
+    print(f"(c) changed per version: {median([float(b) for b in changed_bytes]) / MB:.1f} MB median "
+          f"({median([float(b) for b in changed_bytes]) / first.bytes:.1%} of {first.bytes / MB:.1f} MB); the "
+          f"layer's first WIM {first_wim / MB:.1f} MB")
+    print(f"(d) peak memory: parent {parent_kb / 1024:.0f} MiB, children (ru_maxrss) {children_kb / 1024:.0f} MiB")
+    for name, (kb, command) in sorted(sampler.peaks.items()):
+        if name != "between":
+            print(f"    largest {name} process: {kb / 1024:.0f} MiB ({command})")
+    step_names = sorted({k for s in cold_steps + republish_steps for k in s},
+                        key=lambda k: -median([s.get(k, 0.0) for s in cold_steps]))
+    print(f"publish steps (median s): {'step':10} {'cold':>7} {'re-publish':>11}")
+    for key in step_names:
+        print(f"{'':26}{key:10} {median([s.get(key, 0.0) for s in cold_steps]):7.2f} "
+              f"{median([s.get(key, 0.0) for s in republish_steps]):11.2f}")
+    print(f"{'':26}{'(worker)':10} {median(worker_s):7.2f}")
+
+
+if __name__ == "__main__":
+    main()
