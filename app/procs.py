@@ -184,3 +184,22 @@ def _stop(proc: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         log.warning("process %d ignored terminate; killing it", proc.pid)
         proc.kill()
+
+
+def spawn_detached(argv: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a program that may outlive this one (its own session, no terminal), its output going to
+    ``log_path``. The caller watches it through what it records (e.g. the task it creates). While this
+    process lives, a daemon thread reaps the program when it ends, so it never lingers as a zombie."""
+    resolved = [find_program(argv[0]), *argv[1:]]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        child = subprocess.Popen(  # noqa: S603 - argument list, resolved program, no shell
+            resolved,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    threading.Thread(target=child.wait, name=f"reap-{child.pid}", daemon=True).start()
+    return child

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import secrets
+import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
+from app import procs
 from app.cli.main import comment_option, emit, finish_task, show_progress, state, table
+from app.errors import EnvironmentProblem
 from app.services.views import PublishPlan
 
 
@@ -59,13 +65,19 @@ def forget(name: str, comment: str) -> None:
 def publish(template: str, output: Path | None, wait: bool, comment: str) -> None:
     """Publish TEMPLATE's image as a task: composite its layers into <image name>.<ext>.
 
-    The task id is printed at once. Tasks run inside this command, so it stays until the image is
-    published (Ctrl-C cancels; nothing is left behind); --wait also shows the progress on stderr."""
+    Without --wait the task runs in the background and its id is printed (follow it with `layerctl task
+    show ID`, stop it with `layerctl task cancel ID`); with --wait the progress is shown on stderr until
+    the image is published (Ctrl-C cancels; nothing is left behind)."""
     cli_state = state()
     services = cli_state.services()
+    if not wait:
+        task_id = _publish_in_background(template, output, comment)
+        emit({"task": task_id, "template": template, "background": True},
+             f"Task {task_id}: publishing template {template} in the background; follow it with "
+             f"`layerctl task show {task_id}`.")
+        return
     runner = cli_state.runner()
-    if wait:
-        show_progress(runner)
+    show_progress(runner)
     task_id = services.publishing.publish(runner, template, output, comment=comment)
     if not cli_state.json:
         click.echo(f"Task {task_id}: publishing template {template}.")
@@ -76,6 +88,40 @@ def publish(template: str, output: Path | None, wait: bool, comment: str) -> Non
           "conflicts": result.get("conflicts"), "seconds": result.get("seconds")},
          f"Published {result.get('image')} to {result.get('path')} ({result.get('size_bytes')} bytes, "
          f"{result.get('conflicts')} conflict(s); task {task_id}).")
+
+
+#: How long the background publisher may take to record its task before we give up on it.
+BACKGROUND_START_S = 60.0
+
+
+def _publish_in_background(template: str, output: Path | None, comment: str) -> int:
+    """Start ``layerctl image publish --wait`` as a detached process and return the id of its task.
+
+    Everything that can be checked here is checked first (role, publishable template), so a refusal is
+    reported by this command; the child writes its output to a log file in the home's logs folder."""
+    cli_state = state()
+    services = cli_state.services()
+    services.publishing.plan(template)  # refuses now: no role, unknown or unpublishable template
+    newest = services.tasks.list_tasks(limit=1)
+    after = newest[0].id if newest else 0
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    log_path = cli_state.home.logs / f"publish-{stamp}-{secrets.token_hex(3)}.log"
+    argv = [sys.executable, "-m", "app.cli", "--home", str(cli_state.home.root), "image", "publish", template,
+            "--wait", "--comment", comment, *(["--output", str(output.absolute())] if output else [])]
+    child = procs.spawn_detached(argv, log_path)
+    deadline = time.monotonic() + BACKGROUND_START_S
+    while time.monotonic() < deadline:
+        started = [t for t in services.tasks.list_tasks(kind="image.publish", started_by=services.caller.username,
+                                                        limit=20) if t.id > after]
+        if started:
+            return min(t.id for t in started)
+        if child.poll() is not None:
+            lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            why = lines[-1].removeprefix("layerctl: error: ") if lines else f"exit status {child.returncode}"
+            raise EnvironmentProblem(f"The background publish of {template} did not start: {why}")
+        time.sleep(0.1)
+    raise EnvironmentProblem(f"The background publish of {template} did not record its task within "
+                             f"{BACKGROUND_START_S:.0f} s; see {log_path}.")
 
 
 def register(cli: click.Group) -> None:

@@ -106,9 +106,27 @@ def test_publish_vhdx_prints_the_task_then_the_image(cli: Ctl, tmp_path: Path) -
     assert info["virtual-size"] == 1024 * MiB
     (record,) = cli.json("image", "list")  # type: ignore[misc]
     assert record["checksum"] == _sha256(path)
-    # Without --wait: the task id first, no progress lines.
-    status, out, err = cli("image", "publish", "GoldWim")
-    assert status == 0 and out.splitlines()[0].startswith("Task ") and "[" not in err
+    # Without --wait: the task runs in a background process; the command returns with its id at once.
+    status, out, err = cli("--json", "image", "publish", "GoldWim", "--comment", "nightly")
+    assert status == 0, err
+    started = json.loads(out)
+    assert started["background"] is True and "[" not in err
+    deadline = time.monotonic() + 120
+    task = cli.json("task", "show", str(started["task"]))
+    while task["state"] in ("pending", "running") and time.monotonic() < deadline:  # type: ignore[index]
+        time.sleep(0.2)
+        task = cli.json("task", "show", str(started["task"]))
+    assert (task["kind"], task["state"]) == ("image.publish", "complete"), task  # type: ignore[index]
+    wim = Path(task["result"]["path"])  # type: ignore[index]
+    assert wim.parent == published and wim.suffix == ".wim"
+    assert {image["name"] for image in cli.json("image", "list")} == {path.stem, wim.stem}  # type: ignore[union-attr,index]
+    newest = cli.json("audit", "list", "--operation", "image.publish", "--limit", "1")
+    assert [e["comment"] for e in newest] == ["nightly"]  # type: ignore[union-attr,index]
+
+
+def test_publish_in_the_background_refuses_at_once_what_it_can_check(cli: Ctl) -> None:
+    status, out, err = cli("image", "publish", "NoSuchTemplate")
+    assert (status, out) == (5, "") and "no image template named 'NoSuchTemplate'" in err
 
 
 def test_a_template_that_is_not_publishable_writes_nothing(cli: Ctl, tmp_path: Path) -> None:
