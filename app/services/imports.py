@@ -71,7 +71,6 @@ class LayerImportTask(SubprocessTask):
         self.source = source
         self.registry = registry
         self.comment = comment
-        self._data: dict[str, Any] = {}
 
     def arguments(self) -> dict[str, Any]:
         return {
@@ -82,14 +81,9 @@ class LayerImportTask(SubprocessTask):
             "registry": self.registry.to_dict(),
         }
 
-    def result(self, data: dict[str, Any]) -> TaskResult:
-        self._data = data
-        return TaskResult(summary=str(data.get("summary", "")))
-
     def run(self, ctx: TaskContext) -> TaskResult:
         try:
-            super().run(ctx)
-            data = self._data
+            data = self.run_worker(ctx)
             ref = self._current_ref()
             if ref is None:
                 raise NotFound(f"Version {self.qualified_name} was deleted while it was being imported.")

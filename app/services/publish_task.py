@@ -64,7 +64,6 @@ class PublishTask(SubprocessTask):
         self.format = fmt
         self.comment = comment
         self.work_dir = output_dir / f".{plan.image_name}.{secrets.token_hex(4)}.work"
-        self._data: dict[str, Any] = {}
         self._produced = False
 
     @property
@@ -82,15 +81,10 @@ class PublishTask(SubprocessTask):
             "work_dir": str(self.work_dir),
         }
 
-    def result(self, data: dict[str, Any]) -> TaskResult:
-        self._data = data
-        return TaskResult(summary=str(data.get("summary", "")))
-
     def run(self, ctx: TaskContext) -> TaskResult:
         try:
-            super().run(ctx)
+            data = self.run_worker(ctx)
             self._produced = True
-            data = self._data
             path = Path(str(data["path"]))
             if path != self.output_path or not path.is_file():
                 raise RuntimeError(f"the publish worker reported {path}, expected {self.output_path}")

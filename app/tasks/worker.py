@@ -114,6 +114,11 @@ class SubprocessTask(LayerDeskTask):
         return WorkerResult(summary=str(data.get("summary", "")), data=data)
 
     def run(self, ctx: TaskContext) -> TaskResult:
+        return self.result(self.run_worker(ctx))
+
+    def run_worker(self, ctx: TaskContext) -> dict[str, Any]:
+        """Run the worker function in a child process and return its result document (tasks that do
+        more in the parent, such as recording what the child produced, call this from ``run``)."""
         outcome: dict[str, Any] = {}
 
         def on_line(line: str) -> None:
@@ -134,7 +139,7 @@ class SubprocessTask(LayerDeskTask):
         if done.cancelled:
             raise TaskCanceled()
         if "result" in outcome:
-            return self.result(outcome["result"])
+            return dict(outcome["result"])
         error = outcome.get("error") or {}
         message = str(error.get("message") or "")
         if error.get("kind") == "user":
