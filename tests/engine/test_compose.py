@@ -18,7 +18,6 @@ from app.engine.registry.delta import RegistryDelta
 from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind
 from app.tasks.base import CancelToken, TaskCanceled
-from tests.engine.test_wim import run_ok, tool
 from tests.support.compose_stack import (
     CITRIX,
     EXPECTED_CONFLICTS,
@@ -30,6 +29,7 @@ from tests.support.compose_stack import (
     LayerDef,
     os_layer,
 )
+from tests.support.tools import run_ok, tool
 
 MiB = 1024 * 1024
 

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from app.engine import disk
 from app.engine.disk import DiskError, DiskFormat, ExtractedVolume
 from app.engine.wim import make_ntfs_volume
 from app.tasks.base import CancelToken, TaskCanceled
+from tests.support.tools import tool
 
 MiB = 1024 * 1024
 DISK_SIZE = 182 * MiB  # ESP at 1 MiB (100 MiB), MSR (16 MiB), data 64 MiB, 1 MiB left for the backup GPT
@@ -40,17 +40,7 @@ FORMATS: tuple[DiskFormat, ...] = ("vhd-dynamic", "vhd-fixed", "vhdx", "vmdk-str
 QEMU_FORMAT = {"vhd-dynamic": "vpc", "vhd-fixed": "vpc", "vhdx": "vhdx", "vmdk-stream": "vmdk",
                "vmdk-sparse": "vmdk", "qcow2": "qcow2", "raw": "raw"}
 
-
 # --- independent tools ------------------------------------------------------------------------------
-
-
-def tool(name: str) -> str:
-    """gdisk, fdisk, dosfstools and ntfs-3g put tools in /usr/sbin, which is not on every PATH."""
-    found = shutil.which(name) or next(
-        (str(p) for p in (Path("/usr/sbin") / name, Path("/sbin") / name) if p.is_file()), None
-    )
-    assert found, f"{name} is missing: install qemu-utils, gdisk, fdisk, dosfstools and ntfs-3g (tests/run.sh does)"
-    return found
 
 
 def run(*argv: str | Path) -> procs.Outcome:

@@ -24,27 +24,12 @@ from app.engine import wim
 from app.engine.wim import AddCommand, DeleteCommand, Wim, WimError, make_ntfs_volume
 from app.errors import EnvironmentProblem
 from app.tasks.base import CancelToken, TaskCanceled
+from tests.support.tools import run_ok, tool
 
 MiB = 1024 * 1024
 ZONE = b"[ZoneTransfer]\r\nZoneId=3\r\n"
 
-
 # --- independent tools ------------------------------------------------------------------------------
-
-
-def tool(name: str) -> str:
-    """ntfs-3g puts some tools in /usr/sbin, which is not on every PATH."""
-    found = shutil.which(name) or next(
-        (str(p) for p in (Path("/usr/sbin") / name, Path("/sbin") / name) if p.is_file()), None
-    )
-    assert found, f"{name} is missing: install ntfs-3g and wimtools (tests/run.sh does)"
-    return found
-
-
-def run_ok(*argv: str | Path) -> procs.Outcome:
-    outcome = procs.run([tool(str(argv[0])), *map(str, argv[1:])], timeout_s=120)
-    assert outcome.ok, f"{outcome.argv}: {outcome.returncode}\n{outcome.stdout}\n{outcome.stderr}"
-    return outcome
 
 
 def ntfs_tree(volume: Path) -> set[str]:

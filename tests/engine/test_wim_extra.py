@@ -13,8 +13,9 @@ import pytest
 from app import procs
 from app.engine.wim import Wim, WimError
 from app.tasks.base import CancelToken, TaskCanceled
-from tests.engine.test_wim import run_ok, wimlib_imagex_dir
+from tests.engine.test_wim import wimlib_imagex_dir
 from tests.support.repository_checks import flip_bytes, make_tree
+from tests.support.tools import run_ok
 
 MiB = 1024 * 1024
 

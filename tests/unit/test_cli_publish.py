@@ -17,7 +17,6 @@ from app.services import Services
 from app.services.templates import TemplateSpec
 from app.tasks.runner import TaskRunner
 from tests.conftest import ServicesFactory, make_deployable
-from tests.engine.test_wim import run_ok
 from tests.support.compose_stack import (
     CITRIX,
     EXPECTED_CONFLICTS,
@@ -28,6 +27,7 @@ from tests.support.compose_stack import (
     os_layer,
 )
 from tests.support.keyring_memory import MemoryKeyring
+from tests.support.tools import run_ok
 from tests.unit.test_cli import Ctl
 
 MiB = 1024 * 1024
