@@ -64,7 +64,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, get_args
 
-from app.engine import disk
+from app.engine import disk, gold
 from app.engine.registry.delta import (
     CreateKey,
     DeleteKey,
@@ -78,7 +78,16 @@ from app.engine.registry.delta import (
 from app.engine.registry.model import Hive, ValueType, fold
 from app.engine.registry.regf import read_hive, write_hive
 from app.engine.repository import LayerRepository, VersionManifest
-from app.engine.wim import AddCommand, DeleteCommand, DirEntry, UpdateCommand, Wim, WimError, make_ntfs_volume
+from app.engine.wim import (
+    AddCommand,
+    DeleteCommand,
+    DirEntry,
+    UpdateCommand,
+    Wim,
+    WimError,
+    make_ntfs_volume,
+    overwrite_file_in_ntfs_volume,
+)
 from app.errors import EnvironmentProblem, UserError
 from app.procs import Cancellable
 from app.tasks.base import CancelToken, TaskCanceled
@@ -366,15 +375,20 @@ def compose(
     final = out_dir / f"{name}.{EXTENSIONS[fmt]}"
     if final.exists():
         raise ComposeError(f"{final} already exists; it is never overwritten.")
+    steps = _Steps(progress, cancel)
+    steps.at(1, "Reading the layers' manifests")
+    manifests = _manifests(stack, repository)
     disk_size = 0
     if fmt != "wim":
         disk_size = round(size_gb * 1024) * MiB
-        disk.gpt_layout(disk_size)  # a disk too small for any Windows volume: refused before any work
-    steps = _Steps(progress, cancel)
-    steps.at(1, "Reading the layers' manifests")
+        boot = manifests[0].boot
+        # a disk too small for any Windows volume is refused before any work
+        if boot is not None:
+            boot.layout.plan(disk_size)
+        else:
+            disk.gpt_layout(disk_size)
     with steps.timed("conflicts"):
         report = conflicts(stack, repository)
-    manifests = _manifests(stack, repository)
     work = Path(work_dir) if work_dir is not None else out_dir / f".{name}.{secrets.token_hex(4)}.work"
     try:
         work.mkdir()
@@ -383,14 +397,15 @@ def compose(
     try:
         with contextlib.ExitStack() as held:
             merged, index = _merge(stack, manifests, repository, work, held, steps)
-            hive_digests = _merge_registry(stack, manifests, merged, index, work, steps)
+            hives = _merge_registry(stack, manifests, merged, index, work, steps, into_image=fmt == "wim")
             steps.at(45, "Listing the merged image")
             entries = list(merged.iterate_dir_tree(index))
-            files, data_bytes, digest = _tree_manifest(entries, hive_digests)
+            files, data_bytes, digest = _tree_manifest(entries, hives)
             if fmt == "wim":
                 built = _write_wim(merged, index, name, work, steps)
             else:
-                built = _write_disk(merged, index, fmt, disk_size, entries, work, steps, manifests[0].disk)
+                built = _write_disk(merged, index, fmt, disk_size, entries, work, steps, stack[0], manifests[0],
+                                    repository, hives)
         steps.at(98, "Computing the image's checksum")
         with steps.timed("checksum"):
             checksum = _sha256(built, steps)
@@ -493,11 +508,23 @@ def _retarget(delta: RegistryDelta, control_set: str) -> RegistryDelta:
     return RegistryDelta(moved(op) for op in delta)
 
 
+@dataclass(frozen=True)
+class _NewHive:
+    """A hive file written by the registry merge: where it goes in the image, the local file, its SHA-256."""
+
+    image_path: str
+    file: Path
+    sha256: str
+
+
 def _merge_registry(
     stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], merged: Wim, index: int, work: Path,
-    steps: _Steps,
-) -> dict[str, str]:
-    """Apply every layer's delta to the merged image's hives; returns each new hive's SHA-256 by hive name."""
+    steps: _Steps, *, into_image: bool,
+) -> dict[str, _NewHive]:
+    """Apply every layer's delta to the merged image's hives; returns the new hive files by hive name.
+    ``into_image``: they replace the old ones in the merged image (a WIM output; they carry no ACL of their
+    own); otherwise the image keeps the old files, which the disk writer overwrites in place on the applied
+    volume (keeping their ACLs and attributes). Their stale transaction logs leave the image either way."""
     changed = sorted({hive for manifest in manifests for hive in manifest.registry.hives})
     if not changed:
         return {}
@@ -538,42 +565,49 @@ def _merge_registry(
         target = work / "hives-out"
         target.mkdir()
         commands: list[UpdateCommand] = [DeleteCommand(path, recursive=False, missing_ok=True) for path in logs]
-        digests = {}
+        written: dict[str, _NewHive] = {}
         for hive in changed:
-            written = target / hive
-            write_hive(hives[hive], written)
-            digests[hive] = hashlib.sha256(written.read_bytes()).hexdigest()
-            commands.append(AddCommand(written, found[hive].path, ntfs=False))
+            file = target / hive
+            write_hive(hives[hive], file)
+            written[hive] = _NewHive(found[hive].path, file, hashlib.sha256(file.read_bytes()).hexdigest())
+            if into_image:
+                commands.append(AddCommand(file, found[hive].path, ntfs=False))
         steps.check()
-        merged.update_image(index, commands, cancel=steps._cancel)
-    return digests
+        if commands:
+            merged.update_image(index, commands, cancel=steps._cancel)
+    return written
 
 
 # --- the merged tree -----------------------------------------------------------------------------------
 
 
-def _tree_manifest(entries: Sequence[DirEntry], hive_digests: Mapping[str, str]) -> tuple[int, int, str]:
-    """(files, data bytes, ``sha256:`` digest of the sorted tree manifest)."""
+def _tree_manifest(entries: Sequence[DirEntry], hives: Mapping[str, _NewHive]) -> tuple[int, int, str]:
+    """(files, data bytes, ``sha256:`` digest of the sorted tree manifest). A rewritten hive is listed by
+    its new content's SHA-256 and size (a disk output keeps the old file in the image until it overwrites
+    it on the volume, so the listing's size is the old one)."""
+    replaced = {fold(hive.image_path): hive for hive in hives.values()}
     files = 0
     data_bytes = 0
     linked: set[int] = set()
     lines = []
     for entry in entries:
+        new = replaced.get(fold(entry.path))
+        size = new.file.stat().st_size if new is not None else entry.size
         if not entry.is_directory:
             files += 1
             if entry.link_count <= 1 or entry.inode_id not in linked:
-                data_bytes += entry.size
+                data_bytes += size
                 if entry.link_count > 1:
                     linked.add(entry.inode_id)
         lines.append((fold(entry.path), "\t".join([
-            entry.path, "d" if entry.is_directory else "f", str(entry.size), f"{entry.attributes:x}",
+            entry.path, "d" if entry.is_directory else "f", str(size), f"{entry.attributes:x}",
             ",".join(sorted(entry.stream_names)), f"{entry.reparse_tag:x}",
         ])))
     digest = hashlib.sha256()
     for _, line in sorted(lines):
         digest.update(line.encode("utf-8") + b"\n")
-    for hive in sorted(hive_digests):
-        digest.update(f"hive\t{hive}\t{hive_digests[hive]}\n".encode())
+    for name in sorted(hives):
+        digest.update(f"hive\t{name}\t{hives[name].sha256}\n".encode())
     return files, data_bytes, "sha256:" + digest.hexdigest()
 
 
@@ -606,38 +640,63 @@ def _needed_volume_bytes(entries: Sequence[DirEntry]) -> int:
 
 def _write_disk(
     merged: Wim, index: int, fmt: str, disk_size: int, entries: Sequence[DirEntry], work: Path, steps: _Steps,
-    identity: disk.DiskIdentity | None = None,
+    os_layer: StackLayer, os_manifest: VersionManifest, repository: LayerRepository, hives: Mapping[str, _NewHive],
 ) -> Path:
-    """The merged image on a GPT disk; an OS layer imported from a GPT gold image keeps its disk and
-    partition GUIDs (Windows knows its boot disk by them)."""
-    layout = disk.gpt_layout(disk_size)
-    needed = _needed_volume_bytes(entries)
-    if needed > layout.data_size:
-        raise ComposeError(
-            f"The merged layers need about {-(-needed // MiB)} MiB on the Windows volume, but a disk of "
-            f"{disk_size / GiB:g} GB leaves {layout.data_size // MiB} MiB for it (after the ESP and the MSR); "
-            "make the template's disk larger."
-        )
+    """The merged image on a disk. An OS layer imported from a gold disk gives the disk its layout, its
+    other partitions byte for byte and its Windows boot code (:mod:`app.engine.gold`); any other OS layer
+    gets a new GPT disk (ESP formatted but empty, MSR, Windows), keeping the disk and partition GUIDs an
+    OS layer imported from a GPT disk recorded (Windows knows its boot disk by them)."""
+    plan: gold.DiskPlan | None = None
+    boot_contents: dict[int, Path] = {}
+    vbr = b""
+    if os_manifest.boot is not None:
+        steps.at(46, "Reading the OS layer's boot partitions")
+        with steps.timed("boot"):
+            boot_folder = work / "boot"
+            boot_folder.mkdir()
+            _, boot_contents, vbr = repository.extract_boot(os_layer.layer_id, os_layer.version_id, boot_folder,
+                                                            checksum=os_layer.checksum, cancel=steps._cancel)
+            plan = os_manifest.boot.layout.plan(disk_size)
+        data_start_lba, data_size = plan.windows.start // disk.SECTOR, plan.windows.size
+        room = f"a disk of {disk_size / GiB:g} GB laid out like the OS layer's gold disk leaves {data_size // MiB} MiB"
+    else:
+        layout = disk.gpt_layout(disk_size)
+        data_start_lba, data_size = layout.data_start_lba, layout.data_size
+        room = f"a disk of {disk_size / GiB:g} GB leaves {data_size // MiB} MiB for it (after the ESP and the MSR)"
+    needed = _needed_volume_bytes(entries) + sum(-(-h.file.stat().st_size // 4096) * 4096 for h in hives.values())
+    if needed > data_size:
+        raise ComposeError(f"The merged layers need about {-(-needed // MiB)} MiB on the Windows volume, but {room}; "
+                           "make the template's disk larger.")
     volume = work / "windows.ntfs"
     steps.at(50, "Applying the merged image to the Windows volume")
     with steps.timed("apply"):
-        make_ntfs_volume(volume, layout.data_size, label="Windows", partition_start_sector=layout.data_start_lba)
+        make_ntfs_volume(volume, data_size, label="Windows", partition_start_sector=data_start_lba)
         try:
-            merged.extract_image_to_ntfs_volume(index, volume, progress=steps.bytes_in(50, 80, "Applying the image"),
+            merged.extract_image_to_ntfs_volume(index, volume, progress=steps.bytes_in(50, 78, "Applying the image"),
                                                 cancel=steps._cancel)
+            for hive in hives.values():  # in place: the hive files keep their ACLs and attributes
+                overwrite_file_in_ntfs_volume(volume, hive.file, hive.image_path)
         except (WimError, EnvironmentProblem) as exc:
             if "space" in str(exc).lower():
                 raise ComposeError(f"The merged layers do not fit on a disk of {disk_size / GiB:g} GB: {exc}") from exc
             raise
     steps.at(80, "Writing the disk image")
-    prefix, suffix = work / "prefix.raw", work / "suffix.raw"
     out = work / f"disk.{EXTENSIONS[fmt]}"
     with steps.timed("disk"):
-        gpt = identity if identity is not None and identity.scheme == "gpt" else None
-        disk.build_gpt_pieces(volume, prefix, suffix, disk_size=disk_size,
-                              disk_guid=gpt.disk_guid if gpt else None,
-                              partition_guids=gpt.partition_guids if gpt else None)
-        disk.convert([prefix, volume, suffix], out, fmt,  # type: ignore[arg-type]  # checked in compose()
+        if plan is not None:
+            if not gold.graft_boot_code(volume, vbr):
+                log.warning("the OS layer's stored Windows boot code is not an NTFS boot record; the volume keeps "
+                            "the boot code mkntfs wrote")
+            pieces = gold.write_pieces(plan, work, boot_contents, volume)
+        else:
+            identity = os_manifest.disk
+            gpt = identity if identity is not None and identity.scheme == "gpt" else None
+            prefix, suffix = work / "prefix.raw", work / "suffix.raw"
+            disk.build_gpt_pieces(volume, prefix, suffix, disk_size=disk_size,
+                                  disk_guid=gpt.disk_guid if gpt else None,
+                                  partition_guids=gpt.partition_guids if gpt else None)
+            pieces = [prefix, volume, suffix]
+        disk.convert(pieces, out, fmt,  # type: ignore[arg-type]  # checked in compose()
                      progress=steps.bytes_in(80, 98, "Writing the disk image"), cancel=steps._cancel)
     return out
 

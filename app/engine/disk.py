@@ -77,11 +77,17 @@ __all__ = [
     "build_gpt_disk",
     "build_gpt_pieces",
     "build_mbr_disk",
+    "check_image",
     "convert",
     "extract_ntfs_volume",
+    "extract_partition",
+    "gpt_entry",
+    "gpt_head_and_tail",
     "gpt_layout",
     "image_info",
+    "mbr_chs",
     "mbr_layout",
+    "read_image_partition_table",
     "read_partition_table",
     "verify_image",
 ]
@@ -734,6 +740,26 @@ def _gpt_structures(
         )
         partitions.append(Partition(number + 1, start, size, type_guid=_TYPES[role], unique_guid=unique,
                                     name=_NAMES[role], ntfs=role == "data"))
+    head, tail = gpt_head_and_tail(bytes(entries), layout.disk_size, disk_guid)
+    first_usable, last_usable = 2 + _GPT_ENTRY_SECTORS, total - _GPT_ENTRY_SECTORS - 2
+    table = PartitionTable(
+        scheme="gpt", disk_size=layout.disk_size, partitions=tuple(partitions), disk_guid=disk_guid,
+        boot_code=bytes(440), first_usable_lba=first_usable, last_usable_lba=last_usable,
+    )
+    return table, head, tail
+
+
+def gpt_head_and_tail(
+    entries: bytes, disk_size: int, disk_guid: uuid.UUID, boot_code: bytes = b""
+) -> tuple[bytes, bytes]:
+    """The bytes of LBA 0–33 (protective MBR, primary GPT header, the entry array) and of the disk's last
+    33 sectors (the backup entry array and header) of a GPT disk of ``disk_size`` bytes with the 128 entries
+    ``entries`` (16 KiB). ``boot_code`` (at most 440 bytes) goes at the start of the protective MBR."""
+    if len(entries) != _GPT_ENTRIES * _GPT_ENTRY_SIZE:
+        raise DiskError(f"A GPT entry array is {_GPT_ENTRIES * _GPT_ENTRY_SIZE} bytes, not {len(entries)}.")
+    if len(boot_code) > 440:
+        raise DiskError(f"MBR boot code is at most 440 bytes; {len(boot_code)} were given.")
+    total = disk_size // SECTOR
     first_usable, last_usable = 2 + _GPT_ENTRY_SECTORS, total - _GPT_ENTRY_SECTORS - 2
     entries_crc = zlib.crc32(entries)
 
@@ -744,16 +770,27 @@ def _gpt_structures(
         return _GPT_HEADER.pack(*fields).ljust(SECTOR, b"\0")
 
     protective = bytearray(SECTOR)
+    protective[: len(boot_code)] = boot_code
     struct.pack_into("<B3sB3sII", protective, 446, 0, b"\x00\x02\x00", _MBR_PROTECTIVE, b"\xff\xff\xff", 1,
                      min(total - 1, 0xFFFFFFFF))
     protective[510:512] = _BOOT_SIGNATURE
-    head = bytes(protective) + header(1, total - 1, 2) + bytes(entries)
-    tail = bytes(entries) + header(total - 1, 1, total - 1 - _GPT_ENTRY_SECTORS)
-    table = PartitionTable(
-        scheme="gpt", disk_size=layout.disk_size, partitions=tuple(partitions), disk_guid=disk_guid,
-        boot_code=bytes(440), first_usable_lba=first_usable, last_usable_lba=last_usable,
-    )
-    return table, head, tail
+    head = bytes(protective) + header(1, total - 1, 2) + entries
+    tail = entries + header(total - 1, 1, total - 1 - _GPT_ENTRY_SECTORS)
+    return head, tail
+
+
+def gpt_entry(type_guid: uuid.UUID, unique_guid: uuid.UUID, first_lba: int, last_lba: int, attributes: int,
+              name: str) -> bytes:
+    """One 128-byte GPT partition entry."""
+    encoded = name.encode("utf-16-le")
+    if len(encoded) > 72:
+        raise DiskError(f"A GPT partition name is at most 36 characters: {name!r}.")
+    return _GPT_ENTRY.pack(type_guid.bytes_le, unique_guid.bytes_le, first_lba, last_lba, attributes, encoded)
+
+
+def mbr_chs(lba: int) -> bytes:
+    """The CHS address an MBR entry gives for ``lba`` (255 heads, 63 sectors a track)."""
+    return _chs(lba)
 
 
 def _format_esp(target: Path, layout: DiskLayout, table: PartitionTable) -> None:
@@ -962,40 +999,70 @@ def extract_ntfs_volume(
     qemu-img (only the partition's bytes are converted). ``volume_out`` appears only when complete.
     """
     info = image_info(Path(image))
-    volume_out = Path(volume_out)
     _check_cancel(cancel)
-    if info.format in _CHECKABLE:
-        # qemu-img reads a truncated qcow2 or VMDK's missing clusters as zeros without a word: check first
-        outcome = procs.run([_qemu_img(), "check", "-f", info.format, str(info.path)], timeout_s=3600)
-        if outcome.returncode == 3:
-            log.warning("%s: qemu-img check found leaked clusters (harmless): %s", info.path, _summary(outcome))
-        elif not outcome.ok:
-            raise DiskError(f"{info.path} is damaged or truncated (qemu-img check): {_summary(outcome)}")
+    check_image(info)
+    table = read_image_partition_table(info, Path(volume_out).parent)
+    partition = table.ntfs_data_partition()
+    extract_partition(info, partition, Path(volume_out), progress=progress, cancel=cancel)
+    with Path(volume_out).open("rb") as file:
+        if _read_at(file, 3, 8) != _NTFS_OEM:
+            Path(volume_out).unlink(missing_ok=True)
+            raise DiskError(f"{info.path}: the partition read back is not an NTFS volume.")
+    return ExtractedVolume(Path(volume_out), partition, table, info)
+
+
+def read_image_partition_table(info: ImageInfo, scratch: Path) -> PartitionTable:
+    """The partition table of the disk in the image ``info``; a non-raw image is read through qemu-img
+    (a few 1 MiB pieces, converted in a temporary folder inside ``scratch``)."""
     if info.raw_readable:
         with info.path.open("rb") as file:
-            table = read_partition_table(file, size=info.virtual_size, name=str(info.path))
-            partition = table.ntfs_data_partition()
-            with _output(volume_out) as tmp:
-                dst = os.open(tmp, os.O_WRONLY)
-                try:
-                    os.ftruncate(dst, partition.size)
-                    _copy_sparse(file.fileno(), partition.start, partition.size, dst, 0, progress, cancel)
-                finally:
-                    os.close(dst)
-        return ExtractedVolume(volume_out, partition, table, info)
-    with tempfile.TemporaryDirectory(prefix=".layerdesk-read-", dir=volume_out.parent) as scratch:
-        reader = _QemuReader(info, Path(scratch))
-        table = read_partition_table(reader, name=str(info.path))
-        partition = table.ntfs_data_partition()
-    with _output(volume_out) as tmp:
+            return read_partition_table(file, size=info.virtual_size, name=str(info.path))
+    with tempfile.TemporaryDirectory(prefix=".layerdesk-read-", dir=scratch) as folder:
+        return read_partition_table(_QemuReader(info, Path(folder)), name=str(info.path))
+
+
+def check_image(info: ImageInfo) -> None:
+    """``qemu-img check`` an image of a format that has it: qemu-img reads a truncated qcow2 or VMDK's
+    missing clusters as zeros without a word."""
+    if info.format not in _CHECKABLE:
+        return
+    outcome = procs.run([_qemu_img(), "check", "-f", info.format, str(info.path)], timeout_s=3600)
+    if outcome.returncode == 3:
+        log.warning("%s: qemu-img check found leaked clusters (harmless): %s", info.path, _summary(outcome))
+    elif not outcome.ok:
+        raise DiskError(f"{info.path} is damaged or truncated (qemu-img check): {_summary(outcome)}")
+
+
+def extract_partition(
+    info: ImageInfo,
+    partition: Partition,
+    out: Path,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: Cancellable | None = None,
+) -> Path:
+    """Copy ``partition``'s bytes out of the disk image ``info`` (see :func:`image_info`; check it first
+    with :func:`check_image`) into a new sparse file ``out``, which appears only when complete. Raw and
+    fixed VHD disks are read directly; other formats through qemu-img (only the partition's bytes)."""
+    out = Path(out)
+    if info.raw_readable:
+        with info.path.open("rb") as file, _output(out) as tmp:
+            dst = os.open(tmp, os.O_WRONLY)
+            try:
+                os.ftruncate(dst, partition.size)
+                _copy_sparse(file.fileno(), partition.start, partition.size, dst, 0, progress, cancel)
+            finally:
+                os.close(dst)
+        return out
+    with _output(out) as tmp:
         tmp.unlink()  # qemu-img creates it
         source = _json_view(info, partition.start, partition.size)
         _run_qemu_convert([_qemu_img(), "convert", "-p", "-O", "raw", source, str(tmp)], partition.size,
                           progress, cancel, failure=f"Cannot read {info.path} as {info.format}")
-        with tmp.open("rb") as file:
-            if _read_at(file, 3, 8) != _NTFS_OEM:
-                raise DiskError(f"{info.path}: the partition read back is not an NTFS volume.")
-    return ExtractedVolume(volume_out, partition, table, info)
+        if tmp.stat().st_size != partition.size:
+            raise DiskError(f"{info.path}: {tmp.stat().st_size} bytes of partition {partition.index} came back, "
+                            f"not {partition.size}.")
+    return out
 
 
 class _QemuReader:

@@ -265,8 +265,9 @@ class _Throttle:
 def import_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
     """Worker function (child process): capture the source into the repository.
 
-    ``args``: ``repository`` (root folder), ``layer_id``, ``version_id``, ``source`` (path, kind, image)
-    and ``registry`` (a :class:`RegistryDelta` as a dict). A SIGTERM (the task's cancel) stops the capture
+    ``args``: ``repository`` (root folder), ``layer_id``, ``version_id``, ``source`` (path, kind, image),
+    ``registry`` (a :class:`RegistryDelta` as a dict) and ``keep_boot`` (an OS layer: a disk image's layout,
+    other partitions and boot code are kept). A SIGTERM (the task's cancel) stops the capture
     at wimlib's next progress message; the repository is left as it was and the process exits 143.
     """
     token = CancelToken()
@@ -299,7 +300,7 @@ def _import(args: dict[str, Any], report: WorkerReport, token: CancelToken) -> d
     repository = LayerRepository(Path(args["repository"]))
     stored = repository.store_version(
         int(args["layer_id"]), int(args["version_id"]), source,
-        deletions=scan.deletions, delta=delta, drop=scan.markers,
+        deletions=scan.deletions, delta=delta, drop=scan.markers, keep_boot=bool(args.get("keep_boot", False)),
         progress=_Throttle(report, 5, 99, "Writing the layer's WIM"), cancel=token,
     )
     report.log(f"Stored image {stored.image}: {stored.files} files, {stored.data_bytes} bytes of data; "

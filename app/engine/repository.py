@@ -42,12 +42,21 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.engine.disk import DiskIdentity, extract_ntfs_volume
+from app.engine import gold
+from app.engine.disk import (
+    DiskError,
+    DiskIdentity,
+    check_image,
+    extract_partition,
+    image_info,
+    read_image_partition_table,
+)
+from app.engine.gold import GoldLayout
 from app.engine.registry.delta import RegistryDelta, RegistryDeltaError
 from app.engine.wim import Compression, DeleteCommand, DirEntry, ProgressFn, Wim, WimError
 from app.errors import EnvironmentProblem, LayerDeskError
@@ -60,6 +69,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_SCHEMA",
+    "BootRecord",
     "CaptureSource",
     "Deletion",
     "LayerRepository",
@@ -81,6 +91,7 @@ _LOCK_POLL_S = 0.1
 _WIM_NAME = re.compile(r"(\d+)\.wim")
 _MANIFEST_NAME = re.compile(r"v(\d+)\.json")
 _IMAGE_NAME = re.compile(r"v(\d+)")
+_BOOT_IMAGE_NAME = re.compile(r"v(\d+)" + re.escape(gold.BOOT_IMAGE_SUFFIX))
 _LOCK_NAME = re.compile(r"\.(\d+)\.lock")
 #: Work files: ``.<layer>.wim.v<version>.tmp`` and wimlib's ``..<layer>.wim.v<version>.tmp.<pid>.partial``
 #: beside the WIMs, ``.v<version>.json.tmp`` beside the manifests.
@@ -119,14 +130,21 @@ class CaptureSource:
     path: Path
     #: The 1-based image of a WIM source; ``None`` for the other kinds.
     image: int | None = None
+    #: A difference import's base (a disk image or NTFS volume image): the version is what changed from it
+    #: to ``path`` (see :mod:`app.engine.difference`); ``None`` for a plain capture.
+    base: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "path": str(self.path), "image": self.image}
+        document: dict[str, Any] = {"kind": self.kind.value, "path": str(self.path), "image": self.image}
+        if self.base is not None:
+            document["base"] = str(self.base)
+        return document
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CaptureSource:
-        image = data.get("image")
-        return cls(SourceKind(data["kind"]), Path(data["path"]), int(image) if image is not None else None)
+        image, base = data.get("image"), data.get("base")
+        return cls(SourceKind(data["kind"]), Path(data["path"]), int(image) if image is not None else None,
+                   Path(base) if base is not None else None)
 
 
 @dataclass(frozen=True)
@@ -164,6 +182,36 @@ class Deletion:
 
 
 @dataclass(frozen=True)
+class BootRecord:
+    """What an OS layer version keeps of its gold disk besides the Windows volume's files (see
+    :mod:`app.engine.gold`): the layout, and the image of the layer's WIM holding the other partitions'
+    bytes and the Windows volume's boot code, each file with its SHA-256."""
+
+    image: str
+    layout: GoldLayout
+    files: Mapping[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "layout": self.layout.to_dict(), "files": dict(sorted(self.files.items()))}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BootRecord:
+        image = str(data["image"])
+        if not _BOOT_IMAGE_NAME.fullmatch(image):
+            raise ValueError(f"bad boot image name {image!r}")
+        files = data["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.startswith(_CHECKSUM_PREFIX) for k, v in files.items()
+        ):
+            raise ValueError("'files' of the boot record is not a map of file names to checksums")
+        layout = GoldLayout.from_dict(data["layout"])
+        missing = {p.file for p in layout.kept} - set(files)
+        if missing:
+            raise ValueError(f"the boot record has no checksum for {sorted(m for m in missing if m)}")
+        return cls(image, layout, files)
+
+
+@dataclass(frozen=True)
 class VersionManifest:
     """A version's manifest, read back and verified."""
 
@@ -178,6 +226,8 @@ class VersionManifest:
     checksum: str
     #: The gold image's disk identity, for versions imported from a disk image.
     disk: DiskIdentity | None = None
+    #: The gold disk's layout and boot partitions, for OS layer versions imported from a disk image.
+    boot: BootRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -343,6 +393,8 @@ class LayerRepository:
         deletions: Sequence[Deletion] = (),
         delta: RegistryDelta | None = None,
         drop: Sequence[str] = (),
+        keep_boot: bool = False,
+        build: Callable[[Wim, str], int] | None = None,
         progress: ProgressFn | None = None,
         cancel: Cancellable | None = None,
     ) -> StoredVersion:
@@ -350,8 +402,12 @@ class LayerRepository:
 
         ``drop``: ``/``-separated paths in the captured tree that are not part of the layer (whiteout
         markers of a folder source); they are removed before anything is written. ``progress(done,
-        total)`` reports the bytes written. All or nothing: on failure or cancel, the previous WIM and
-        manifests are untouched and no work file remains.
+        total)`` reports the bytes written. ``keep_boot`` (OS layers): a disk image source's layout, other
+        partitions and boot code are kept too (:class:`BootRecord`). ``build(layer_wim, name)``: adds the
+        version's image ``name`` to the layer's WIM in place of a capture of ``source`` (which the manifest
+        still records) and returns its index; a difference import builds it from two volumes, and keeps
+        what it adds readable until this returns. All or nothing: on failure or cancel,
+        the previous WIM and manifests are untouched and no work file remains.
         """
         delta = delta if delta is not None else RegistryDelta()
         name = image_name(version_id)
@@ -365,12 +421,17 @@ class LayerRepository:
                     layer_wim = stack.enter_context(
                         Wim.open(wim_path) if wim_path.exists() else Wim.create(_COMPRESSION)
                     )
-                    stale = layer_wim.find_image(name)
-                    if stale is not None:
-                        log.warning("replacing image %s of %s left by an earlier version with the same id",
-                                    name, wim_path)
-                        layer_wim.delete_image(stale)
-                    index, identity = self._capture(stack, layer_wim, source, name, drop, cancel)
+                    for stale_name in (name, name + gold.BOOT_IMAGE_SUFFIX):
+                        stale = layer_wim.find_image(stale_name)
+                        if stale is not None:
+                            log.warning("replacing image %s of %s left by an earlier version with the same id",
+                                        stale_name, wim_path)
+                            layer_wim.delete_image(stale)
+                    if build is not None:
+                        index, identity, boot = build(layer_wim, name), None, None
+                    else:
+                        index, identity, boot = self._capture(stack, layer_wim, source, name, drop, keep_boot,
+                                                              cancel)
                     count = _ImageCount()
                     for entry in layer_wim.iterate_dir_tree(index):
                         count.add(entry)
@@ -391,6 +452,8 @@ class LayerRepository:
                 }
                 if identity is not None:
                     document["disk"] = identity.to_dict()
+                if boot is not None:
+                    document["boot"] = boot.to_dict()
                 checksum = manifest_checksum(document)
                 manifest_path.parent.mkdir(parents=True, exist_ok=True)
                 body = json.dumps({"checksum": checksum, "manifest": document}, indent=1, sort_keys=True,
@@ -412,28 +475,61 @@ class LayerRepository:
 
     def _capture(
         self, stack: contextlib.ExitStack, layer_wim: Wim, source: CaptureSource, name: str, drop: Sequence[str],
-        cancel: Cancellable | None,
-    ) -> tuple[int, DiskIdentity | None]:
-        """Add ``source`` as image ``name``; return its index and, for a disk image, its identity."""
+        keep_boot: bool, cancel: Cancellable | None,
+    ) -> tuple[int, DiskIdentity | None, BootRecord | None]:
+        """Add ``source`` as image ``name``; return its index and, for a disk image, its identity and (with
+        ``keep_boot``) its boot record."""
         if source.kind is SourceKind.WIM:
             source_wim = stack.enter_context(Wim.open(source.path))
             # Exported after the layer WIM was opened: ExitStack closes it first, before the layer WIM.
-            return source_wim.export_image(source.image or 1, layer_wim, name), None
+            return source_wim.export_image(source.image or 1, layer_wim, name), None, None
         if source.kind is SourceKind.NTFS_VOLUME:
-            return layer_wim.add_image_from_ntfs_volume(source.path, name, cancel=cancel), None
+            return layer_wim.add_image_from_ntfs_volume(source.path, name, cancel=cancel), None, None
         if source.kind is SourceKind.DISK_IMAGE:
-            # The Windows partition is copied out (sparse) beside the layer's WIM, captured, then removed.
-            folder = Path(tempfile.mkdtemp(prefix=".import-", dir=self.layers))
-            stack.callback(shutil.rmtree, folder, ignore_errors=True)
-            extracted = extract_ntfs_volume(source.path, folder / "volume.ntfs", cancel=cancel)
-            log.info("capturing partition %d of %s (%s, %d bytes)", extracted.partition.index, source.path,
-                     extracted.image.format, extracted.partition.size)
-            index = layer_wim.add_image_from_ntfs_volume(extracted.volume, name, cancel=cancel)
-            return index, DiskIdentity.of(extracted.table)
+            return self._capture_disk(stack, layer_wim, source, name, keep_boot, cancel)
         index = layer_wim.add_image_from_folder(source.path, name, cancel=cancel)
         if drop:
             layer_wim.update_image(index, [DeleteCommand(path, recursive=False) for path in drop], cancel=cancel)
-        return index, None
+        return index, None, None
+
+    def _capture_disk(
+        self, stack: contextlib.ExitStack, layer_wim: Wim, source: CaptureSource, name: str, keep_boot: bool,
+        cancel: Cancellable | None,
+    ) -> tuple[int, DiskIdentity, BootRecord | None]:
+        """The Windows partition is copied out (sparse) beside the layer's WIM and captured; with
+        ``keep_boot`` every other partition and the Windows volume's boot code become image
+        ``<name>-boot``. The copies are removed afterwards."""
+        folder = Path(tempfile.mkdtemp(prefix=".import-", dir=self.layers))
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        info = image_info(source.path)
+        check_image(info)
+        table = read_image_partition_table(info, folder)
+        windows = table.ntfs_data_partition()
+        layout = GoldLayout.of(table) if keep_boot else None  # refuses what cannot be laid out again, early
+        volume = extract_partition(info, windows, folder / "volume.ntfs", cancel=cancel)
+        with volume.open("rb") as file:
+            vbr = file.read(gold.VBR_BYTES)
+        if vbr[3:11] != b"NTFS    ":
+            raise DiskError(f"{source.path}: the Windows partition read back is not an NTFS volume.")
+        log.info("capturing partition %d of %s (%s, %d bytes)", windows.index, source.path, info.format,
+                 windows.size)
+        index = layer_wim.add_image_from_ntfs_volume(volume, name, cancel=cancel)
+        volume.unlink()
+        if layout is None:
+            return index, DiskIdentity.of(table), None
+        boot_folder = folder / "boot"
+        boot_folder.mkdir()
+        by_slot = {p.index: p for p in table.partitions}
+        for partition in layout.kept:
+            assert partition.file is not None
+            extract_partition(info, by_slot[partition.slot], boot_folder / partition.file, cancel=cancel)
+        (boot_folder / gold.VBR_FILE).write_bytes(vbr)
+        files = {path.name: gold.sha256_file(path) for path in sorted(boot_folder.iterdir())}
+        boot_name = name + gold.BOOT_IMAGE_SUFFIX
+        layer_wim.add_image_from_folder(boot_folder, boot_name, cancel=cancel)
+        log.info("kept the gold disk's layout (%s) and %d other partition(s) as image %s", layout.scheme,
+                 len(layout.kept), boot_name)
+        return index, DiskIdentity.of(table), BootRecord(boot_name, layout, files)
 
     def remove_version(
         self, layer_id: int, version_id: int, *, progress: ProgressFn | None = None,
@@ -450,10 +546,15 @@ class LayerRepository:
             try:
                 if wim_path.exists():
                     with Wim.open(wim_path) as layer_wim:
-                        index = layer_wim.find_image(name)
-                        last = index is not None and layer_wim.image_count == 1
-                        if index is not None and not last:
-                            layer_wim.delete_image(index)
+                        # the version's image and its boot image; deleting renumbers, so highest first
+                        indexes = sorted((i for i in (layer_wim.find_image(name),
+                                                      layer_wim.find_image(name + gold.BOOT_IMAGE_SUFFIX))
+                                          if i is not None), reverse=True)
+                        index = indexes[0] if indexes else None
+                        last = bool(indexes) and layer_wim.image_count == len(indexes)
+                        if indexes and not last:
+                            for doomed in indexes:
+                                layer_wim.delete_image(doomed)
                             layer_wim.write(work, check_integrity=True, fsync=True, progress=progress,
                                             cancel=cancel)
                     if index is not None:
@@ -560,6 +661,33 @@ class LayerRepository:
             layer_wim.extract_image_to_ntfs_volume(index, volume, progress=progress, cancel=cancel)
         return manifest
 
+    def extract_boot(
+        self, layer_id: int, version_id: int, target: Path, *, checksum: str | None,
+        cancel: Cancellable | None = None,
+    ) -> tuple[BootRecord, dict[int, Path], bytes]:
+        """The version's boot record, its kept partitions' bytes extracted into the existing folder
+        ``target`` (by slot) and the Windows volume's boot code; every file is checked against the
+        SHA-256 its manifest gives. :class:`RepositoryDamaged` when the version has none or it does not
+        match."""
+        manifest = self.manifest(layer_id, version_id, checksum)
+        boot = manifest.boot
+        if boot is None:
+            raise RepositoryDamaged(f"Layer {layer_id} version {version_id} has no gold disk layout.")
+        with Wim.open(self.wim_path(layer_id)) as layer_wim:
+            index = layer_wim.find_image(boot.image)
+            if index is None:
+                raise RepositoryDamaged(f"The repository's WIM of layer {layer_id} has no image {boot.image} "
+                                        f"for version {version_id}.")
+            layer_wim.extract_paths_to_folder(index, ["/" + name for name in sorted(boot.files)], target)
+        for name, expected in sorted(boot.files.items()):
+            if cancel is not None and cancel.cancelled:
+                raise TaskCanceled()
+            if gold.sha256_file(target / name) != expected:
+                raise RepositoryDamaged(f"The stored {name} of layer {layer_id} version {version_id} does not match "
+                                        "its manifest's checksum; it is not used.")
+        contents = {p.slot: target / p.file for p in boot.layout.kept if p.file is not None}
+        return boot, contents, (target / gold.VBR_FILE).read_bytes()
+
     # --- checking ------------------------------------------------------------------------------
 
     def check(
@@ -581,6 +709,7 @@ class LayerRepository:
                             for (layer, version), checksum in sorted((catalog or {}).items()) if checksum)
             return problems
         images: dict[VersionKey, int] = {}  # → file count in the image
+        boot_images: set[VersionKey] = set()  # versions with a boot image (an OS layer's gold disk)
         damaged: set[int] = set()  # layers whose WIM could not be read: their images are unknown
         manifests: dict[VersionKey, VersionManifest] = {}
         wims = sorted((int(m[1]), p) for p in self.layers.iterdir() if (m := _WIM_NAME.fullmatch(p.name)))
@@ -593,7 +722,7 @@ class LayerRepository:
                 if progress is not None:
                     progress(base + completed, total)
 
-            found = self._check_wim(layer_id, path, rel, images, step, cancel)
+            found = self._check_wim(layer_id, path, rel, images, boot_images, step, cancel)
             if found and found[0].startswith(f"{rel}: damaged"):
                 damaged.add(layer_id)
             problems.extend(found)
@@ -617,6 +746,17 @@ class LayerRepository:
             elif images[key] != manifest.files:
                 problems.append(f"layer {key[0]} version {key[1]}: image {manifest.image} holds {images[key]} "
                                 f"files, its manifest says {manifest.files}")
+            if manifest.boot is not None and key not in boot_images:
+                problems.append(f"layer {key[0]} version {key[1]}: the manifest's boot image {manifest.boot.image} "
+                                f"is not in layers/{key[0]}.wim")
+        for key in sorted(boot_images - manifests.keys()):
+            if key in images:
+                continue  # reported above: the version's image has no manifest either
+            problems.append(f"layer {key[0]} version {key[1]}: boot image {image_name(key[1])}"
+                            f"{gold.BOOT_IMAGE_SUFFIX} in layers/{key[0]}.wim has no manifest")
+        for key in sorted(k for k in boot_images & manifests.keys() if manifests[k].boot is None):
+            problems.append(f"layer {key[0]} version {key[1]}: boot image {image_name(key[1])}"
+                            f"{gold.BOOT_IMAGE_SUFFIX} in layers/{key[0]}.wim is not in its manifest")
         if catalog is not None:
             problems.extend(self._compare_with_catalog(catalog, images, manifests))
         pending = {key for key, checksum in (catalog or {}).items() if not checksum}
@@ -630,8 +770,8 @@ class LayerRepository:
         return problems
 
     def _check_wim(
-        self, layer_id: int, path: Path, rel: str, images: dict[VersionKey, int], progress: ProgressFn,
-        cancel: Cancellable | None,
+        self, layer_id: int, path: Path, rel: str, images: dict[VersionKey, int], boot_images: set[VersionKey],
+        progress: ProgressFn, cancel: Cancellable | None,
     ) -> list[str]:
         try:
             with Wim.open(path, check_integrity=True) as layer_wim:
@@ -639,6 +779,10 @@ class LayerRepository:
                 layer_wim.verify(progress=progress, cancel=cancel)
                 for index in range(1, layer_wim.image_count + 1):
                     name = layer_wim.image_name(index)
+                    boot = _BOOT_IMAGE_NAME.fullmatch(name)
+                    if boot is not None:
+                        boot_images.add((layer_id, int(boot[1])))
+                        continue
                     match = _IMAGE_NAME.fullmatch(name)
                     if match is None:
                         problems.append(f"{rel}: image {index} has an unexpected name {name!r}")
@@ -728,5 +872,6 @@ def _parse_manifest(document: Mapping[str, Any], checksum: str) -> VersionManife
         data_bytes=number("data_bytes"),
         checksum=checksum,
         disk=DiskIdentity.from_dict(document["disk"]) if document.get("disk") else None,
+        boot=BootRecord.from_dict(document["boot"]) if document.get("boot") else None,
     )
 

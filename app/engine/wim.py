@@ -64,6 +64,7 @@ __all__ = [
     "library_version",
     "load_library",
     "make_ntfs_volume",
+    "overwrite_file_in_ntfs_volume",
 ]
 
 # --- constants from wimlib.h (1.13.6) ---------------------------------------------------------------
@@ -951,6 +952,16 @@ def _require_empty_ntfs_volume(volume: Path) -> None:
             f"The NTFS volume {volume} is not empty ({shown}); an image can only be applied onto a freshly "
             "formatted volume."
         )
+
+
+def overwrite_file_in_ntfs_volume(volume: Path | str, source: Path | str, path: str) -> None:
+    """Replace the data of the existing file ``path`` (``/``-separated, as the volume spells it) inside the
+    NTFS volume image ``volume`` with the contents of the local file ``source`` (``ntfscp -f``): the file
+    keeps its security descriptor, attributes, short name and other streams."""
+    outcome = procs.run([_ntfs_program("ntfscp"), "-f", str(volume), str(source), path], timeout_s=600)
+    if not outcome.ok:
+        detail = " ".join(outcome.stderr.split()[-40:]) or f"exit status {outcome.returncode}"
+        raise WimError(f"Cannot write {path} inside {volume}: {detail}")
 
 
 def make_ntfs_volume(

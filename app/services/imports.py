@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from app.catalog.models import LayerVersion, VersionState
+from app.catalog.models import LayerType, LayerVersion, VersionState
 from app.engine.importer import inspect_source, read_registry_files
 from app.engine.registry.delta import RegistryDelta
 from app.engine.repository import CaptureSource, LayerRepository
@@ -61,6 +61,7 @@ class LayerImportTask(SubprocessTask):
     def __init__(
         self, layers: LayerService, repository: LayerRepository, *, layer_id: int, version_id: int,
         qualified_name: str, source: CaptureSource, registry: RegistryDelta, comment: str = "",
+        keep_boot: bool = False,
     ) -> None:
         super().__init__(f"Import {qualified_name} from {source.path}")
         self._layers = layers
@@ -71,6 +72,8 @@ class LayerImportTask(SubprocessTask):
         self.source = source
         self.registry = registry
         self.comment = comment
+        #: An OS layer keeps a disk image's layout, boot partitions and boot code, so its images can boot.
+        self.keep_boot = keep_boot
 
     def arguments(self) -> dict[str, Any]:
         return {
@@ -79,6 +82,7 @@ class LayerImportTask(SubprocessTask):
             "version_id": self.version_id,
             "source": self.source.to_dict(),
             "registry": self.registry.to_dict(),
+            "keep_boot": self.keep_boot,
         }
 
     def run(self, ctx: TaskContext) -> TaskResult:
@@ -175,6 +179,7 @@ class ImportService(Service):
         task = LayerImportTask(
             self._layers, self.repository, layer_id=layer_id, version_id=info.id,
             qualified_name=f"{info.layer}:{info.name}", source=captured, registry=registry, comment=comment,
+            keep_boot=layer_type is LayerType.OS,
         )
         try:
             return runner.submit(task)
