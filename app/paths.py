@@ -40,6 +40,11 @@ class Home:
     def backups(self) -> Path:
         return self.root / "backups"
 
+    @property
+    def layer_cache(self) -> Path:
+        """The layer disk cache: ready-to-merge layer volumes (bounded by the ``layer_cache_gb`` setting)."""
+        return self.root / "cache" / "layers"
+
     def ensure(self) -> Home:
         """Create the home's folders (idempotent) and return self."""
         try:

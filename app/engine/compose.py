@@ -23,8 +23,9 @@
 
   1. the OS version's image is opened from the repository's WIM and changed *in memory only* (the
      repository file is never written);
-  2. each app layer in order, then the platform layer, is applied onto an empty staging NTFS volume
-     and merged with ONE ``wimlib_update_image`` call: its whiteouts (recursive deletes, missing paths
+  2. each app layer in order, then the platform layer, is taken as an NTFS volume from the layer disk
+     cache (:mod:`app.engine.layer_cache`; staged from the repository onto an empty volume when not
+     there) and merged with ONE ``wimlib_update_image`` call: its whiteouts (recursive deletes, missing paths
      ignored), then the volume at ``/`` (NTFS mode: ACLs, streams and short names kept; the wimlib
      aliasing bug needs one NTFS source per call). Where both layers hold a directory, the lower
      layer's directory (name, ACL, attributes) stays; files are replaced whole;
@@ -33,12 +34,15 @@
      is applied in stack order, and the new hive files replace the old ones in one more update call
      (their transaction logs, stale now, are removed). ``.reg`` imports map ``CurrentControlSet`` to
      ``ControlSet001``; when ``SYSTEM\\Select\\Current`` names another control set, keys under
-     ``ControlSet001`` are moved to it. The new hive files carry no ACL of their own (they come from the
-     local file system): Windows' ``config`` folder ACL applies;
+     ``ControlSet001`` are moved to it. On a disk the new hive files overwrite the old ones in place on
+     the applied volume (``ntfscp``), keeping their ACLs and attributes; in a WIM output they are new
+     files without an ACL of their own (Windows' ``config`` folder ACL applies);
   4. ``wim``: the merged image is exported to a new WIM (XPRESS), written and verified; disk formats: a
-     partition-sized NTFS volume is made for the template's disk (GPT: ESP, MSR, then Windows up to the
-     backup GPT), the merged image is applied onto it, and ``qemu-img`` writes the disk from the GPT
-     pieces around the volume (:func:`app.engine.disk.convert`, which verifies it).
+     partition-sized NTFS volume is made for the template's disk, the merged image is applied onto it,
+     and ``qemu-img`` writes the disk from the pieces around the volume (:func:`app.engine.disk.convert`,
+     which verifies it). An OS layer imported from a gold disk lays the disk out like it, with its other
+     partitions and boot code (:mod:`app.engine.gold`); otherwise the disk is GPT: ESP (empty FAT32),
+     MSR, then Windows up to the backup GPT.
 
   Everything is written in a work folder (``.<name>.<random>.work``) inside ``out_dir``; the output
   appears as ``<name>.<ext>`` only when complete and verified (a hard link, so an existing file is never
@@ -65,6 +69,7 @@ from types import FrameType
 from typing import Any, Literal, get_args
 
 from app.engine import disk, gold
+from app.engine.layer_cache import LayerDiskCache
 from app.engine.registry.delta import (
     CreateKey,
     DeleteKey,
@@ -127,8 +132,6 @@ HIVE_FILES: Mapping[HiveName, str] = {
     HiveName.NTUSER: "/Users/Default/NTUSER.DAT",
 }
 _IMPORT_CONTROL_SET = "ControlSet001"  # what .reg imports map CurrentControlSet to
-#: Per file in the size estimate of an NTFS volume: its MFT record and the rounding to whole clusters.
-_NTFS_PER_FILE = 1024 + 4096
 _NTFS_FIXED = 32 * MiB  # $MFT zone start, $LogFile, bitmaps of a small volume
 
 ProgressFn = Callable[[float, str], None]
@@ -190,6 +193,8 @@ class ComposeResult:
     conflicts: tuple[Conflict, ...]
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: App and platform layers whose volumes came from the layer disk cache.
+    cache_hits: int = 0
 
 
 # --- the stack -----------------------------------------------------------------------------------------
@@ -321,6 +326,7 @@ class _Steps:
         self._cancel = cancel
         self._last = (-1, 0.0)
         self.timings: dict[str, float] = {}
+        self.cache_hits = 0
 
     def check(self) -> None:
         if self._cancel is not None and self._cancel.cancelled:
@@ -356,12 +362,14 @@ def compose(
     *,
     name: str,
     work_dir: Path | None = None,
+    cache: LayerDiskCache | None = None,
     progress: ProgressFn | None = None,
     cancel: Cancellable | None = None,
 ) -> ComposeResult:
     """Composite ``stack`` into ``out_dir/<name>.<ext>`` in format ``fmt`` (see the module docstring);
     ``size_gb`` GiB is the disk's size (unused for ``wim``). ``work_dir`` (a new folder inside ``out_dir``,
-    made here; a unique name by default) holds the work files and is removed at the end. On failure or
+    made here; a unique name by default) holds the work files and is removed at the end. ``cache``: the
+    layer disk cache to take app and platform layers' volumes from (none: each is staged in ``work_dir``). On failure or
     cancel nothing is left in ``out_dir``."""
     started = time.monotonic()
     _check_stack(stack)
@@ -396,7 +404,8 @@ def compose(
         raise ComposeError(f"The work folder {work} already exists (another publish is using it).") from None
     try:
         with contextlib.ExitStack() as held:
-            merged, index = _merge(stack, manifests, repository, work, held, steps)
+            merged, index = _merge(stack, manifests, repository, work, held, steps,
+                                   cache if cache is not None else LayerDiskCache(work / "staged", 0))
             hives = _merge_registry(stack, manifests, merged, index, work, steps, into_image=fmt == "wim")
             steps.at(45, "Listing the merged image")
             entries = list(merged.iterate_dir_tree(index))
@@ -420,37 +429,34 @@ def compose(
     return ComposeResult(
         path=final, format=fmt, size_bytes=final.stat().st_size, checksum=checksum, files=files,
         data_bytes=data_bytes, manifest_digest=digest, conflicts=tuple(report),
-        seconds=round(time.monotonic() - started, 3), timings=steps.timings,
+        seconds=round(time.monotonic() - started, 3), timings=steps.timings, cache_hits=steps.cache_hits,
     )
-
-
-def _staging_size(manifest: VersionManifest) -> int:
-    estimate = manifest.data_bytes + manifest.data_bytes // 8 + manifest.files * 2 * _NTFS_PER_FILE + 2 * _NTFS_FIXED
-    return -(-estimate // MiB) * MiB
 
 
 def _merge(
     stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository, work: Path,
-    held: contextlib.ExitStack, steps: _Steps,
+    held: contextlib.ExitStack, steps: _Steps, cache: LayerDiskCache,
 ) -> tuple[Wim, int]:
-    """The OS image, opened in memory, with every other layer merged into it (one update call per layer)."""
+    """The OS image, opened in memory, with every other layer merged into it (one update call per layer); the
+    layers' volumes come from the layer disk cache (or are staged into it)."""
     os_layer, os_manifest = stack[0], manifests[0]
     merged = held.enter_context(Wim.open(repository.wim_path(os_layer.layer_id)))
     index = merged.find_image(os_manifest.image)
     if index is None:
         raise ComposeError(f"The repository's WIM of layer {os_layer.name} has no image {os_manifest.image}.")
     uppers = list(zip(stack[1:], manifests[1:], strict=True))
+    in_use = {cache.name_for(layer.layer_id, layer.version_id, manifest.checksum) for layer, manifest in uppers}
     for number, (layer, manifest) in enumerate(uppers, 1):
         low = 5 + 35 * (number - 1) / len(uppers)
         high = 5 + 35 * number / len(uppers)
         steps.at(low, f"Staging layer {layer.name}")
-        volume = work / f"layer-{number}.ntfs"
         with steps.timed("stage"):
-            make_ntfs_volume(volume, _staging_size(manifest), label=layer.name[:32])
-            repository.extract_version_to_ntfs_volume(
-                layer.layer_id, layer.version_id, volume, checksum=layer.checksum,
-                progress=steps.bytes_in(low, high, f"Staging layer {layer.name}"), cancel=steps._cancel,
+            staged = cache.volume(
+                repository, layer.layer_id, layer.version_id, layer.checksum, label=layer.name, scratch=work,
+                keep=in_use, progress=steps.bytes_in(low, high, f"Staging layer {layer.name}"), cancel=steps._cancel,
             )
+        volume = staged.path
+        steps.cache_hits += staged.hit
         commands: list[UpdateCommand] = [DeleteCommand(d.image_path, recursive=True, missing_ok=True)
                                          for d in manifest.deletions]
         commands.append(AddCommand(volume, "/", ntfs=True))
@@ -728,6 +734,8 @@ def compose_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]
             [StackLayer.from_dict(layer) for layer in args["stack"]], LayerRepository(Path(args["repository"])),
             Path(args["out_dir"]), str(args["format"]), float(args["size_gb"]), name=str(args["name"]),
             work_dir=Path(args["work_dir"]) if args.get("work_dir") else None,
+            cache=LayerDiskCache(Path(args["cache_dir"]), int(args.get("cache_bytes", 0))) if args.get("cache_dir")
+            else None,
             progress=lambda percent, message: report.progress(int(percent), message), cancel=token,
         )
     except TaskCanceled:
@@ -736,7 +744,8 @@ def compose_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    report.log(f"Composited {result.files} files ({result.data_bytes} bytes) in {result.seconds:.1f} s; "
+    report.log(f"Composited {result.files} files ({result.data_bytes} bytes) in {result.seconds:.1f} s, "
+               f"{result.cache_hits} layer volume(s) from the layer disk cache; "
                f"steps: {', '.join(f'{k} {v:.2f} s' for k, v in result.timings.items())}.")
     return {
         "summary": f"Published {result.path.name}: {result.size_bytes} bytes, {len(result.conflicts)} conflict(s).",

@@ -53,7 +53,8 @@ class PublishTask(SubprocessTask):
 
     def __init__(
         self, publishing: PublishingService, repository: LayerRepository, plan: PublishPlan,
-        stack: list[StackLayer], output_dir: Path, fmt: str, *, comment: str = "",
+        stack: list[StackLayer], output_dir: Path, fmt: str, *, comment: str = "", cache_dir: Path | None = None,
+        cache_bytes: int = 0,
     ) -> None:
         super().__init__(f"Publish {plan.image_name} from template {plan.template}")
         self._publishing = publishing
@@ -63,6 +64,9 @@ class PublishTask(SubprocessTask):
         self.output_dir = output_dir
         self.format = fmt
         self.comment = comment
+        #: The layer disk cache (its folder and bound in bytes); none: every layer is staged for this publish.
+        self.cache_dir = cache_dir
+        self.cache_bytes = cache_bytes
         self.work_dir = output_dir / f".{plan.image_name}.{secrets.token_hex(4)}.work"
         self._produced = False
 
@@ -79,6 +83,8 @@ class PublishTask(SubprocessTask):
             "size_gb": self.plan.size_gb,
             "name": self.plan.image_name,
             "work_dir": str(self.work_dir),
+            "cache_dir": str(self.cache_dir) if self.cache_dir is not None else None,
+            "cache_bytes": self.cache_bytes,
         }
 
     def run(self, ctx: TaskContext) -> TaskResult:

@@ -17,6 +17,7 @@ from app.errors import Conflict, NotFound, PermissionDenied, UserError, Validati
 from app.paths import Home
 from app.services.base import Service, ServiceContext
 from app.services.rbac import Operation
+from app.services.settings import read_setting
 from app.services.templates import find_template, publish_blockers
 from app.services.validation import validate_comment
 from app.services.views import PublishedImageInfo, PublishPlan, StackEntry, to_jsonable
@@ -250,6 +251,8 @@ class PublishingService(Service):
         target = folder / f"{plan.image_name}.{EXTENSIONS[fmt]}"
         if target.exists():
             raise Conflict(f"{target} already exists; publish again in a minute or move it away.")
+        with self._read() as session:
+            cache_gb = int(read_setting(session, "layer_cache_gb"))
         task = PublishTask(self, LayerRepository(self._home().repository), plan, stack, folder.absolute(), fmt,
-                           comment=comment)
+                           comment=comment, cache_dir=self._home().layer_cache, cache_bytes=cache_gb * 1024**3)
         return runner.submit(task)
