@@ -81,7 +81,7 @@ from app.engine.registry.delta import (
     TouchKind,
 )
 from app.engine.registry.model import Hive, ValueType, fold
-from app.engine.registry.regf import read_hive, write_hive
+from app.engine.registry.regf import HiveError, read_hive, write_hive
 from app.engine.repository import LayerRepository, VersionManifest
 from app.engine.wim import (
     AddCommand,
@@ -561,7 +561,16 @@ def _merge_registry(
         source = work / "hives-in"
         source.mkdir()
         merged.extract_paths_to_folder(index, [e.path for e in found.values()] + logs, source)
-        hives = {hive: read_hive(source / entry.path.lstrip("/")) for hive, entry in found.items()}
+        hives = {}
+        for hive, entry in found.items():
+            try:
+                hives[hive] = read_hive(source / entry.path.lstrip("/"))
+            except HiveError as exc:
+                detail = str(exc).removeprefix(f"{source / entry.path.lstrip('/')}: ")
+                raise ComposeError(
+                    f"The OS layer {stack[0].name}'s {hive} hive ({_windows_path(entry.path)}) cannot be used: "
+                    f"{detail}. Import the OS layer again from a machine that was shut down cleanly."
+                ) from None
         control_set = _current_control_set(hives[HiveName.SYSTEM]) if HiveName.SYSTEM in hives else None
         for manifest in manifests:
             delta = manifest.registry

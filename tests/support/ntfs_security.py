@@ -36,6 +36,10 @@ def _library() -> ctypes.CDLL:
                                            ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
     lib.ntfs_set_file_security.restype = ctypes.c_int
     lib.ntfs_set_file_security.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_char_p]
+    lib.ntfs_get_file_attributes.restype = ctypes.c_int
+    lib.ntfs_get_file_attributes.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ntfs_set_file_attributes.restype = ctypes.c_int
+    lib.ntfs_set_file_attributes.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]
     return lib
 
 
@@ -90,6 +94,21 @@ def get_security(volume: Path, path: str) -> bytes:
                                           ctypes.byref(needed)):
             raise OSError(ctypes.get_errno(), f"libntfs-3g cannot read the security of {path} in {volume}")
         return buffer.raw[: needed.value]
+
+
+def get_attributes(volume: Path, path: str) -> int:
+    """The Windows file attributes (``FILE_ATTRIBUTE_*`` bits) of ``path`` in ``volume``."""
+    with _opened(volume) as (lib, api):
+        value = lib.ntfs_get_file_attributes(api, path.encode())
+        if value < 0:
+            raise OSError(ctypes.get_errno(), f"libntfs-3g cannot read the attributes of {path} in {volume}")
+        return int(value)
+
+
+def set_attributes(volume: Path, path: str, attributes: int) -> None:
+    with _opened(volume) as (lib, api):
+        if not lib.ntfs_set_file_attributes(api, path.encode(), attributes):
+            raise OSError(ctypes.get_errno(), f"libntfs-3g cannot set the attributes of {path} in {volume}")
 
 
 def dacl_entries(descriptor: bytes) -> list[tuple[str, int]]:

@@ -1,0 +1,116 @@
+"""Publishing with what real layers bring: files captured from NTFS volumes keep their ACLs, attributes
+and named streams through a publish; a damaged OS hive and a disk that fills up during the publish each
+give one clear message and leave nothing in the output folder. Read back with ntfsls/ntfscat,
+ntfssecaudit and libntfs-3g's security API, not with our code."""
+
+from __future__ import annotations
+
+import contextlib
+import lzma
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.engine.compose import ComposeError, StackLayer, compose
+from app.engine.repository import CaptureSource, LayerRepository, SourceKind
+from app.engine.wim import Wim, make_ntfs_volume
+from app.errors import UserError
+from tests.engine.test_compose import store
+from tests.support import ntfs_security as sec
+from tests.support.compose_stack import LayerDef, os_layer
+from tests.support.repository_checks import make_tree
+from tests.support.tools import run_ok, tool
+
+MiB = 1024 * 1024
+HIVES = Path(__file__).parents[2].parent / "shared" / "testdata" / "hives"
+APP_ACL = [(sec.ADMINISTRATORS, sec.FULL_CONTROL), (sec.USERS, sec.READ_EXECUTE)]
+ZONE = b"[ZoneTransfer]\r\nZoneId=3\r\n"
+HIDDEN, SYSTEM_ATTR = 0x2, 0x4
+
+
+def _ntfscat(volume: Path, path: str, stream: str | None = None) -> bytes:
+    argv = [tool("ntfscat"), *(["-n", stream] if stream else []), str(volume), path]
+    return subprocess.run(argv, capture_output=True, check=True, timeout=60).stdout
+
+
+def _app_volume(tmp: Path) -> Path:
+    """An app layer as captured from an NTFS volume: an ACL, a named stream, hidden+system attributes."""
+    files = make_tree(tmp / "app-files", {"Program Files/Secure/app.exe": b"MZ secure app",
+                                          "Program Files/Secure/license.key": b"KEY"})
+    volume = make_ntfs_volume(tmp / "app.ntfs", 32 * MiB)
+    with Wim.create("none") as wim:
+        wim.extract_image_to_ntfs_volume(wim.add_image_from_folder(files, "app"), volume)
+    sec.set_security(volume, "/Program Files/Secure/app.exe",
+                     sec.security_descriptor(sec.ADMINISTRATORS, sec.ADMINISTRATORS, APP_ACL))
+    sec.set_attributes(volume, "/Program Files/Secure/license.key", HIDDEN | SYSTEM_ATTR)
+    (tmp / "zone").write_bytes(ZONE)
+    run_ok("ntfscp", "-N", "Zone.Identifier", volume, tmp / "zone", "/Program Files/Secure/app.exe")
+    return volume
+
+
+def test_acls_attributes_and_streams_of_ntfs_layers_survive_a_publish(tmp_path: Path) -> None:
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    base = store(repository, tmp_path, os_layer(tmp_path), 1)
+    stored = repository.store_version(2, 20, CaptureSource(SourceKind.NTFS_VOLUME, _app_volume(tmp_path)))
+    stack = [base, StackLayer("app", "Secure", 2, 20, stored.checksum)]
+    (tmp_path / "out").mkdir()
+    result = compose(stack, repository, tmp_path / "out", "raw", 1, name="secure")
+    volume = tmp_path / "windows.ntfs"
+    start = int(run_ok("sgdisk", "-i", "3", result.path).stdout.split("First sector: ")[1].split()[0])
+    with result.path.open("rb") as disk, volume.open("wb") as out:
+        disk.seek(start * 512)
+        out.write(disk.read(result.size_bytes - start * 512 - 33 * 512))
+    descriptor = sec.get_security(volume, "/Program Files/Secure/app.exe")
+    assert sec.owner_sid(descriptor) == sec.ADMINISTRATORS and sec.dacl_entries(descriptor) == APP_ACL
+    assert "Windows owner S-1-5-32-544" in run_ok("ntfssecaudit", volume, "/Program Files/Secure/app.exe").stdout
+    assert _ntfscat(volume, "/Program Files/Secure/app.exe") == b"MZ secure app"
+    assert _ntfscat(volume, "/Program Files/Secure/app.exe", "Zone.Identifier") == ZONE
+    assert sec.get_attributes(volume, "/Program Files/Secure/license.key") & (HIDDEN | SYSTEM_ATTR) == \
+        HIDDEN | SYSTEM_ATTR
+
+
+def test_a_damaged_os_hive_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    broken = LayerDef("Win11", "os", {
+        "Windows/System32/config/SYSTEM": lzma.decompress((HIVES / "corrupted_system_hive.xz").read_bytes()),
+        "Windows/System32/config/SOFTWARE": b"regf" + bytes(100),
+    })
+    app = LayerDef("Tools", "app", {"tool.exe": b"MZ"}, reg=(
+        "[HKEY_LOCAL_MACHINE\\SOFTWARE\\Tools]\r\n\"On\"=dword:00000001\r\n\r\n"))
+    stack = [store(repository, tmp_path, broken, 1), store(repository, tmp_path, app, 2)]
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ComposeError) as caught:
+        compose(stack, repository, tmp_path / "out", "wim", 1, name="broken")
+    message = str(caught.value)
+    assert "OS layer Win11" in message and "SOFTWARE hive" in message and "cannot be used" in message
+    assert os.listdir(tmp_path / "out") == []
+
+
+@contextlib.contextmanager
+def _small_filesystem(where: Path, megabytes: int) -> Iterator[Path]:
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"a small file system needs mount (root): {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_disk_that_fills_up_during_the_publish(tmp_path: Path) -> None:
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    big = LayerDef("Big", "app", {f"Program Files/Big/blob{i}.bin": os.urandom(4 * MiB) for i in range(12)})
+    stack = [store(repository, tmp_path, os_layer(tmp_path), 1), store(repository, tmp_path, big, 2)]
+    with _small_filesystem(tmp_path / "small", 40) as out:
+        with pytest.raises(UserError) as caught:
+            compose(stack, repository, out, "vhdx", 1, name="full")
+        assert "space" in str(caught.value).lower() or "full" in str(caught.value).lower(), caught.value
+        assert os.listdir(out) == []  # no image, no work folder
+    # the repository is intact: the same stack publishes elsewhere
+    (tmp_path / "out").mkdir()
+    assert compose(stack, repository, tmp_path / "out", "wim", 1, name="fine").files > 12
