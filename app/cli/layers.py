@@ -167,19 +167,24 @@ def version_mark_broken(ref: str, reason: str, comment: str) -> None:
 @click.option("--image", type=click.IntRange(min=1), metavar="N", help="The image of a WIM file (default 1).")
 @click.option("--registry", "registry_files", multiple=True, metavar="FILE.reg",
               help="Registry changes of the version (repeatable; later files win).")
+@click.option("--base", metavar="PATH",
+              help="App and platform layers: the packaging machine's disk (or NTFS volume image) before the "
+                   "installation; --from is then the same machine after it, and the version is the difference: "
+                   "new and changed files, deletions, and the registry changes of its hives.")
 @comment_option
 def import_(name: str, version: str, source: str, image: int | None, registry_files: tuple[str, ...],
-            comment: str) -> None:
+            base: str | None, comment: str) -> None:
     """Import a new version of a layer, as a task: progress on stderr, Ctrl-C cancels.
 
-    A failed or cancelled import leaves nothing behind."""
+    With --base, the version is the difference between two disks of the packaging machine. A failed or
+    cancelled import leaves nothing behind."""
     cli_state = state()
     services = cli_state.services()
     runner = cli_state.runner()
     show_progress(runner)
     task_id = services.imports.start_import(
         runner, name, version, Path(source), image=image, registry_files=[Path(f) for f in registry_files],
-        comment=comment,
+        base=Path(base) if base is not None else None, comment=comment,
     )
     task = finish_task(runner, task_id, f"Import of {name}:{version}")
     result = task.result or {}

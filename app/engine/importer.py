@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import Any
 
-from app.engine.disk import DiskError, image_info, read_partition_table
+from app.engine.difference import LayerDifference, capture_difference, ntfs_volume_of
+from app.engine.disk import DiskError, image_info, read_image_partition_table, read_partition_table
 from app.engine.registry.delta import RegistryDelta
 from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, Deletion, LayerRepository, SourceKind
@@ -45,6 +48,7 @@ __all__ = [
     "FolderScan",
     "ImportSourceError",
     "import_worker",
+    "inspect_difference",
     "inspect_source",
     "read_registry_files",
     "scan_folder",
@@ -148,6 +152,49 @@ def _check_wim_image(path: Path, image: int) -> int:
             f"(--image 1{f' to {count}' if count > 1 else ''})."
         )
     return image
+
+
+#: What a difference import compares: the Windows volume of a disk image, or an NTFS volume image.
+_DIFFERENCE_KINDS = (SourceKind.DISK_IMAGE, SourceKind.NTFS_VOLUME)
+_KIND_WORDS = {SourceKind.FOLDER: "folder", SourceKind.WIM: "WIM file"}
+
+
+def inspect_difference(source: CaptureSource, base: Path) -> CaptureSource:
+    """``source`` (from :func:`inspect_source`) as a difference import from ``base``: both must hold a Windows
+    NTFS volume (a disk image with one, or an NTFS volume image), checked now, before a version exists.
+    :class:`ImportSourceError` with one clear sentence otherwise."""
+    if source.kind not in _DIFFERENCE_KINDS:
+        raise ImportSourceError(
+            f"--base only applies to disk images and NTFS volume images (the machine after the change), but "
+            f"{source.path} is a {_KIND_WORDS.get(source.kind, source.kind.value)}.")
+    base = Path(base).absolute()
+    if not base.exists():
+        raise ImportSourceError(f"The base {base} does not exist.")
+    if base.is_dir():
+        raise ImportSourceError(f"The base {base} is a folder; --base takes a disk image or an NTFS volume image.")
+    try:
+        base_source = inspect_source(base)
+    except ImportSourceError as exc:
+        raise ImportSourceError(f"The base cannot be used: {exc.message}") from None
+    if base_source.kind not in _DIFFERENCE_KINDS:
+        raise ImportSourceError(f"The base {base} is a {_KIND_WORDS.get(base_source.kind, base_source.kind.value)}; "
+                                "--base takes a disk image or an NTFS volume image.")
+    if base.samefile(source.path):
+        raise ImportSourceError(f"The base and the source are the same file ({base}): there is no difference.")
+    for path, kind, what in ((base, base_source.kind, "base"), (source.path, source.kind, "source")):
+        if kind is SourceKind.DISK_IMAGE:
+            _check_windows_partition(path, what)
+    return replace(source, base=base)
+
+
+def _check_windows_partition(path: Path, what: str) -> None:
+    """A disk image of any format has a Windows NTFS partition (read through qemu-img when it is not raw)."""
+    try:
+        info = image_info(path)
+        with tempfile.TemporaryDirectory(prefix="layerdesk-disk-") as scratch:
+            read_image_partition_table(info, Path(scratch)).ntfs_data_partition()
+    except DiskError as exc:
+        raise ImportSourceError(f"The {what} disk {path} cannot be used: {exc}") from None
 
 
 # --- whiteouts ----------------------------------------------------------------------------------------
@@ -290,6 +337,8 @@ def _import(args: dict[str, Any], report: WorkerReport, token: CancelToken) -> d
     source = inspect_source(wanted.path, image=wanted.image)
     if source.kind is not wanted.kind:
         raise ImportSourceError(f"{source.path} changed: it is now a {source.kind.value}, not a {wanted.kind.value}.")
+    if wanted.base is not None:
+        return _import_difference(args, report, token, inspect_difference(source, wanted.base))
     scan = scan_folder(source.path, token) if source.kind is SourceKind.FOLDER else FolderScan((), ())
     delta = RegistryDelta.from_dict(args["registry"])
     if scan.deletions:
@@ -316,3 +365,79 @@ def _import(args: dict[str, Any], report: WorkerReport, token: CancelToken) -> d
         "deletions": stored.deletions,
         "registry_operations": stored.registry_operations,
     }
+
+
+class _Steps:
+    """Maps a step's 0–1 progress onto ``low``–``high`` percent; sends at most every 0.2 s, whole percent or new
+    message."""
+
+    def __init__(self, report: WorkerReport, low: float, high: float) -> None:
+        self._report, self._low, self._high = report, low, high
+        self._last: tuple[int, str, float] = (-1, "", 0.0)
+
+    def __call__(self, fraction: float, message: str) -> None:
+        percent = int(self._low + (self._high - self._low) * fraction)
+        now = time.monotonic()
+        if (percent, message) != self._last[:2] or now - self._last[2] >= 0.2:
+            self._last = (percent, message, now)
+            self._report.progress(percent, message)
+
+
+def _import_difference(
+    args: dict[str, Any], report: WorkerReport, token: CancelToken, source: CaptureSource,
+) -> dict[str, Any]:
+    """A difference import: the layer is what changed from ``source.base`` to ``source.path``
+    (:mod:`app.engine.difference`); the ``.reg`` files' changes go after the hives' difference. The volumes
+    are copied out into ``args["work_dir"]`` (the task removes it too, should this process be killed)."""
+    assert source.base is not None
+    repository = LayerRepository(Path(args["repository"])).ensure()
+    work = Path(args.get("work_dir") or tempfile.mkdtemp(prefix=".difference-", dir=repository.layers))
+    shutil.rmtree(work, ignore_errors=True)  # a version id the catalog handed out again
+    work.mkdir(parents=True)
+    try:
+        report.progress(2, f"Reading the Windows volume of the base {source.base.name}")
+        base = ntfs_volume_of(source.base, work / "base.ntfs", cancel=token,
+                              progress=_Throttle(report, 2, 15, "Reading the base's Windows volume"))
+        after = ntfs_volume_of(source.path, work / "after.ntfs", cancel=token,
+                               progress=_Throttle(report, 15, 28, "Reading the new Windows volume"))
+        with capture_difference(base, after, work, step=_Steps(report, 28, 80), cancel=token) as difference:
+            _log_difference(report, source, difference)
+            delta = RegistryDelta.merged([difference.registry, RegistryDelta.from_dict(args["registry"])])
+            stored = repository.store_version(
+                int(args["layer_id"]), int(args["version_id"]), source, deletions=difference.deletions,
+                delta=delta, build=difference.add_to, progress=_Throttle(report, 80, 99, "Writing the layer's WIM"),
+                cancel=token,
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.log(f"Stored image {stored.image}: {stored.files} files, {stored.data_bytes} bytes of data; "
+               f"the layer's WIM is now {stored.wim_bytes} bytes.")
+    report.progress(100, "Stored")
+    return {
+        "summary": (f"Imported the difference from {source.base} to {source.path}: {len(difference.added)} added "
+                    f"and {len(difference.changed)} changed files ({stored.data_bytes} bytes), "
+                    f"{stored.deletions} deletion(s), {stored.registry_operations} registry operation(s)."),
+        "image": stored.image,
+        "checksum": stored.checksum,
+        "files": stored.files,
+        "data_bytes": stored.data_bytes,
+        "wim_bytes": stored.wim_bytes,
+        "deletions": stored.deletions,
+        "registry_operations": stored.registry_operations,
+    }
+
+
+def _log_difference(report: WorkerReport, source: CaptureSource, difference: LayerDifference) -> None:
+    def some(items: Sequence[str]) -> str:
+        return ", ".join(items[:5]) + (", …" if len(items) > 5 else "")
+
+    timings = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in difference.timings.items())
+    report.log(f"Difference from {source.base}: {len(difference.added)} added, {len(difference.changed)} changed, "
+               f"{difference.unchanged} unchanged files; {len(difference.deletions)} deletion(s); "
+               f"{len(difference.registry)} registry operation(s) from the {', '.join(difference.hives) or 'no'} "
+               f"hive(s) ({timings}).")
+    if difference.deletions:
+        report.log(f"Deleted: {some([d.path for d in difference.deletions])}")
+    if difference.excluded:
+        report.log(f"{len(difference.excluded)} changed file(s) left out (registry hive files, paging and "
+                   f"hibernation files, restore points, the recycle bin): {some(difference.excluded)}")

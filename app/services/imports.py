@@ -12,13 +12,14 @@ again (audited, with the reason as its comment): a failed or cancelled import le
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from app.catalog.models import LayerType, LayerVersion, VersionState
-from app.engine.importer import inspect_source, read_registry_files
+from app.engine.importer import ImportSourceError, inspect_difference, inspect_source, read_registry_files
 from app.engine.registry.delta import RegistryDelta
 from app.engine.repository import CaptureSource, LayerRepository
 from app.errors import NotFound, PermissionDenied
@@ -63,7 +64,8 @@ class LayerImportTask(SubprocessTask):
         qualified_name: str, source: CaptureSource, registry: RegistryDelta, comment: str = "",
         keep_boot: bool = False,
     ) -> None:
-        super().__init__(f"Import {qualified_name} from {source.path}")
+        difference = f" as the difference from {source.base}" if source.base is not None else ""
+        super().__init__(f"Import {qualified_name} from {source.path}{difference}")
         self._layers = layers
         self._repository = repository
         self.layer_id = layer_id
@@ -83,7 +85,16 @@ class LayerImportTask(SubprocessTask):
             "source": self.source.to_dict(),
             "registry": self.registry.to_dict(),
             "keep_boot": self.keep_boot,
+            **({"work_dir": str(self.work_dir)} if self.work_dir is not None else {}),
         }
+
+    @property
+    def work_dir(self) -> Path | None:
+        """Where a difference import copies its two volumes out (inside the repository, beside the layers'
+        WIMs); the worker removes it, and :meth:`undo` too in case the worker was killed."""
+        if self.source.base is None:
+            return None
+        return self._repository.layers / f".difference-{self.layer_id}-v{self.version_id}"
 
     def run(self, ctx: TaskContext) -> TaskResult:
         try:
@@ -122,6 +133,8 @@ class LayerImportTask(SubprocessTask):
         why = "canceled" if isinstance(failure, TaskCanceled) else f"failed: {failure}"
         comment = f"Import {why}"[:COMMENT_LENGTH]
         ref = self._current_ref()
+        if self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
         try:
             self._repository.remove_version(self.layer_id, self.version_id)
         except Exception as exc:
@@ -162,10 +175,16 @@ class ImportService(Service):
         *,
         image: int | None = None,
         registry_files: Sequence[Path | str] = (),
+        base: Path | str | None = None,
         comment: str = "",
     ) -> int:
         """Check the request, create version ``version`` of ``layer`` (``editing``) and start the task that
-        imports ``source`` into it; returns the task id. Nothing is created when a check fails."""
+        imports ``source`` into it; returns the task id. Nothing is created when a check fails.
+
+        ``base`` (app and platform layers): a disk image or NTFS volume image of the machine before a change;
+        the version is then the difference from it to ``source`` (a disk image or NTFS volume image of the
+        same machine after the change): new and changed files, deletions, and the hives' registry difference
+        (:mod:`app.engine.difference`); ``registry_files`` still apply on top."""
         comment = validate_comment(comment)
         self._require(Operation.EDIT_ANY_LAYERS, layer, comment)
         with self._read() as session:
@@ -173,7 +192,12 @@ class ImportService(Service):
             layer_id, layer_name, layer_type = row.id, row.name, row.type
         self._require(LAYER_OPERATION[layer_type], layer_name, comment)
         self._require(Operation.RUN_TASKS, layer_name, comment)
+        if base is not None and layer_type is LayerType.OS:
+            raise ImportSourceError(f"{layer_name} is an OS layer: it is imported whole, never as a difference "
+                                    "(--base is for app and platform layers).")
         captured = inspect_source(Path(source), image=image)
+        if base is not None:
+            captured = inspect_difference(captured, Path(base))
         registry = read_registry_files([Path(p) for p in registry_files])
         info = self._layers.add_version(layer_name, version, comment=comment)
         task = LayerImportTask(

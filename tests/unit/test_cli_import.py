@@ -151,3 +151,44 @@ def test_ctrl_c_cancels_the_import_and_leaves_nothing_behind(tmp_path: Path) -> 
     versions = json.loads(ctl("--json", "layer", "show", "Win11").stdout)["versions"]
     assert [v["name"] for v in versions] == ["1"]
     assert listing(home / "repository") == before
+
+
+def test_import_with_base_stores_the_difference_of_two_disks(cli: Ctl, tmp_path: Path) -> None:
+    from tests.engine.test_difference import EXPECTED_DELETIONS, EXPECTED_LAYER_TREE, build_machine
+    from tests.engine.test_wim import wimlib_imagex_dir
+
+    machine = build_machine(tmp_path / "machine")
+    status, out, err = cli("layer", "import", "Tools", "--version", "1", "--from", str(machine.after_disk),
+                           "--base", str(machine.base_disk), "--comment", "packaged")
+    assert status == 0, err
+    assert out.startswith("Imported Tools:1 (deployable): 5 files, ") and out.endswith(" (task 1).\n")
+    assert err.splitlines()[-1] == "[100%] Stored"
+    repo = LayerRepository(cli.home / "repository")
+    assert wimlib_imagex_dir(repo.wim_path(2), 1) == EXPECTED_LAYER_TREE
+    shown = cli.json("layer", "version", "show", "Tools:1")
+    manifest = repo.manifest(2, int(shown["id"]), str(shown["checksum"]))  # type: ignore[call-overload]
+    assert set(manifest.deletions) == EXPECTED_DELETIONS and manifest.source.base == machine.base_disk
+
+
+def test_import_with_base_errors_are_one_line_and_leave_nothing(cli: Ctl, tmp_path: Path) -> None:
+    folder = make_tree(tmp_path / "src", {"a.txt": b"a"})
+    volume = tmp_path / "fake.ntfs"
+    volume.write_bytes(b"\xebR\x90NTFS    " + bytes(4096))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a disk", encoding="utf-8")
+    cases = [
+        (("Tools", "--from", str(folder), "--base", str(volume)),
+         f"--base only applies to disk images and NTFS volume images (the machine after the change), but {folder} "
+         "is a folder."),
+        (("Win11", "--from", str(volume), "--base", str(volume)),
+         "Win11 is an OS layer: it is imported whole, never as a difference (--base is for app and platform "
+         "layers)."),
+        (("Tools", "--from", str(volume), "--base", str(notes)),
+         f"The base cannot be used: {notes} is not a folder, a WIM file or an NTFS volume image (nor a disk image "
+         "LayerDesk knows), so it cannot be imported."),
+    ]
+    for args, message in cases:
+        status, out, err = cli("layer", "import", args[0], "--version", "1", *args[1:])
+        assert (status, out, err) == (3, "", f"layerctl: error: {message}\n")
+    assert cli.json("layer", "show", "Tools")["versions"] == []  # type: ignore[index]
+    assert cli.json("task", "list") == []
