@@ -1,22 +1,42 @@
 """The console's main window: navigation on the left, one page at a time, the signed-in
-administrator and the running tasks in the status bar."""
+administrator and the running tasks in the status bar (a click there opens the Tasks page).
+
+The window owns the task runner of the console's own tasks (imports, the demo lab); closing the window
+cancels what still runs (each task undoes its work)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from PySide6.QtCore import QSettings, QTimer
+from PySide6.QtCore import QSettings, QSize, QTimer
 from PySide6.QtGui import QCloseEvent, QKeySequence, QShortcut
-from PySide6.QtWidgets import QLabel, QListWidget, QMainWindow, QSplitter, QStackedWidget
+from PySide6.QtWidgets import (
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QMainWindow,
+    QPushButton,
+    QSplitter,
+    QStackedWidget,
+)
 
 from app import __version__
 from app.catalog.models import TaskState
 from app.errors import LayerDeskError
 from app.services import Services
+from app.tasks.runner import TaskRunner
 from ui.background import off_ui_thread
-from ui.pages import ListPage, audit_page, layers_page, tasks_page, templates_page
+from ui.icons import icon
+from ui.layers_page import LayersPage
+from ui.pages import spawn
+from ui.system_page import SystemPage
+from ui.tasks_page import TasksPage
+from ui.templates_page import TemplatesPage
 
 TASK_POLL_MS = 2000
+#: The navigation icon of each page (by its object name).
+NAV_ICONS = {"layers": "layers", "image_templates": "templates", "tasks": "tasks", "system": "system"}
 
 
 class MainWindow(QMainWindow):
@@ -26,14 +46,22 @@ class MainWindow(QMainWindow):
         #: Whether window geometry and page are restored and saved (not in smoke runs).
         self._remember = remember
         self.setWindowTitle(f"LayerDesk {__version__} – {services.home.root}")
-        self.pages: list[ListPage] = [
-            layers_page(services), templates_page(services), tasks_page(services), audit_page(services)
+        self.runner = TaskRunner(services.catalog, services.caller)
+        #: Each page has ``refresh()`` and the signals ``loaded(int)`` and ``failed(str)``.
+        self.pages: list[Any] = [
+            LayersPage(services, self.runner),
+            TemplatesPage(services, self.runner),
+            TasksPage(services),
+            SystemPage(services),
         ]
         self.nav = QListWidget()
         self.nav.setAccessibleName("Navigation")
         self.stack = QStackedWidget()
+        self.nav.setIconSize(QSize(20, 20))
         for page in self.pages:
-            self.nav.addItem(page.objectName().replace("_", " ").capitalize())
+            item = QListWidgetItem(page.objectName().replace("_", " ").capitalize())
+            item.setIcon(icon(NAV_ICONS.get(page.objectName(), "system")))
+            self.nav.addItem(item)
             self.stack.addWidget(page)
         self.nav.currentRowChanged.connect(self._show_page)
         splitter = QSplitter()
@@ -48,19 +76,30 @@ class MainWindow(QMainWindow):
         roles = ", ".join(sorted(r.value for r in caller.roles)) or "no role"
         who = QLabel(f"Signed in as <b>{caller.username}</b> ({roles})"
                      + (" – built-in administrator of this catalog" if caller.builtin else ""))
-        self.running = QLabel("No task running")
+        self.running = QPushButton("No task running")
+        self.running.setObjectName("running_tasks")
+        self.running.setFlat(True)
+        self.running.setToolTip("Open the Tasks page")
+        self.running.clicked.connect(lambda: self.show_page("tasks"))
         self.statusBar().addWidget(who, 1)
         self.statusBar().addPermanentWidget(self.running)
 
-        QShortcut(QKeySequence.StandardKey.Refresh, self, activated=self.current_page().refresh)
+        QShortcut(QKeySequence.StandardKey.Refresh, self, activated=lambda: self.current_page().refresh())
         self._polling: asyncio.Future[None] | None = None
         self._poll = QTimer(self, interval=TASK_POLL_MS, timeout=self._poll_tasks)
         self._poll.start()
         self._restore()
         self.nav.setCurrentRow(min(max(self._saved_page, 0), len(self.pages) - 1))
 
-    def current_page(self) -> ListPage:
+    def current_page(self) -> Any:
         return self.pages[self.stack.currentIndex()]
+
+    def show_page(self, name: str) -> None:
+        """Show the page whose object name is ``name`` (``layers``, ``tasks``, ``system``…)."""
+        for row, page in enumerate(self.pages):
+            if page.objectName() == name:
+                self.nav.setCurrentRow(row)
+                return
 
     def _show_page(self, row: int) -> None:
         self.stack.setCurrentIndex(row)
@@ -68,7 +107,7 @@ class MainWindow(QMainWindow):
 
     def _poll_tasks(self) -> None:
         if self._polling is None or self._polling.done():
-            self._polling = asyncio.ensure_future(self._update_running())
+            self._polling = spawn(self._update_running())
 
     async def _update_running(self) -> None:
         try:
@@ -99,6 +138,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self._poll.stop()
+        self.runner.shutdown(cancel=True)
         if not self._remember:
             super().closeEvent(event)
             return

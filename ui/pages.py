@@ -1,11 +1,14 @@
-"""The console's pages: each a filterable, sortable table of one kind of catalog object."""
+"""The console's pages: a filterable, sortable table of one kind of catalog object (:class:`ListPage`),
+and what every page shares: formatting, messages that never block the event loop, background coroutines."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
 
 from PySide6.QtCore import QSortFilterProxyModel, Qt, Signal
 from PySide6.QtWidgets import (
@@ -13,6 +16,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
+    QMessageBox,
     QPushButton,
     QTableView,
     QVBoxLayout,
@@ -21,24 +25,90 @@ from PySide6.QtWidgets import (
 
 from app.errors import LayerDeskError
 from app.services import Services
-from app.services.views import AuditEntryInfo, LayerInfo, TaskInfo, TemplateInfo
+from app.services.views import AuditEntryInfo
 from ui.background import off_ui_thread
 from ui.table_model import Column, ItemRole, RecordTableModel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def _when(value: Any) -> str:
+def format_when(value: Any) -> str:
     return value.astimezone().strftime("%Y-%m-%d %H:%M") if value else ""
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+def format_duration(value: timedelta | None) -> str:
+    """``42 s``, ``3 min 07 s``, ``2 h 05 min``; empty for ``None``."""
+    if value is None:
+        return ""
+    seconds = max(0, int(value.total_seconds()))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def fit_columns(table: QTableView, *, widest: int = 360) -> None:
+    """Size the columns to their contents, none wider than ``widest`` pixels (long text is elided; the
+    tooltip or a wider column shows it), unless the user has rearranged them."""
+    header = table.horizontalHeader()
+    if header.sectionsMoved():
+        return
+    table.resizeColumnsToContents()
+    for column in range(header.count()):
+        if header.sectionSize(column) > widest:
+            header.resizeSection(column, widest)
+
+
+def spawn(coroutine: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """Run ``coroutine`` on the UI event loop. Errors a user can fix are the coroutine's to show; anything
+    else that escapes it is a bug and goes to the crash dialog (``sys.excepthook``), never only to a log."""
+    future = asyncio.ensure_future(coroutine)
+
+    def report(done: asyncio.Future[T]) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is not None:
+            sys.excepthook(type(error), error, error.__traceback__)
+
+    future.add_done_callback(report)
+    return future
+
+
+def show_message(parent: QWidget, title: str, text: str, *,
+                 icon: QMessageBox.Icon = QMessageBox.Icon.Warning) -> QMessageBox:
+    """Show ``text`` in a window-modal box that does not block the event loop (background work goes on)."""
+    box = QMessageBox(icon, title, text, QMessageBox.StandardButton.Ok, parent)
+    box.setObjectName("message")
+    box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+    box.setWindowModality(Qt.WindowModality.WindowModal)
+    box.open()
+    return box
+
+
+async def confirm(parent: QWidget, title: str, text: str, *, action: str = "OK") -> bool:
+    """Ask a yes/no question without blocking the event loop; ``True`` when ``action`` was chosen."""
+    box = QMessageBox(QMessageBox.Icon.Question, title, text, QMessageBox.StandardButton.Cancel, parent)
+    box.setObjectName("confirm")
+    yes = box.addButton(action, QMessageBox.ButtonRole.AcceptRole)
+    box.setDefaultButton(QMessageBox.StandardButton.Cancel)
+    box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+    box.setWindowModality(Qt.WindowModality.WindowModal)
+    answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    box.finished.connect(lambda _code: answer.done() or answer.set_result(box.clickedButton() is yes))
+    box.open()
+    return await answer
 
 
 class ListPage(QWidget):
@@ -49,7 +119,7 @@ class ListPage(QWidget):
 
     def __init__(self, title: str, columns: Sequence[Column[Any]], key: Callable[[Any], Any],
                  fetch: Callable[[], Sequence[Any]], parent: QWidget | None = None, *,
-                 newest_first: bool = False) -> None:
+                 newest_first: bool = False, placeholder: str = "Filter…") -> None:
         super().__init__(parent)
         self.setObjectName(title.replace(" ", "_").lower())
         self._fetch = fetch
@@ -62,7 +132,7 @@ class ListPage(QWidget):
         self.proxy.setFilterKeyColumn(-1)
 
         heading = QLabel(f"<h2>{title}</h2>")
-        self.filter = QLineEdit(placeholderText="Filter…", clearButtonEnabled=True)
+        self.filter = QLineEdit(placeholderText=placeholder, clearButtonEnabled=True)
         self.filter.textChanged.connect(self.proxy.setFilterFixedString)
         self.filter.setAccessibleName(f"Filter {title}")
         self.refresh_button = QPushButton("&Refresh")
@@ -93,7 +163,7 @@ class ListPage(QWidget):
         """Reload in a worker thread; the UI thread never waits on the catalog."""
         if self._loading is not None and not self._loading.done():
             return
-        self._loading = asyncio.ensure_future(self._load())
+        self._loading = spawn(self._load())
 
     async def _load(self) -> None:
         self.status.setText("Loading…")
@@ -104,62 +174,19 @@ class ListPage(QWidget):
             self.failed.emit(str(exc))
             return
         self.model.replace(records)
-        if not self.table.horizontalHeader().sectionsMoved():
-            self.table.resizeColumnsToContents()
+        fit_columns(self.table)
         self.status.setText(f"{len(records)} item{'s' if len(records) != 1 else ''}")
         self.loaded.emit(len(records))
 
 
-def layers_page(services: Services) -> ListPage:
-    columns: list[Column[LayerInfo]] = [
-        Column("Name", lambda layer: layer.name),
-        Column("Type", lambda layer: layer.type.value),
-        Column("OS layer", lambda layer: layer.os_layer or ""),
-        Column("Versions", lambda layer: str(layer.version_count), sort=lambda layer: layer.version_count),
-        Column("Latest", lambda layer: layer.latest_version or ""),
-        Column("State", lambda layer: layer.latest_state.value if layer.latest_state else ""),
-        Column("Size", lambda layer: _size(layer.size_bytes), sort=lambda layer: layer.size_bytes),
-        Column("Description", lambda layer: layer.description),
-    ]
-    return ListPage("Layers", columns, lambda layer: layer.id, services.layers.list_layers)
-
-
-def templates_page(services: Services) -> ListPage:
-    columns: list[Column[TemplateInfo]] = [
-        Column("Name", lambda t: t.name),
-        Column("OS layer", lambda t: t.os_version),
-        Column("Platform layer", lambda t: t.platform_version or ""),
-        Column("App layers", lambda t: str(len(t.app_layers)), sort=lambda t: len(t.app_layers),
-               tooltip=lambda t: "\n".join(reversed(t.app_layers)) or "no app layers"),
-        Column("Format", lambda t: t.disk_format.value),
-        Column("Size (GB)", lambda t: str(t.size_gb), sort=lambda t: t.size_gb),
-        Column("Revision", lambda t: str(t.revision), sort=lambda t: t.revision),
-        Column("Publishable", lambda t: "yes" if not t.publish_blockers else "no",
-               tooltip=lambda t: "\n".join(t.publish_blockers) or "ready to publish"),
-    ]
-    return ListPage("Image templates", columns, lambda t: t.id, services.templates.list_templates)
-
-
-def tasks_page(services: Services) -> ListPage:
-    columns: list[Column[TaskInfo]] = [
-        Column("Id", lambda t: str(t.id), sort=lambda t: t.id),
-        Column("Task", lambda t: t.title),
-        Column("State", lambda t: t.state.value),
-        Column("Progress", lambda t: f"{t.progress}%", sort=lambda t: t.progress),
-        Column("Message", lambda t: t.message),
-        Column("Started by", lambda t: t.started_by),
-        Column("Created", lambda t: _when(t.created_at), sort=lambda t: t.created_at),
-    ]
-    return ListPage("Tasks", columns, lambda t: t.id, services.tasks.list_tasks, newest_first=True)
-
-
 def audit_page(services: Services) -> ListPage:
     columns: list[Column[AuditEntryInfo]] = [
-        Column("When", lambda e: _when(e.at), sort=lambda e: e.at),
+        Column("When", lambda e: format_when(e.at), sort=lambda e: e.at),
         Column("User", lambda e: e.user),
         Column("Operation", lambda e: e.operation),
         Column("Object", lambda e: e.object_name),
         Column("Outcome", lambda e: e.outcome.value),
         Column("Comment", lambda e: e.comment),
     ]
-    return ListPage("Audit log", columns, lambda e: e.id, services.audit.list_entries, newest_first=True)
+    return ListPage("Audit log", columns, lambda e: e.id, services.audit.list_entries, newest_first=True,
+                    placeholder="Search user, operation, object, outcome, comment…")

@@ -65,7 +65,8 @@ class Services:
         repository = LayerRepository(home.repository)
         return cls(
             home=home, catalog=catalog, caller=caller, secrets=secrets,
-            layers=LayerService(ctx), templates=TemplateService(ctx), publishing=PublishingService(ctx, home),
+            layers=LayerService(ctx, repository), templates=TemplateService(ctx),
+            publishing=PublishingService(ctx, home),
             assignments=AssignmentService(ctx), storage=StorageService(ctx), connectors=ConnectorService(ctx),
             directory=DirectoryService(ctx), tasks=TaskService(ctx), settings=SettingsService(ctx),
             audit=AuditService(ctx), access=AccessService(ctx),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, aliased, selectinload
@@ -17,11 +21,13 @@ from app.catalog.models import (
     TemplateAppLayer,
     VersionState,
 )
-from app.errors import Conflict, ValidationError
-from app.services.base import Service, find_layer, find_version, split_qualified
+from app.errors import Conflict, NotFound, ValidationError
+from app.services.base import Service, ServiceContext, find_layer, find_version, split_qualified
 from app.services.rbac import LAYER_OPERATION, Operation
 from app.services.validation import check_unique, like_contains, validate_description, validate_name
 from app.services.views import LayerDetail, LayerInfo, LayerVersionInfo
+
+log = logging.getLogger(__name__)
 
 #: The state machine of a layer version. ``deployable`` is final: a deployed version never changes.
 TRANSITIONS: dict[VersionState, frozenset[VersionState]] = {
@@ -32,6 +38,31 @@ TRANSITIONS: dict[VersionState, frozenset[VersionState]] = {
     VersionState.BROKEN: frozenset({VersionState.EDITING}),
     VersionState.DEPLOYABLE: frozenset(),
 }
+
+
+#: At most this many registry paths are listed in :attr:`VersionContents.registry` (the count is exact).
+REGISTRY_SUMMARY_LINES = 200
+
+
+@dataclass(frozen=True)
+class VersionContents:
+    """What one stored layer version holds, read from its verified manifest in the layer repository."""
+
+    layer: str
+    version: str
+    #: ``folder``, ``wim``, ``ntfs_volume`` or ``disk_image``, and the path it was imported from.
+    source_kind: str
+    source_path: str
+    files: int
+    data_bytes: int
+    #: Paths the version removes from the layers below it (``\\`` at the end: a whole folder's content).
+    deletions: tuple[str, ...]
+    registry_operations: int
+    #: ``"set HKLM\\SOFTWARE\\Key\\Value"`` and the like, one per registry path touched (the first
+    #: :data:`REGISTRY_SUMMARY_LINES` of them).
+    registry: tuple[str, ...]
+    #: Registry paths touched, per root (``HKLM\\SOFTWARE`` → 12).
+    registry_roots: tuple[tuple[str, int], ...]
 
 
 def version_users(session: Session, version: LayerVersion) -> list[str]:
@@ -101,7 +132,31 @@ def _layer_info(layer: Layer) -> LayerInfo:
     )
 
 
+class StoredContent(Protocol):
+    """Where layer versions' content is stored (the engine's layer repository)."""
+
+    def remove_version(self, layer_id: int, version_id: int) -> bool: ...
+
+
 class LayerService(Service):
+    """Layers and their versions. With ``content`` (the layer repository), deleting a version or a layer
+    also removes its stored content once the deletion has committed; if that fails, the deletion stands
+    and ``layerctl repo check`` reports the leftover as an orphan."""
+
+    def __init__(self, ctx: ServiceContext, content: StoredContent | None = None) -> None:
+        super().__init__(ctx)
+        self._content = content
+
+    def _forget_content(self, layer_id: int, version_ids: Sequence[int]) -> None:
+        if self._content is None:
+            return
+        for version_id in version_ids:
+            try:
+                self._content.remove_version(layer_id, version_id)
+            except Exception as exc:  # noqa: BLE001 - the deletion stands; `repo check` lists the orphan
+                log.warning("could not remove the stored content of layer %d version %d: %s", layer_id, version_id,
+                            exc)
+
     # --- reads ---------------------------------------------------------------------------------
 
     def list_layers(self, type: LayerType | None = None, search: str | None = None) -> list[LayerInfo]:
@@ -158,6 +213,57 @@ class LayerService(Service):
     def get_version(self, ref: str) -> LayerVersionInfo:
         with self._read() as session:
             return _version_info(session, find_version(session, ref, default_latest=False))
+
+    def template_usage(self) -> dict[int, tuple[str, ...]]:
+        """Per layer id, the image templates that use any version of it (as OS, platform or app layer),
+        sorted by name. Layers no template uses are left out."""
+        with self._read() as session:
+            rows = session.execute(
+                select(LayerVersion.layer_id, ImageTemplate.name)
+                .join(ImageTemplate, or_(ImageTemplate.os_version_id == LayerVersion.id,
+                                         ImageTemplate.platform_version_id == LayerVersion.id))
+                .union(
+                    select(TemplateAppLayer.layer_id, ImageTemplate.name)
+                    .join(ImageTemplate, ImageTemplate.id == TemplateAppLayer.template_id)
+                )
+            ).all()
+        usage: dict[int, set[str]] = {}
+        for layer_id, template in rows:
+            usage.setdefault(layer_id, set()).add(template)
+        return {layer_id: tuple(sorted(names, key=str.casefold)) for layer_id, names in usage.items()}
+
+    def version_contents(self, ref: str, repository: Path) -> VersionContents:
+        """What version ``LAYER:VERSION`` holds in the layer repository at ``repository`` (files, size,
+        deletions, registry changes). :class:`NotFound` while nothing is stored for it (a version being
+        edited); a manifest that does not match the catalog is refused (``RepositoryDamaged``)."""
+        # Imported here: the engine imports app.tasks, whose runner imports app.services.
+        from app.engine.repository import LayerRepository
+
+        with self._read() as session:
+            version = find_version(session, ref, default_latest=False)
+            layer_id, version_id, checksum = version.layer_id, version.id, version.checksum
+            layer_name, version_name = version.layer.name, version.name
+        if not checksum:
+            raise NotFound(f"Nothing is stored for {layer_name}:{version_name} yet (it is not imported).")
+        manifest = LayerRepository(repository).manifest(layer_id, version_id, checksum)
+        touched = manifest.registry.touched()
+        roots: dict[str, int] = {}
+        for touch in touched:
+            parts = touch.path.split("\\")
+            root = parts[0] if parts[0] == "HKCU" else "\\".join(parts[:2])
+            roots[root] = roots.get(root, 0) + 1
+        return VersionContents(
+            layer=layer_name,
+            version=version_name,
+            source_kind=manifest.source.kind.value,
+            source_path=str(manifest.source.path),
+            files=manifest.files,
+            data_bytes=manifest.data_bytes,
+            deletions=tuple(d.path + ("\\" if d.opaque else "") for d in manifest.deletions),
+            registry_operations=len(manifest.registry),
+            registry=tuple(f"{t.kind.value.replace('_', ' ')} {t.path}" for t in touched[:REGISTRY_SUMMARY_LINES]),
+            registry_roots=tuple(sorted(roots.items())),
+        )
 
     # --- changes -------------------------------------------------------------------------------
 
@@ -257,6 +363,8 @@ class LayerService(Service):
                 raise Conflict(f"Layer {layer.name!r} is in use and was not deleted: " + "; ".join(problems) + ".")
             change.object_name = layer.name
             change.details = {"type": layer.type.value, "versions": [v.name for v in layer.versions]}
+            layer_id, version_ids = layer.id, [v.id for v in layer.versions]
+            change.after_commit(lambda: self._forget_content(layer_id, version_ids))
             session.delete(layer)
 
     def add_version(
@@ -360,6 +468,8 @@ class LayerService(Service):
                 )
             change.object_name = version.qualified_name
             change.details = {"state": version.state.value}
+            layer_id, version_id = version.layer_id, version.id
+            change.after_commit(lambda: self._forget_content(layer_id, [version_id]))
             session.delete(version)
 
     # --- helpers -------------------------------------------------------------------------------

@@ -7,15 +7,16 @@ can be published, names the image ``<template>_<yyyy-mm-dd_hh-mm>``, and records
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from app.catalog.models import DiskFormat, LayerVersion, PublishedImage, Task
+from app.catalog.models import DiskFormat, LayerType, LayerVersion, PublishedImage, Task
 from app.errors import Conflict, NotFound, PermissionDenied, UserError, ValidationError
 from app.paths import Home
-from app.services.base import Service, ServiceContext
+from app.services.base import Service, ServiceContext, find_version
 from app.services.rbac import Operation
 from app.services.settings import read_setting
 from app.services.templates import find_template, publish_blockers
@@ -37,6 +38,17 @@ ENGINE_FORMATS: Mapping[DiskFormat, str] = {
     DiskFormat.RAW: "raw",
     DiskFormat.WIM: "wim",
 }
+
+
+@dataclass(frozen=True)
+class ConflictPreview:
+    """The conflict report of a layer stack that need not be saved as a template yet."""
+
+    #: Every contested file path and registry value, as :meth:`PublishingService.conflicts` reports them.
+    conflicts: tuple[LayerConflict, ...]
+    #: The stack's layer versions whose content is not in the repository, each with why. The report
+    #: compares the layers' content, so it is empty while this is not.
+    missing_content: tuple[str, ...] = ()
 
 
 def _entry(role: str, version: LayerVersion, priority: int | None) -> StackEntry:
@@ -199,6 +211,39 @@ class PublishingService(Service):
             name = template.name
         plan = self._plan_unchecked(name)
         return conflicts(self._engine_stack(plan), LayerRepository(self._home().repository))
+
+    def preview_conflicts(
+        self, os: str, apps: Sequence[str] = (), platform: str | None = None
+    ) -> ConflictPreview:
+        """The conflict report of the stack ``os`` + ``apps`` (``LAYER:VERSION`` refs, lowest priority first)
+        + ``platform``, saved as a template or not (the console shows it while a template is edited or
+        reordered). Versions without stored content are named in ``missing_content`` instead of failing.
+        Nothing is written. Open to every role."""
+        from app.engine.compose import StackLayer, conflicts
+        from app.engine.repository import LayerRepository
+
+        self.caller.require(Operation.READ)
+        repository = LayerRepository(self._home().repository)
+        wanted = [(os, LayerType.OS), *((ref, LayerType.APP) for ref in apps)]
+        if platform:
+            wanted.append((platform, LayerType.PLATFORM))
+        stack: list[StackLayer] = []
+        missing: list[str] = []
+        with self.catalog.read() as session:
+            for ref, kind in wanted:
+                version = find_version(session, ref)
+                if version.layer.type is not kind:
+                    raise ValidationError(
+                        f"{version.layer.name!r} is a {version.layer.type.value} layer, not the "
+                        f"{kind.value} layer this stack needs there."
+                    )
+                if not version.checksum or not repository.manifest_path(version.layer_id, version.id).exists():
+                    missing.append(f"{version.qualified_name} ({version.state.value}) has no content in the layer "
+                                   "repository: import it first")
+                stack.append(StackLayer(kind.value, version.layer.name, version.layer_id, version.id, version.checksum))
+        if missing:
+            return ConflictPreview((), tuple(missing))
+        return ConflictPreview(tuple(conflicts(stack, repository)))
 
     def _plan_unchecked(self, template_name: str) -> PublishPlan:
         """:meth:`plan` without the publish role (for read-only views of the stack)."""

@@ -8,9 +8,11 @@ from sqlalchemy import select
 
 from app.catalog.models import LayerVersion
 from app.engine.repository import LayerRepository, VersionKey
+from app.engine.toolcheck import ToolStatus, engine_tools
 from app.engine.wim import ProgressFn
 from app.procs import Cancellable
 from app.services.base import Service, ServiceContext
+from app.services.rbac import Operation
 
 
 @dataclass(frozen=True)
@@ -47,3 +49,9 @@ class RepositoryService(Service):
             versions_in_catalog=len(catalog),
             stored_versions=sum(1 for checksum in catalog.values() if checksum),
         )
+
+    def engine_tools(self) -> list[ToolStatus]:
+        """The engine's tools on this machine (wimlib, qemu-img, NTFS-3G, dosfstools) with their versions
+        and what cannot be done without each. Read-only; runs a few programs, so call it off the UI thread."""
+        self.caller.require(Operation.READ)
+        return engine_tools()

@@ -177,9 +177,12 @@ class TemplateService(Service):
 
     # --- changes -------------------------------------------------------------------------------
 
-    def create_template(self, name: str, spec: TemplateSpec, *, comment: str = "") -> TemplateInfo:
+    def create_template(
+        self, name: str, spec: TemplateSpec, *, comment: str = "", given_order: bool = False
+    ) -> TemplateInfo:
         """Create a template. App layers get the default priority: older layers lowest, the newest
-        layer highest (the admin reorders with :meth:`set_priority`)."""
+        layer highest (the admin reorders with :meth:`set_priority`); with ``given_order`` they get the
+        order of ``spec.apps`` instead, lowest first (the console's wizard sets the order before saving)."""
         with self._change(Operation.EDIT_TEMPLATES, "template.create", "image template", name, comment) as change:
             name = validate_name(name, "template name")
             session = change.session
@@ -187,20 +190,23 @@ class TemplateService(Service):
             template = ImageTemplate(
                 name=name, created_at=self._now(), created_by=self.caller.username, revision=0
             )
-            self._apply_spec(session, template, spec, keep_order=False)
+            self._apply_spec(session, template, spec, keep_order=False, given_order=given_order)
             session.add(template)
             self._save_revision(session, template, change_comment=comment)
             change.details = {"revision": template.revision, "template": snapshot(template)}
             return template_info(template)
 
-    def update_template(self, name: str, spec: TemplateSpec, *, comment: str = "") -> TemplateInfo:
+    def update_template(
+        self, name: str, spec: TemplateSpec, *, comment: str = "", given_order: bool = False
+    ) -> TemplateInfo:
         """Replace the template's content with ``spec``; app layers it already had keep their order,
-        added ones go on top (newest layer highest)."""
+        added ones go on top (newest layer highest). With ``given_order`` the app layers get the order of
+        ``spec.apps`` instead, lowest first: one revision for content and order together."""
         with self._change(Operation.EDIT_TEMPLATES, "template.update", "image template", name, comment) as change:
             session = change.session
             template = find_template(session, name)
             before = snapshot(template)
-            self._apply_spec(session, template, spec, keep_order=True)
+            self._apply_spec(session, template, spec, keep_order=True, given_order=given_order)
             after = snapshot(template)
             if after == before:
                 raise ValidationError(f"Nothing to save: template {template.name!r} already looks like this.")
@@ -334,7 +340,10 @@ class TemplateService(Service):
         # The loaded collection keeps its old order until reloaded; snapshots read it.
         session.refresh(template, ["app_layers"])
 
-    def _apply_spec(self, session: Session, template: ImageTemplate, spec: TemplateSpec, *, keep_order: bool) -> None:
+    def _apply_spec(
+        self, session: Session, template: ImageTemplate, spec: TemplateSpec, *, keep_order: bool,
+        given_order: bool = False,
+    ) -> None:
         template.description = validate_description(spec.description)
         template.icon = validate_name(spec.icon, "icon file name", max_length=260) if spec.icon else None
         template.disk_format = choice(DiskFormat, spec.disk_format, "disk format")
@@ -407,11 +416,15 @@ class TemplateService(Service):
             TemplateAppLayer(layer_id=v.layer_id, version=v, priority=10_000 + i) for i, v in enumerate(added)
         ]
         template.app_layers.extend(new_entries)
+        ordered = kept + new_entries
+        if given_order:
+            position = {v.layer_id: i for i, v in enumerate(versions)}
+            ordered.sort(key=lambda e: position[e.layer_id])
         if template.id is not None:
             session.flush()
-            self._reorder(session, template, kept + new_entries)
+            self._reorder(session, template, ordered)
         else:
-            for index, entry in enumerate(kept + new_entries):
+            for index, entry in enumerate(ordered):
                 entry.priority = index
 
     @staticmethod

@@ -62,7 +62,7 @@ def test_main_window_shows_the_catalog(qtbot: QtBot, event_loop: asyncio.Abstrac
     window.show()
     page = window.current_page()
     qtbot.waitUntil(lambda: page.model.rowCount() == 7, timeout=5000)
-    names = sorted(r.name for r in page.model.records())
+    names = sorted(r.layer.name for r in page.model.records())
     assert names == ["Chrome", "Citrix-VDA", "Notepad++", "Office", "Paint", "Win10", "Win11"]
 
     page.filter.setText("notepad")
@@ -82,7 +82,7 @@ def test_main_window_shows_the_catalog(qtbot: QtBot, event_loop: asyncio.Abstrac
     assert "admin" in window.statusBar().findChildren(type(templates.status))[0].text()
 
 
-def test_tasks_and_audit_read_newest_first_and_sort_by_time(
+def test_the_audit_log_reads_newest_first_and_sorts_by_time(
     qtbot: QtBot, event_loop: asyncio.AbstractEventLoop, lab: Services
 ) -> None:
     from datetime import UTC, datetime, timedelta
@@ -99,7 +99,9 @@ def test_tasks_and_audit_read_newest_first_and_sort_by_time(
     window = MainWindow(lab, remember=False)
     qtbot.addWidget(window)
     window.nav.setCurrentRow(3)
-    page = window.current_page()
+    system = window.current_page()
+    assert system.objectName() == "system"
+    page = system.audit
     qtbot.waitUntil(lambda: page.model.rowCount() > 3, timeout=5000)
     page.filter.setText("probe")
     shown = [page.proxy.index(r, 3).data() for r in range(page.proxy.rowCount())]
