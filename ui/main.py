@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from types import TracebackType
 
+import psutil
 from PySide6.QtCore import QTimer
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication, QMessageBox
@@ -32,6 +35,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         help="Start, load the first page, then quit with status 0 (for build checks).")
     parser.add_argument("--version", action="version", version=f"LayerDesk {__version__}")
     return parser.parse_args(argv)
+
+
+def _seconds_since_process_start() -> float:
+    """Seconds since this process started. On Linux from /proc (psutil's start time derives from the
+    boot time in whole seconds, so it can be off by up to a second); elsewhere psutil's."""
+    if sys.platform.startswith("linux"):
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks since boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    return time.time() - psutil.Process().create_time()
 
 
 def _install_crash_dialog(log_path: str) -> None:
@@ -71,6 +84,8 @@ async def _start(app: QApplication, args: argparse.Namespace) -> int:
         caller = dialog.caller
     window = MainWindow(Services.for_caller(home, catalog, caller, secrets), remember=not args.smoke)
     window.show()
+    args.shown_after = _seconds_since_process_start()
+    log.info("console window shown %.2f s after the process started", args.shown_after)
     closed: asyncio.Future[None] = loop.create_future()
     app.lastWindowClosed.connect(lambda: closed.done() or closed.set_result(None))
     if args.smoke:
@@ -94,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     app.setQuitOnLastWindowClosed(False)
     status = qasync.run(_start(app, args))
     if args.smoke:
-        print("LayerDesk console smoke run: ok" if status == 0 else "LayerDesk console smoke run: FAILED")
+        shown = getattr(args, "shown_after", None)
+        timing = f" (window shown {shown:.2f} s after start)" if shown is not None else ""
+        print(f"LayerDesk console smoke run: ok{timing}" if status == 0 else "LayerDesk console smoke run: FAILED")
     return int(status)
 
 
