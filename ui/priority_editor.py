@@ -354,6 +354,7 @@ class ConflictPanel(QWidget):
             return  # the panel is gone, or a newer order was asked for meanwhile
         self.preview = preview
         conflicts = preview.conflicts if preview else ()
+        self.table.setSortingEnabled(False)  # rows would move while they are filled
         self.table.setRowCount(len(conflicts))
         for row, conflict in enumerate(conflicts):
             winner = f"{conflict.winner} (removes)" if conflict.deleted else conflict.winner
@@ -361,6 +362,7 @@ class ConflictPanel(QWidget):
                 item = QTableWidgetItem(text_)
                 item.setToolTip(text_)
                 self.table.setItem(row, column, item)
+        self.table.setSortingEnabled(True)  # click a heading to sort, e.g. by the layer that wins
         self.table.setVisible(bool(conflicts))
         self._filler.setVisible(not conflicts)
         self.summary.setText(text)

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from PySide6.QtCore import QCoreApplication, Qt, Signal
+from PySide6.QtCore import QCoreApplication, QSortFilterProxyModel, Qt, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -364,9 +364,14 @@ class TemplatesPage(QWidget):
         self.details.setTextFormat(Qt.TextFormat.RichText)
         self.details.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.images = RecordTableModel(IMAGE_COLUMNS, lambda i: i.id, self)
+        self.images_sorted = QSortFilterProxyModel(self)
+        self.images_sorted.setSourceModel(self.images)
+        self.images_sorted.setSortRole(ItemRole.SORT)
         self.images_table = QTableView()
         self.images_table.setObjectName("published_images")
-        self.images_table.setModel(self.images)
+        self.images_table.setModel(self.images_sorted)
+        self.images_table.setSortingEnabled(True)
+        self.images_table.sortByColumn(1, Qt.SortOrder.DescendingOrder)  # newest first
         self.images_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.images_table.setAlternatingRowColors(True)
         self.images_table.verticalHeader().setVisible(False)
