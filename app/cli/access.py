@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from app.catalog.models import PrincipalKind, Role
-from app.cli.main import comment_option, emit, read_password, state, table
+from app.cli.main import F, comment_option, emit, read_password, state, table
 from app.services.access import embedded_caller, sign_in, sign_out
 from app.services.rbac import Caller
 
@@ -18,14 +18,19 @@ def _caller(c: Caller) -> str:
 
 
 @click.command("login")
-@click.option("--username", prompt="User name", help="Local account name.")
+@click.option("--user", "--username", "username", prompt="User name", metavar="USER",
+              help="A local account, or a directory user: DOMAIN\\user, user@domain (UPN) or user.")
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin instead of asking.")
 def login(username: str, password_stdin: bool) -> None:
-    """Sign in and keep a session (12 hours) in the OS keyring."""
+    """Sign in and keep a session (12 hours) in the OS keyring.
+
+    A bare name that is a local account's signs in that account; any other name is looked up in the
+    enabled directory junctions, and the directory user gets the roles granted to them and to their
+    (nested) groups."""
     cli_state = state()
     catalog, secrets = cli_state.open()
     password = read_password("Password", password_stdin)
-    token, caller = sign_in(catalog, username, password)
+    token, caller = sign_in(catalog, username, password, secrets=secrets)
     secrets.set("session", token)
     note = ""
     if embedded_caller(catalog, cli_state.home.root) is not None:
@@ -123,28 +128,69 @@ def role_group() -> None:
 _KINDS = [k.value for k in PrincipalKind]
 
 
+def _grantee(principal: str | None, kind: str, user: str | None, group: str | None) -> tuple[PrincipalKind, str, str]:
+    """Who a grant names: ``(kind, principal, display name)``. ``--user``/``--group`` names are looked up
+    in the directory (a bare ``--user`` name that is a local account's means that account)."""
+    from app.directory import PrincipalType
+    from app.directory.ldapfilter import is_sid
+    from app.services.directory import DirectoryLookup
+
+    given = [v for v in (principal, user, group) if v]
+    if len(given) != 1:
+        raise click.UsageError("name one grantee: NAME|SID (with --kind), --user USER or --group GROUP")
+    if principal:
+        return PrincipalKind(kind), principal, ""
+    services = state().services()
+    if group:
+        found = DirectoryLookup.for_services(services).resolve_principal(group, PrincipalType.GROUP)
+        return PrincipalKind.AD_GROUP, found.sid, found.qualified_name
+    assert user is not None
+    qualified = "@" in user or "\\" in user or is_sid(user)
+    if not qualified and any(a.username.casefold() == user.strip().casefold() for a in services.access.list_accounts()):
+        return PrincipalKind.LOCAL_USER, user.strip(), ""
+    found = DirectoryLookup.for_services(services).resolve_principal(user, PrincipalType.USER)
+    return PrincipalKind.AD_USER, found.sid, found.qualified_name
+
+
+def _grantee_options(fn: F) -> F:
+    for option in reversed([
+        click.argument("principal", metavar="[NAME|SID]", required=False),
+        click.option("--kind", type=click.Choice(_KINDS), default="local_user", show_default=True,
+                     help="What NAME|SID is."),
+        click.option("--user", metavar="USER", help="A local account or directory user (DOMAIN\\user, UPN, name)."),
+        click.option("--group", metavar="GROUP", help="A directory group (DOMAIN\\group or name)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @role_group.command("grant")
 @click.argument("role", type=click.Choice(ROLES))
-@click.argument("principal", metavar="NAME|SID")
-@click.option("--kind", type=click.Choice(_KINDS), default="local_user", show_default=True)
+@_grantee_options
 @click.option("--name", "display_name", default="", help="Display name (for SIDs).")
 @comment_option
-def role_grant(role: str, principal: str, kind: str, display_name: str, comment: str) -> None:
-    """Grant a role."""
-    info = state().services().access.grant_role(PrincipalKind(kind), principal, Role(role),
-                                                display_name=display_name, comment=comment)
+def role_grant(role: str, principal: str | None, kind: str, user: str | None, group: str | None, display_name: str,
+               comment: str) -> None:
+    """Grant a role to NAME|SID, a user (--user) or a directory group (--group).
+
+    A directory user's roles are those granted to them and to every group they belong to, nested groups
+    included."""
+    grantee_kind, grantee, shown = _grantee(principal, kind, user, group)
+    info = state().services().access.grant_role(grantee_kind, grantee, Role(role),
+                                                display_name=display_name or shown, comment=comment)
     emit(info, f"Granted {info.role.value} to {info.display_name or info.principal}.")
 
 
 @role_group.command("revoke")
 @click.argument("role", type=click.Choice(ROLES))
-@click.argument("principal", metavar="NAME|SID")
-@click.option("--kind", type=click.Choice(_KINDS), default="local_user", show_default=True)
+@_grantee_options
 @comment_option
-def role_revoke(role: str, principal: str, kind: str, comment: str) -> None:
-    """Revoke a role."""
-    state().services().access.revoke_role(PrincipalKind(kind), principal, Role(role), comment=comment)
-    emit({"revoked": role, "principal": principal}, f"Revoked {role} from {principal}.")
+def role_revoke(role: str, principal: str | None, kind: str, user: str | None, group: str | None,
+                comment: str) -> None:
+    """Revoke a role from NAME|SID, a user (--user) or a directory group (--group)."""
+    grantee_kind, grantee, shown = _grantee(principal, kind, user, group)
+    state().services().access.revoke_role(grantee_kind, grantee, Role(role), comment=comment)
+    emit({"revoked": role, "principal": grantee}, f"Revoked {role} from {shown or grantee}.")
 
 
 @role_group.command("list")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -10,8 +11,11 @@ from app.catalog.models import DirectorySecurity
 from app.cli.main import F, comment_option, emit, read_password, state, table
 from app.errors import ValidationError
 from app.services.connectors import CONNECTOR_TYPES
-from app.services.directory import JunctionSpec
+from app.services.directory import PLAIN_WARNING, JunctionSpec
 from app.services.views import ConnectorInfo, DirectoryJunctionInfo, StorageLocationInfo
+
+if TYPE_CHECKING:
+    from app.directory import ConnectionReport
 
 
 def _groups(values: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -206,12 +210,18 @@ def _junction_options(fn: F) -> F:
     for option in reversed([
         click.option("--server", required=True, metavar="HOST"),
         click.option("--port", type=int, help="Default: 636 for LDAPS, 389 otherwise."),
-        click.option("--security", type=click.Choice([s.value for s in DirectorySecurity]), default="ldaps",
-                     show_default=True),
-        click.option("--allow-plain", is_flag=True, help="Accept plain LDAP (passwords unencrypted)."),
+        click.option("--ldaps", "ldaps", is_flag=True, help="LDAP over TLS (the default)."),
+        click.option("--starttls", "starttls", is_flag=True, help="LDAP, then StartTLS before any password."),
+        click.option("--plain", "plain", is_flag=True,
+                     help="Unencrypted LDAP: passwords cross the network in clear (not recommended)."),
+        click.option("--security", type=click.Choice([s.value for s in DirectorySecurity]), default=None,
+                     help="Same as --ldaps, --starttls or --plain."),
+        click.option("--allow-plain", is_flag=True, help="Accept plain LDAP with --security plain."),
         click.option("--base-dn", required=True, metavar="DN"),
-        click.option("--bind-account", required=True, metavar="ACCOUNT"),
-        click.option("--ca-cert", "ca_cert_file", metavar="PEM-FILE", help="CA certificate that signed the server's."),
+        click.option("--bind-user", "--bind-account", "bind_account", required=True, metavar="USER",
+                     help="The account LayerDesk searches the directory as (DOMAIN\\user, UPN or DN)."),
+        click.option("--ca-file", "--ca-cert", "ca_cert_file", metavar="PEM",
+                     help="CA certificate that signed the server's (default: the system's trusted CAs)."),
         click.option("--disabled", is_flag=True),
         click.option("--password-stdin", is_flag=True, help="Read the bind password from stdin."),
     ]):
@@ -219,9 +229,16 @@ def _junction_options(fn: F) -> F:
     return fn
 
 
-def _junction_spec(server: str, port: int | None, security: str, allow_plain: bool, base_dn: str,
-                   bind_account: str, ca_cert_file: str | None, disabled: bool) -> JunctionSpec:
-    return JunctionSpec(server=server, port=port, security=DirectorySecurity(security), allow_plain=allow_plain,
+def _junction_spec(server: str, port: int | None, ldaps: bool, starttls: bool, plain: bool, security: str | None,
+                   allow_plain: bool, base_dn: str, bind_account: str, ca_cert_file: str | None,
+                   disabled: bool) -> JunctionSpec:
+    flags = [name for name, chosen in (("ldaps", ldaps), ("starttls", starttls), ("plain", plain)) if chosen]
+    if len(flags) > 1 or (flags and security and security != flags[0]):
+        raise click.UsageError("choose one of --ldaps, --starttls and --plain")
+    chosen = DirectorySecurity(flags[0] if flags else security or "ldaps")
+    if chosen is DirectorySecurity.PLAIN and (plain or allow_plain):
+        click.echo(f"layerctl: warning: {PLAIN_WARNING}", err=True)
+    return JunctionSpec(server=server, port=port, security=chosen, allow_plain=plain or allow_plain,
                         base_dn=base_dn, bind_account=bind_account,
                         ca_certificate=_read_text(ca_cert_file, "CA certificate"), enabled=not disabled)
 
@@ -231,7 +248,9 @@ def _junction_spec(server: str, port: int | None, security: str, allow_plain: bo
 @_junction_options
 @comment_option
 def directory_add(name: str, password_stdin: bool, comment: str, **kwargs: object) -> None:
-    """Add a directory junction; the bind password goes to the OS keyring."""
+    """Add a directory junction; the bind password goes to the OS keyring.
+
+    LDAPS is the default; the server's certificate is always verified (give --ca-file for a private CA)."""
     password = read_password("Bind password", password_stdin)
     info = state().services().directory.add_junction(name, _junction_spec(**kwargs), password=password,  # type: ignore[arg-type]
                                                      comment=comment)
@@ -248,6 +267,39 @@ def directory_update(name: str, password_stdin: bool, comment: str, **kwargs: ob
     info = state().services().directory.update_junction(name, _junction_spec(**kwargs), password=password,  # type: ignore[arg-type]
                                                         comment=comment)
     emit(info, _junction)
+
+
+def _report(report: ConnectionReport) -> str:
+    marks = {True: "ok  ", False: "FAIL", None: "-   "}
+    lines = [f"{marks[s.ok]}  {s.name:<6}  {s.detail}" for s in report.steps]
+    lines.extend(f"WARNING: {w}" for w in report.warnings)
+    return "\n".join(lines)
+
+
+@directory_group.command("test")
+@click.argument("name")
+def directory_test(name: str) -> None:
+    """Test a junction step by step: TCP, TLS, bind, search. Exits 3 when a step fails."""
+    from app.services.directory import DirectoryLookup
+
+    report = DirectoryLookup.for_services(state().services()).test_junction(name)
+    emit({"junction": name, "ok": report.ok, "failure": report.failure, "steps": report.steps,
+          "warnings": report.warnings}, lambda _: _report(report))
+    if not report.ok:
+        click.get_current_context().exit(3)
+
+
+@directory_group.command("search")
+@click.argument("text")
+@click.option("--limit", default=20, show_default=True, help="At most this many.")
+@click.option("--junction", metavar="NAME", help="Only this junction (default: every enabled one).")
+def directory_search(text: str, limit: int, junction: str | None) -> None:
+    """Users and groups whose name starts with TEXT (what the console's picker shows)."""
+    from app.services.directory import DirectoryLookup
+
+    found = DirectoryLookup.for_services(state().services()).search_principals(text, limit, junction=junction)
+    emit(found, lambda rows: table([(p.type.value, p.qualified_name, p.display_name, p.sid) for p in rows],
+                                   ["TYPE", "NAME", "DISPLAY NAME", "SID"]))
 
 
 @directory_group.command("list")

@@ -8,7 +8,13 @@ Rules (documented for administrators in README):
 * Once sign-in is required (the setting, or any enabled directory junction), every caller signs in.
   ``layerctl login`` keeps a session whose token lives in the OS keyring; the catalog holds only its
   SHA-256 hash and expiry.
-* Local accounts' passwords are hashed with argon2id (memory-hard). Directory sign-in plugs in here.
+* Local accounts' passwords are hashed with argon2id (memory-hard).
+* Directory users sign in as ``DOMAIN\\user``, ``user@domain`` (or their UPN), or a bare name that is
+  no local account's: the enabled directory junctions are asked in name order. Their roles are the
+  union of the roles granted to their SID and to the SIDs of every group they belong to, nested groups
+  included (the directory's ``tokenGroups``); they are fixed for the session's life. A directory user
+  without any role is refused. A bare name that is a local account's is always the local account, so
+  the local Administrator stays the way in when the directory cannot be reached.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import secrets as pysecrets
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import argon2
 from sqlalchemy import delete, func, select
@@ -34,15 +41,20 @@ from app.catalog.models import (
     PrincipalKind,
     Role,
     RoleGrant,
+    Setting,
     SignInSession,
     utcnow,
 )
 from app.errors import AuthenticationFailed, Conflict, NotFound, ValidationError
+from app.secrets import SecretStore
 from app.services.base import Service
 from app.services.rbac import Caller, Operation
-from app.services.settings import read_setting
+from app.services.settings import INSTALLATION_ID, read_setting
 from app.services.validation import choice, validate_name, validate_sid
 from app.services.views import AccountInfo, RoleGrantInfo
+
+if TYPE_CHECKING:
+    from app.directory import DirectorySettings
 
 SESSION_TTL = timedelta(hours=12)
 MIN_PASSWORD_LENGTH = 8
@@ -136,13 +148,31 @@ def session_caller(catalog: Catalog, token: str | None) -> Caller:
         return Caller(row.username, roles, row.principal_kind)
 
 
-def sign_in(catalog: Catalog, username: str, password: str, *, now: datetime | None = None) -> tuple[str, Caller]:
-    """Check a local account's password; return a new session token and the caller.
+def sign_in(catalog: Catalog, username: str, password: str, *, now: datetime | None = None,
+            secrets: SecretStore | None = None) -> tuple[str, Caller]:
+    """Check a local account's or a directory user's password; return a new session token and the caller.
 
     The same message is given for an unknown account and a wrong password, so a guesser learns
-    nothing; a disabled account is told apart because only its owner can know the password.
+    nothing; a disabled account is told apart because only its owner can know the password. Directory
+    users get the directory's own reason (disabled, expired, locked…). ``secrets`` holds the junctions'
+    bind passwords (default: this installation's keyring entries).
     """
     now = now or utcnow()
+    with catalog.read() as session:
+        local = session.scalars(select(LocalAccount.id).where(LocalAccount.username == username)).first()
+        directory_name = "@" in username or "\\" in username or local is None
+        if directory_name and session.scalar(
+                select(func.count()).select_from(DirectoryJunction).where(DirectoryJunction.enabled.is_(True))):
+            if secrets is None:
+                row = session.get(Setting, INSTALLATION_ID)
+                secrets = SecretStore(str(row.value) if row is not None else "")
+            from app.services.directory import enabled_junctions
+
+            junctions = enabled_junctions(session, secrets)
+        else:
+            junctions = []
+    if junctions:
+        return _directory_sign_in(catalog, junctions, username, password, now)
     refused = "The user name or password is incorrect."
     with catalog.write() as session:
         account = session.scalars(select(LocalAccount).where(LocalAccount.username == username)).one_or_none()
@@ -183,6 +213,64 @@ def sign_in(catalog: Catalog, username: str, password: str, *, now: datetime | N
             session.execute(delete(SignInSession).where(SignInSession.expires_at <= now))
             session.add(_sign_in_audit(account.username, now, AuditOutcome.SUCCESS, ""))
             return token, Caller(account.username, roles, PrincipalKind.LOCAL_USER)
+    raise outcome
+
+
+def _directory_sign_in(catalog: Catalog, junctions: list[tuple[str, DirectorySettings]], username: str,
+                       password: str, now: datetime) -> tuple[str, Caller]:
+    """Ask each enabled junction in turn; the first that accepts the password decides the roles."""
+    from app.directory import AuthenticatedUser, DirectoryClient, DirectoryError, SignInRefused
+
+    accepted: tuple[str, AuthenticatedUser] | None = None
+    failure: DirectoryError | SignInRefused | None = None
+    for name, settings in junctions:
+        try:
+            with DirectoryClient(settings) as client:
+                accepted = (name, client.authenticate(username, password))
+            break
+        except SignInRefused as refused:
+            if refused.reason != "wrong_credentials":
+                failure = refused
+                break
+            failure = failure or refused  # perhaps another junction knows this name
+        except DirectoryError as unusable:
+            # The user may be this directory's: say it could not be asked, not that the password is wrong.
+            failure = unusable if failure is None or isinstance(failure, SignInRefused) else failure
+    if accepted is None:
+        assert failure is not None
+        why = getattr(failure, "reason", "refused")
+        with catalog.write() as session:
+            session.add(_sign_in_audit(username, now, AuditOutcome.DENIED, f"directory: {why}"))
+        raise failure
+    junction, user = accepted
+    principal = user.principal
+    with catalog.write() as session:
+        roles = granted_roles(session, PrincipalKind.AD_USER, [principal.sid]) | granted_roles(
+            session, PrincipalKind.AD_GROUP, sorted(user.group_sids))
+        if not roles:
+            session.add(_sign_in_audit(principal.qualified_name, now, AuditOutcome.DENIED, "no LayerDesk role"))
+            outcome = AuthenticationFailed(
+                f"{principal.qualified_name} signed in to the directory but holds no LayerDesk role: ask an "
+                f"Administrator to grant one (`layerctl role grant ROLE --user {principal.qualified_name}`)."
+            )
+        else:
+            token = pysecrets.token_urlsafe(32)
+            session.add(
+                SignInSession(
+                    token_hash=_token_hash(token),
+                    username=principal.qualified_name,
+                    principal_kind=PrincipalKind.AD_USER,
+                    roles=sorted(r.value for r in roles),
+                    created_at=now,
+                    expires_at=now + SESSION_TTL,
+                )
+            )
+            session.execute(delete(SignInSession).where(SignInSession.expires_at <= now))
+            entry = _sign_in_audit(principal.qualified_name, now, AuditOutcome.SUCCESS, "")
+            entry.change = {"directory": junction, "sid": principal.sid}
+            session.add(entry)
+            return token, Caller(principal.qualified_name, roles, PrincipalKind.AD_USER,
+                                 display_name=principal.display_name)
     raise outcome
 
 

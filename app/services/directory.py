@@ -3,21 +3,34 @@
 The bind password lives in the OS keyring. Plain (unencrypted) LDAP is accepted only when asked for
 explicitly, and then carries a warning wherever the junction is shown. Adding an enabled junction
 makes sign-in required.
+
+:class:`DirectoryService` keeps the junctions (catalog changes, audited); :class:`DirectoryLookup`
+talks to the directories behind them (test a junction, find users and groups) and changes nothing.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.catalog.models import DirectoryJunction, DirectorySecurity
-from app.errors import Conflict, NotFound, ValidationError
-from app.services.base import Service
+from app.errors import Conflict, NotFound, PermissionDenied, ValidationError
+from app.secrets import SecretStore
+from app.services.base import Service, ServiceContext
 from app.services.rbac import Operation
 from app.services.validation import validate_host, validate_name, validate_port
 from app.services.views import DirectoryJunctionInfo
+
+if TYPE_CHECKING:
+    # The directory client (ldap3) is imported when first used: most commands never need it.
+    from app.directory import ConnectionReport, DirectoryPrincipal, DirectorySettings, PrincipalType
+    from app.services import Services
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {DirectorySecurity.LDAPS: 636, DirectorySecurity.STARTTLS: 389, DirectorySecurity.PLAIN: 389}
 PLAIN_WARNING = "Plain LDAP: passwords cross the network unencrypted. Use LDAPS or StartTLS."
@@ -159,3 +172,98 @@ class DirectoryService(Service):
         if row is None:
             raise NotFound(f"There is no directory junction named {name!r}.")
         return row
+
+
+# --- talking to the directory ---------------------------------------------------------------------
+
+
+def junction_settings(row: DirectoryJunction, secrets: SecretStore) -> DirectorySettings:
+    """How to reach ``row``'s directory, with its bind password from the keyring."""
+    from app.directory import DirectorySettings
+
+    return DirectorySettings(
+        server=row.server, port=row.port, security=row.security, base_dn=row.base_dn,
+        bind_account=row.bind_account,
+        bind_password=secrets.get(_secret_name(row.id)) if row.has_password else None,
+        ca_certificate=row.ca_certificate, attribute_map={**DEFAULT_ATTRIBUTES, **(row.attribute_map or {})},
+    )
+
+
+def enabled_junctions(session: Session, secrets: SecretStore) -> list[tuple[str, DirectorySettings]]:
+    """Every enabled junction's name and settings, in name order (the order sign-in tries them)."""
+    rows = session.scalars(
+        select(DirectoryJunction).where(DirectoryJunction.enabled.is_(True)).order_by(DirectoryJunction.name)
+    ).all()
+    return [(row.name, junction_settings(row, secrets)) for row in rows]
+
+
+class DirectoryLookup(Service):
+    """Questions to the directories behind the junctions. Reads only: nothing here changes the catalog.
+
+    Testing a junction uses its bind password, so it is the Administrator's (a refusal is audited);
+    finding users and groups (for role grants, assignments, the picker) is open to every role."""
+
+    @classmethod
+    def for_services(cls, services: Services) -> DirectoryLookup:
+        return cls(ServiceContext(catalog=services.catalog, caller=services.caller, secrets=services.secrets))
+
+    def test_junction(self, name: str) -> ConnectionReport:
+        """Try the junction step by step (TCP, TLS, bind, search); the report says which step failed."""
+        try:
+            self.caller.require(Operation.EDIT_DIRECTORY)
+        except PermissionDenied as denied:
+            self._audit_denied("directory.test", "directory junction", name, "", str(denied))
+            raise
+        from app.directory import DirectoryClient
+
+        with self.catalog.read() as session:
+            settings = junction_settings(DirectoryService._row(session, name), self._ctx.secrets)
+        with DirectoryClient(settings) as client:
+            report = client.test_connection()
+        log.info("tested directory junction %s: %s", name, "ok" if report.ok else report.failure)
+        return report
+
+    def _settings(self, junction: str | None) -> list[tuple[str, DirectorySettings]]:
+        with self._read() as session:
+            if junction is not None:
+                row = DirectoryService._row(session, junction)
+                return [(row.name, junction_settings(row, self._ctx.secrets))]
+            found = enabled_junctions(session, self._ctx.secrets)
+        if not found:
+            raise NotFound("No directory junction is configured: add one with `layerctl directory add`.")
+        return found
+
+    def search_principals(self, text: str, limit: int = 20, *, junction: str | None = None) -> list[DirectoryPrincipal]:
+        """Users and groups whose names start with ``text`` (the picker's search-as-you-type), from every
+        enabled junction (or the one named), at most ``limit``."""
+        if not 1 <= limit <= 1000:
+            raise ValidationError("The limit must be between 1 and 1000.", field="limit")
+        from app.directory import DirectoryClient
+
+        found: list[DirectoryPrincipal] = []
+        for _name, settings in self._settings(junction):
+            with DirectoryClient(settings) as client:
+                found.extend(client.search_principals(text, limit - len(found)))
+            if len(found) >= limit:
+                break
+        return found
+
+    def resolve_principal(self, name: str, kind: PrincipalType | None = None, *,
+                          junction: str | None = None) -> DirectoryPrincipal:
+        """The user or group ``name`` means (a SID, ``DOMAIN\\name``, ``name@domain`` or a name), from
+        the first enabled junction (in name order) that knows it; :class:`NotFound` when none does."""
+        from app.directory import DirectoryClient, DirectoryError
+
+        unreachable: DirectoryError | None = None
+        for _name, settings in self._settings(junction):
+            with DirectoryClient(settings) as client:
+                try:
+                    return client.resolve(name, kind)
+                except NotFound:
+                    continue
+                except DirectoryError as failure:
+                    unreachable = failure
+        if unreachable is not None:
+            raise unreachable
+        what = kind.value if kind else "user or group"
+        raise NotFound(f"No directory junction knows a {what} named {name!r}.")
