@@ -39,8 +39,9 @@
      files without an ACL of their own (Windows' ``config`` folder ACL applies);
   4. ``wim``: the merged image is exported to a new WIM (XPRESS), written and verified; disk formats: a
      partition-sized NTFS volume is made for the template's disk, the merged image is applied onto it,
-     and ``qemu-img`` writes the disk from the pieces around the volume (:func:`app.engine.disk.convert`,
-     which verifies it). An OS layer imported from a gold disk lays the disk out like it, with its other
+     and the disk is written from the pieces around the volume (:func:`app.engine.disk.convert_hashed`:
+     LayerDesk's own VHD, VHDX and raw writers, which hash the file as they write it, qemu-img for the
+     other formats), then verified. An OS layer imported from a gold disk lays the disk out like it, with its other
      partitions and boot code (:mod:`app.engine.gold`); otherwise the disk is GPT: ESP (empty FAT32),
      MSR, then Windows up to the backup GPT.
 
@@ -412,12 +413,12 @@ def compose(
             files, data_bytes, digest = _tree_manifest(entries, hives)
             if fmt == "wim":
                 built = _write_wim(merged, index, name, work, steps)
-            else:
-                built = _write_disk(merged, index, fmt, disk_size, entries, work, steps, stack[0], manifests[0],
-                                    repository, hives)
-        steps.at(98, "Computing the image's checksum")
-        with steps.timed("checksum"):
-            checksum = _sha256(built, steps)
+                steps.at(98, "Computing the image's checksum")
+                with steps.timed("checksum"):
+                    checksum = _sha256(built, steps)
+            else:  # the disk writer hashes what it writes
+                built, checksum = _write_disk(merged, index, fmt, disk_size, entries, work, steps, stack[0],
+                                              manifests[0], repository, hives)
         steps.check()
         try:
             os.link(built, final)  # never replaces an image another publish wrote meanwhile
@@ -656,8 +657,9 @@ def _needed_volume_bytes(entries: Sequence[DirEntry]) -> int:
 def _write_disk(
     merged: Wim, index: int, fmt: str, disk_size: int, entries: Sequence[DirEntry], work: Path, steps: _Steps,
     os_layer: StackLayer, os_manifest: VersionManifest, repository: LayerRepository, hives: Mapping[str, _NewHive],
-) -> Path:
-    """The merged image on a disk. An OS layer imported from a gold disk gives the disk its layout, its
+) -> tuple[Path, str]:
+    """The merged image on a disk, and the disk file's ``sha256:`` checksum (computed while it is written
+    for VHD, VHDX and raw). An OS layer imported from a gold disk gives the disk its layout, its
     other partitions byte for byte and its Windows boot code (:mod:`app.engine.gold`); any other OS layer
     gets a new GPT disk (ESP formatted but empty, MSR, Windows), keeping the disk and partition GUIDs an
     OS layer imported from a GPT disk recorded (Windows knows its boot disk by them)."""
@@ -711,9 +713,10 @@ def _write_disk(
                                   disk_guid=gpt.disk_guid if gpt else None,
                                   partition_guids=gpt.partition_guids if gpt else None)
             pieces = [prefix, volume, suffix]
-        disk.convert(pieces, out, fmt,  # type: ignore[arg-type]  # checked in compose()
-                     progress=steps.bytes_in(80, 98, "Writing the disk image"), cancel=steps._cancel)
-    return out
+        checksum = disk.convert_hashed(pieces, out, fmt,  # type: ignore[arg-type]  # checked in compose()
+                                       progress=steps.bytes_in(80, 98, "Writing the disk image"),
+                                       cancel=steps._cancel)
+    return out, checksum
 
 
 def _sha256(path: Path, steps: _Steps) -> str:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -79,6 +80,7 @@ __all__ = [
     "build_mbr_disk",
     "check_image",
     "convert",
+    "convert_hashed",
     "extract_ntfs_volume",
     "extract_partition",
     "gpt_entry",
@@ -1169,6 +1171,53 @@ def convert(
         _run_qemu_convert([*argv, str(tmp)], total, progress, cancel, failure=f"qemu-img could not write {out}")
         verify_image(tmp, fmt, total)
     return out
+
+
+def convert_hashed(
+    raw: Path | Sequence[Path],
+    out: Path,
+    fmt: DiskFormat,
+    progress: ProgressFn | None = None,
+    cancel: Cancellable | None = None,
+) -> str:
+    """:func:`convert`, returning ``"sha256:<hex>"`` of the image written.
+
+    VHDX, dynamic and fixed VHD and raw are written by :mod:`app.engine.vhd` in one pass that hashes the
+    image as it writes it (no read-back); the other formats go through :func:`convert` and are then read
+    once to hash them. Either way the image is verified (:func:`verify_image`) before it appears as ``out``,
+    and nothing is left behind on a failure or a cancel.
+    """
+    from app.engine import vhd  # imported here: vhd builds on this module
+
+    writers: dict[str, Callable[..., str]] = {
+        "vhdx": vhd.write_vhdx, "vhd-dynamic": vhd.write_vhd_dynamic, "vhd-fixed": vhd.write_vhd_fixed,
+        "raw": vhd.write_raw,
+    }
+    if fmt not in _FORMATS:
+        raise DiskError(f"Unknown disk format {fmt!r}; choose one of {', '.join(_FORMATS)}.")
+    sources = [Path(raw)] if isinstance(raw, str | os.PathLike) else [Path(p) for p in raw]
+    out = Path(out)
+    writer = writers.get(fmt)
+    try:
+        total = sum(source.stat().st_size for source in sources)
+    except FileNotFoundError as exc:
+        raise DiskError(f"The raw disk piece {exc.filename} does not exist.") from exc
+    with _output(out) as tmp:
+        if writer is None:
+            convert(sources, tmp, fmt, progress, cancel)
+            return _sha256_file(tmp, cancel)
+        checksum = writer(sources, tmp, progress=progress, cancel=cancel)
+        verify_image(tmp, fmt, total)
+    return checksum
+
+
+def _sha256_file(path: Path, cancel: Cancellable | None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(4 * MiB):
+            digest.update(chunk)
+            _check_cancel(cancel)
+    return "sha256:" + digest.hexdigest()
 
 
 def verify_image(image: Path, fmt: DiskFormat, disk_size: int) -> None:
