@@ -50,7 +50,7 @@ from app.services.rbac import LAYER_OPERATION, Operation
 from app.services.views import AuditEntryInfo, LayerDetail, LayerInfo, LayerVersionInfo, TaskInfo
 from app.tasks.runner import TaskRunner
 from ui.background import off_ui_thread
-from ui.pages import confirm, fit_columns, format_size, format_when, show_message, spawn
+from ui.pages import AUDIT_COLUMNS, confirm, fit_columns, format_size, format_when, show_message, spawn
 from ui.permissions import guard, refusal
 from ui.table_model import Column, ItemRole, RecordTableModel
 
@@ -560,14 +560,7 @@ class LayersPage(QWidget):
         self.contents.setAccessibleName("Version contents")
         self.contents.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
         self.contents.setPlaceholderText("Select a version to see its files and registry changes.")
-        audit_columns: list[Column[AuditEntryInfo]] = [
-            Column("When", lambda e: format_when(e.at), sort=lambda e: e.at),
-            Column("User", lambda e: e.user),
-            Column("Operation", lambda e: e.operation),
-            Column("Object", lambda e: e.object_name),
-            Column("Outcome", lambda e: e.outcome.value),
-            Column("Comment", lambda e: e.comment),
-        ]
+        audit_columns = AUDIT_COLUMNS
         self.audit: RecordTableModel[AuditEntryInfo] = RecordTableModel(audit_columns, lambda e: e.id, self)
         self.audit_table = _table(self.audit)
         self.detail_tabs = QTabWidget()

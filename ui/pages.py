@@ -179,14 +179,18 @@ class ListPage(QWidget):
         self.loaded.emit(len(records))
 
 
+#: The audit log's columns, wherever the console shows audit entries.
+AUDIT_COLUMNS: list[Column[AuditEntryInfo]] = [
+    Column("When", lambda e: format_when(e.at), sort=lambda e: e.at),
+    Column("User", lambda e: e.user),
+    Column("Operation", lambda e: e.operation),
+    Column("Object", lambda e: e.object_name),
+    Column("Outcome", lambda e: e.outcome.value),
+    Column("Comment", lambda e: e.comment),
+]
+
+
 def audit_page(services: Services) -> ListPage:
-    columns: list[Column[AuditEntryInfo]] = [
-        Column("When", lambda e: format_when(e.at), sort=lambda e: e.at),
-        Column("User", lambda e: e.user),
-        Column("Operation", lambda e: e.operation),
-        Column("Object", lambda e: e.object_name),
-        Column("Outcome", lambda e: e.outcome.value),
-        Column("Comment", lambda e: e.comment),
-    ]
+    columns = AUDIT_COLUMNS
     return ListPage("Audit log", columns, lambda e: e.id, services.audit.list_entries, newest_first=True,
                     placeholder="Search user, operation, object, outcome, comment…")

@@ -34,7 +34,7 @@ from app.engine.difference import LayerDifference, capture_difference, ntfs_volu
 from app.engine.disk import DiskError, image_info, read_image_partition_table, read_partition_table
 from app.engine.registry.delta import RegistryDelta
 from app.engine.registry.regfile import parse_reg_file
-from app.engine.repository import CaptureSource, Deletion, LayerRepository, SourceKind
+from app.engine.repository import CaptureSource, Deletion, LayerRepository, SourceKind, StoredVersion
 from app.engine.wim import Wim, WimError
 from app.errors import UserError
 from app.tasks.base import CancelToken, TaskCanceled
@@ -355,8 +355,13 @@ def _import(args: dict[str, Any], report: WorkerReport, token: CancelToken) -> d
     report.log(f"Stored image {stored.image}: {stored.files} files, {stored.data_bytes} bytes of data; "
                f"the layer's WIM is now {stored.wim_bytes} bytes.")
     report.progress(100, "Stored")
+    return _result(stored, f"Imported {stored.files} files ({stored.data_bytes} bytes) from {source.path}.")
+
+
+def _result(stored: StoredVersion, summary: str) -> dict[str, Any]:
+    """The import worker's result: what the import task records for the version."""
     return {
-        "summary": f"Imported {stored.files} files ({stored.data_bytes} bytes) from {source.path}.",
+        "summary": summary,
         "image": stored.image,
         "checksum": stored.checksum,
         "files": stored.files,
@@ -413,18 +418,10 @@ def _import_difference(
     report.log(f"Stored image {stored.image}: {stored.files} files, {stored.data_bytes} bytes of data; "
                f"the layer's WIM is now {stored.wim_bytes} bytes.")
     report.progress(100, "Stored")
-    return {
-        "summary": (f"Imported the difference from {source.base} to {source.path}: {len(difference.added)} added "
-                    f"and {len(difference.changed)} changed files ({stored.data_bytes} bytes), "
-                    f"{stored.deletions} deletion(s), {stored.registry_operations} registry operation(s)."),
-        "image": stored.image,
-        "checksum": stored.checksum,
-        "files": stored.files,
-        "data_bytes": stored.data_bytes,
-        "wim_bytes": stored.wim_bytes,
-        "deletions": stored.deletions,
-        "registry_operations": stored.registry_operations,
-    }
+    return _result(stored, f"Imported the difference from {source.base} to {source.path}: "
+                           f"{len(difference.added)} added and {len(difference.changed)} changed files "
+                           f"({stored.data_bytes} bytes), {stored.deletions} deletion(s), "
+                           f"{stored.registry_operations} registry operation(s).")
 
 
 def _log_difference(report: WorkerReport, source: CaptureSource, difference: LayerDifference) -> None:

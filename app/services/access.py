@@ -198,19 +198,8 @@ def sign_in(catalog: Catalog, username: str, password: str, *, now: datetime | N
             if _hasher.check_needs_rehash(account.password_hash):
                 account.password_hash = hash_password(password)
             account.failed_sign_ins = 0
-            token = pysecrets.token_urlsafe(32)
             roles = granted_roles(session, PrincipalKind.LOCAL_USER, [account.username])
-            session.add(
-                SignInSession(
-                    token_hash=_token_hash(token),
-                    username=account.username,
-                    principal_kind=PrincipalKind.LOCAL_USER,
-                    roles=sorted(r.value for r in roles),
-                    created_at=now,
-                    expires_at=now + SESSION_TTL,
-                )
-            )
-            session.execute(delete(SignInSession).where(SignInSession.expires_at <= now))
+            token = _open_session(session, account.username, PrincipalKind.LOCAL_USER, roles, now)
             session.add(_sign_in_audit(account.username, now, AuditOutcome.SUCCESS, ""))
             return token, Caller(account.username, roles, PrincipalKind.LOCAL_USER)
     raise outcome
@@ -254,24 +243,23 @@ def _directory_sign_in(catalog: Catalog, junctions: list[tuple[str, DirectorySet
                 f"Administrator to grant one (`layerctl role grant ROLE --user {principal.qualified_name}`)."
             )
         else:
-            token = pysecrets.token_urlsafe(32)
-            session.add(
-                SignInSession(
-                    token_hash=_token_hash(token),
-                    username=principal.qualified_name,
-                    principal_kind=PrincipalKind.AD_USER,
-                    roles=sorted(r.value for r in roles),
-                    created_at=now,
-                    expires_at=now + SESSION_TTL,
-                )
-            )
-            session.execute(delete(SignInSession).where(SignInSession.expires_at <= now))
+            token = _open_session(session, principal.qualified_name, PrincipalKind.AD_USER, roles, now)
             entry = _sign_in_audit(principal.qualified_name, now, AuditOutcome.SUCCESS, "")
             entry.change = {"directory": junction, "sid": principal.sid}
             session.add(entry)
             return token, Caller(principal.qualified_name, roles, PrincipalKind.AD_USER,
                                  display_name=principal.display_name)
     raise outcome
+
+
+def _open_session(session: Session, username: str, kind: PrincipalKind, roles: frozenset[Role], now: datetime) -> str:
+    """Record a new sign-in session (its token's hash, the roles it carries, when it expires), drop expired
+    ones, and return the token (kept by the caller in the OS keyring, never in the catalog)."""
+    token = pysecrets.token_urlsafe(32)
+    session.add(SignInSession(token_hash=_token_hash(token), username=username, principal_kind=kind,
+                              roles=sorted(r.value for r in roles), created_at=now, expires_at=now + SESSION_TTL))
+    session.execute(delete(SignInSession).where(SignInSession.expires_at <= now))
+    return token
 
 
 def sign_out(catalog: Catalog, token: str) -> None:
