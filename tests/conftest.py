@@ -14,6 +14,7 @@ from app.catalog.models import LayerType, PrincipalKind, Role, VersionState
 from app.paths import Home
 from app.services import Services, open_catalog
 from app.services.rbac import Caller
+from tests.support import samba_dc
 from tests.support.keyring_memory import MemoryKeyring
 
 ADMIN = Caller("admin", frozenset({Role.ADMINISTRATOR}), PrincipalKind.LOCAL_USER)
@@ -108,3 +109,31 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, which must run every test: {report.longrepr}"
+
+
+# --- the Samba AD DC test peer (tests/directory, tests/elastic) ---------------------------------------
+
+_timings: dict[str, float | None] = {}
+
+
+@pytest.fixture(scope="session")
+def samba(tmp_path_factory: pytest.TempPathFactory) -> Iterator[samba_dc.RunningDC]:
+    try:
+        dc = samba_dc.start(tmp_path_factory.mktemp("samba"))
+    except samba_dc.SambaUnavailable as missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"the Samba AD DC test peer is missing in CI: {missing}")
+        pytest.skip(f"no Samba AD DC test peer: {missing}")
+    _timings.update(provision_s=dc.provision_s, start_s=dc.start_s)
+    try:
+        yield dc
+    finally:
+        dc.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if "start_s" in _timings:
+        provision = _timings["provision_s"]
+        cold = f"provisioned the golden copy in {provision:.1f} s, " if provision is not None else ""
+        terminalreporter.write_line(f"Samba AD DC test peer: {cold}started from the golden copy in "
+                                    f"{_timings['start_s']:.2f} s")

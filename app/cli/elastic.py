@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from app.catalog.models import PrincipalKind
-from app.cli.main import comment_option, emit, state, table
+from app.cli.main import comment_option, emit, read_password, state, table
 
 
 @click.group("elastic")
@@ -47,6 +47,59 @@ def list_(layer: str | None, principal: str | None) -> None:
     emit(rows, lambda rs: table(
         [(r.layer, r.version, r.principal_kind.value, r.principal_name, r.principal_sid) for r in rs],
         ["LAYER", "VERSION", "KIND", "NAME", "SID"]))
+
+
+@elastic_group.command("resolve")
+@click.option("--user", "user", required=True, metavar="USER", help="user, DOMAIN\\user, user@domain or a SID.")
+@click.option("--machine", required=True, metavar="NAME", help="The machine the user signs in on.")
+def resolve(user: str, machine: str) -> None:
+    """Which app layers USER gets on machine NAME, and why (direct, via group, via machine pattern)."""
+    from app.services.elastic import ElasticService, Resolution
+
+    found = ElasticService.for_services(state().services()).resolve(user, machine)
+
+    def human(r: Resolution) -> str:
+        head = f"{r.user_name} on {r.machine}: {len(r.layers)} app layer(s)"
+        rows = [(x.layer, x.version, x.explanation) for x in r.layers]
+        rows += [(x.layer, x.version, f"  also {g.why}") for x in r.layers for g in x.reasons[1:]]
+        rows.sort(key=lambda row: (row[0].casefold(), row[2].startswith("  ")))
+        lines = [head, table(rows, ["LAYER", "VERSION", "WHY"])]
+        for x in r.layers:
+            lines += [f"{x.layer}: not {o.grant.version} ({o.grant.why}): {o.reason}" for o in x.overridden]
+        lines += [f"skipped {o.grant.layer}:{o.grant.version} ({o.grant.why}): {o.reason}" for o in r.skipped]
+        return "\n".join(lines)
+
+    emit(found, human)
+
+
+@elastic_group.command("sync")
+@click.option("--share", required=True, metavar="\\\\HOST\\SHARE",
+              help="The share (and folder) to write the repository to.")
+@click.option("--user", "username", required=True, metavar="USER", help="The account that writes (DOMAIN\\user).")
+@click.option("--password-stdin", is_flag=True, help="Read the account's password from stdin instead of asking.")
+@click.option("--format", "fmt", type=click.Choice(["vhdx", "vhd-dynamic"]), default="vhdx", show_default=True,
+              help="The layer disks' format.")
+@comment_option
+def sync(share: str, username: str, password_stdin: bool, fmt: str, comment: str) -> None:
+    """Write the Elastic Layer repository (layer disks, Layers.json, ElasticLayerAssignment.json,
+    MachineAssociations.json) to an SMB share. Only disks the share lacks are copied; JSON files are
+    replaced atomically; an interrupted sync is finished by running it again."""
+    from app.services.elastic import ElasticService
+
+    password = read_password("Password", password_stdin)
+    last: list[tuple[int, str]] = []
+
+    def progress(percent: int, message: str) -> None:
+        if not state().json and (not last or last[-1] != (percent, message)):
+            last[:] = [(percent, message)]
+            click.echo(f"[{percent:3d}%] {message}", err=True)
+
+    result = ElasticService.for_services(state().services()).sync(
+        share, username, password, comment=comment, fmt="vhd-dynamic" if fmt == "vhd-dynamic" else "vhdx",
+        progress=progress)
+    emit(result, f"Synced {result.share}: {len(result.copied)} disk(s) copied ({result.bytes_copied} bytes), "
+                 f"{len(result.kept)} already there; replaced {', '.join(result.replaced) or 'no JSON file'}; "
+                 f"deleted {len(result.deleted)} old file(s).")
 
 
 @elastic_group.group("machine")

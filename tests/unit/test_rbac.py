@@ -517,6 +517,7 @@ def test_the_table_covers_every_public_mutating_method() -> None:
     from app.services.audit import AuditService
     from app.services.connectors import ConnectorService
     from app.services.directory import DirectoryService
+    from app.services.elastic import ElasticService
     from app.services.layers import LayerService
     from app.services.publishing import PublishingService
     from app.services.settings import SettingsService
@@ -529,16 +530,18 @@ def test_the_table_covers_every_public_mutating_method() -> None:
         "list_images", "list_assignments", "list_machine_associations", "list_locations", "list_connectors",
         "get_connector", "password", "list_junctions", "list_tasks", "get_task", "log", "list_settings", "get",
         "list_entries", "list_accounts", "list_grants", "conflicts", "template_usage", "version_contents",
-        "preview_conflicts",
+        "preview_conflicts", "resolve", "sync_plan",
     }
     #: Starts a task that needs real layers in the repository: its roles are checked, role by role, in
     #: tests/unit/test_cli_publish.py (test_publishing_needs_the_publish_role_and_refusals_are_audited).
-    tested_elsewhere = {"publish"}
+    #: Writes the Elastic Layer repository to an SMB share (the test DC's): its roles are checked in
+    #: tests/elastic/test_sync.py (test_sync_needs_the_elastic_role_and_refusals_are_audited).
+    tested_elsewhere = {"publish", "sync"}
     services = {
         "layers": LayerService, "templates": TemplateService, "publishing": PublishingService,
         "assignments": AssignmentService, "storage": StorageService, "connectors": ConnectorService,
         "directory": DirectoryService, "tasks": TaskService, "settings": SettingsService, "audit": AuditService,
-        "access": AccessService,
+        "access": AccessService, "elastic": ElasticService,
     }
     public = {
         f"{area}.{name}"

@@ -1,0 +1,1 @@
+"""The Elastic Layer repository: its JSON schema (:mod:`app.elastic.repository`)."""

@@ -1,0 +1,469 @@
+r"""Writing the Elastic Layer repository to an SMB share (smbprotocol's ``smbclient``).
+
+What a sync does, in this order (so the share is consistent after every step, and a sync that fails
+or is stopped half-way leaves the previous repository readable and is finished by running it again):
+
+1. **Disks.** Each assigned version's layer disk is made once in a local cache (``write_layer_disk``)
+   and named on the share after its content: ``Layers\<layer id>\<version id>-<first 16 hex digits of
+   its SHA-256>.vhdx``. A disk whose file is already on the share (with its size) is not copied again;
+   any other is uploaded as ``….partial`` and renamed into place once complete, so a disk file under its
+   final name is always whole and never changes. An interrupted upload leaves only a ``.partial`` file,
+   which the next sync overwrites.
+2. **Layers.json** is replaced with the new layer list *plus* the versions the share's previous
+   ``Layers.json`` listed (their disks are still there): the previous assignments still find their
+   versions while the next step runs.
+3. **ElasticLayerAssignment.json** and **MachineAssociations.json** are replaced.
+4. **Layers.json** is replaced with the new layer list alone, and disks (and leftover ``.partial``
+   files) no JSON file names any more are deleted.
+
+Each JSON file is uploaded under a temporary name and renamed over the old one (an atomic replace on
+the server), so a reader sees the old file or the new one, never half of one; a file whose bytes are
+already the same is not written at all, so a second sync with nothing changed writes nothing.
+
+The password is given to the SMB session only: it is never logged or placed in a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PureWindowsPath
+from typing import Any
+
+import smbclient  # type: ignore[import-untyped]
+from smbprotocol.exceptions import (  # type: ignore[import-untyped]
+    SMBAuthenticationError,
+    SMBException,
+    SMBOSError,
+    SMBResponseException,
+)
+
+from app.elastic.repository import (
+    ASSIGNMENTS_FILE,
+    ASSOCIATIONS_FILE,
+    DISK_SUFFIXES,
+    LAYERS_FILE,
+    AssignmentEntry,
+    AssociationEntry,
+    ElasticRepository,
+    LayerEntry,
+    RepositoryFormatError,
+    disk_path,
+    parse_layers,
+)
+from app.engine.layer_disk import LayerDiskFormat, write_layer_disk
+from app.engine.repository import LayerRepository
+from app.errors import AuthenticationFailed, EnvironmentProblem, UserError, ValidationError
+from app.procs import Cancellable
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+ProgressFn = Callable[[int, str], None]
+_SHARE = re.compile(r"^\\\\([A-Za-z0-9._:\[\]-]+)\\([^\\/:*?\"<>|]+)((?:\\[^\\/:*?\"<>|]+)*)\\?$")
+_DISK_NAME = re.compile(r"^\d+-[0-9a-f]{16}\.(vhdx|vhd)$")
+_JSON_TEMPORARY = re.compile(r"^\.(Layers|ElasticLayerAssignment|MachineAssociations)\.json\.[0-9a-f]{12}\.tmp$")
+
+
+_SIGN_IN_REFUSALS = {
+    "0xc0000072": "the account is disabled",
+    "0xc0000234": "the account is locked out",
+    "0xc0000071": "the password has expired",
+    "0xc0000193": "the account has expired",
+    "0xc0000224": "the password must be changed",
+}
+
+
+class ShareError(EnvironmentProblem):
+    """The share cannot be reached or written (unreachable host, connection lost, no space…)."""
+
+    code = "share"
+
+
+class ShareAccessDenied(AuthenticationFailed):
+    """The share refused the account (wrong user name or password, or no right to write)."""
+
+
+class SyncCanceled(UserError):
+    """The sync was stopped; the share keeps the previous repository (run the sync again to finish)."""
+
+    code = "canceled"
+    exit_status = 130
+
+
+@dataclass(frozen=True)
+class ShareLocation:
+    r"""``\\HOST\SHARE[\folder…]`` taken apart."""
+
+    server: str
+    share: str
+    folder: str = ""
+
+    @property
+    def unc(self) -> str:
+        return f"\\\\{self.server}\\{self.share}" + (f"\\{self.folder}" if self.folder else "")
+
+    def path(self, relative: str = "") -> str:
+        return self.unc + (f"\\{relative}" if relative else "")
+
+
+def parse_share(text: str) -> ShareLocation:
+    match = _SHARE.match((text or "").strip())
+    if not match:
+        raise ValidationError(f"{text!r} is not a share path like \\\\HOST\\SHARE or \\\\HOST\\SHARE\\folder.",
+                              field="share")
+    return ShareLocation(match[1], match[2], match[3].strip("\\"))
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    """An assigned layer version, as the sync needs it from the catalog."""
+
+    layer_id: int
+    layer: str
+    os_layer_id: int | None
+    os_layer: str | None
+    version_id: int
+    version: str
+    checksum: str | None
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    versions: tuple[PublishedVersion, ...]
+    assignments: tuple[AssignmentEntry, ...]
+    associations: tuple[AssociationEntry, ...]
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    share: str
+    #: Disk paths (relative to the repository) uploaded, and those already on the share.
+    copied: tuple[str, ...]
+    kept: tuple[str, ...]
+    #: JSON files replaced, and those whose bytes were already the same.
+    replaced: tuple[str, ...]
+    unchanged: tuple[str, ...]
+    deleted: tuple[str, ...]
+    bytes_copied: int
+
+
+def _smb_failure(exc: BaseException, location: ShareLocation, doing: str) -> UserError | EnvironmentProblem:
+    """The clear error an smbprotocol failure stands for (never carrying the password)."""
+    text = str(exc)
+    lowered = text.lower()
+    for status, why in _SIGN_IN_REFUSALS.items():
+        if doing == "sign in" and status in lowered:
+            return ShareAccessDenied(f"{location.server} refused the account for {location.unc}: {why}.")
+    if isinstance(exc, SMBAuthenticationError) or "LOGON_FAILURE" in text or "0xc000006d" in lowered or (
+            doing == "sign in" and isinstance(exc, SMBResponseException)):
+        # Samba answers a wrong password given with a user@domain name with STATUS_NOT_FOUND.
+        return ShareAccessDenied(f"{location.server} refused the user name or password for {location.unc}.")
+    if "ACCESS_DENIED" in text or "0xc0000022" in text.lower():
+        return ShareAccessDenied(f"The account may not {doing} on {location.unc} (access denied).")
+    if "BAD_NETWORK_NAME" in text or "0xc00000cc" in text.lower():
+        return ShareError(f"{location.server} has no share named {location.share!r}.")
+    if isinstance(exc, SMBOSError):
+        if doing == "open the share" and exc.errno == 2:
+            return ShareError(f"{location.server} has no share named {location.share!r} (or no folder "
+                              f"{location.folder!r} in it).")
+        return ShareError(f"{location.unc}: could not {doing}: {exc.strerror}.")
+    if isinstance(exc, SMBResponseException):
+        return ShareError(f"{location.unc}: the server refused to {doing}: {getattr(exc, 'message', text)}")
+    if isinstance(exc, SMBException | ConnectionError | OSError | ValueError):
+        return ShareError(f"The connection to {location.server} failed while trying to {doing} "
+                          f"({type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}). "
+                          "Check that the host is reachable and serves SMB (port 445), then run the sync again.")
+    return ShareError(f"{location.unc}: could not {doing}: {type(exc).__name__}")
+
+
+def _discard(handle: Any) -> None:
+    """Close a remote file after a failure, without raising. When the connection is gone the server has
+    dropped the handle with it; smbprotocol has no public way to say so, and would otherwise warn of an
+    unclosed handle when the object is collected, so its open is marked closed."""
+    try:
+        handle.close()
+    except Exception:  # noqa: BLE001 - the failure being handled is the one to report
+        fd = getattr(getattr(handle, "raw", handle), "fd", None)
+        if fd is not None and hasattr(fd, "_connected"):
+            fd._connected = False
+
+
+class ShareSession:
+    """One authenticated SMB session to a share, with its own connection cache; use ``with``."""
+
+    def __init__(self, location: ShareLocation, username: str, password: str, *, port: int = 445,
+                 timeout_s: float = 15.0) -> None:
+        self._smb: Any = smbclient
+        self.location = location
+        self._cache: dict[str, Any] = {}
+        self._port = port
+        if not password:
+            raise ValidationError("Give the share account's password (on stdin).", field="password")
+        with self._errors("sign in"):
+            self._smb.register_session(location.server, username=username, password=password, port=port,
+                                       connection_timeout=timeout_s, connection_cache=self._cache)
+        with self._errors("open the share"):
+            self._smb.stat(location.path(), port=port, connection_cache=self._cache)
+
+    def __enter__(self) -> ShareSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._smb.reset_connection_cache(fail_on_error=False, connection_cache=self._cache)
+        self._cache.clear()
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except (UserError, EnvironmentProblem, SyncCanceled):
+            raise
+        except Exception as exc:  # noqa: BLE001 - smbprotocol raises many kinds; each becomes a clear message
+            raise _smb_failure(exc, self.location, doing) from None
+
+    def _kw(self) -> dict[str, Any]:
+        return {"port": self._port, "connection_cache": self._cache}
+
+    def read(self, relative: str) -> bytes | None:
+        """The file's bytes, or ``None`` when it does not exist."""
+        with self._errors(f"read {relative}"):
+            try:
+                with self._smb.open_file(self.location.path(relative), mode="rb", **self._kw()) as file:
+                    return bytes(file.read())
+            except SMBOSError as exc:
+                if exc.errno == 2:
+                    return None
+                raise
+
+    def size(self, relative: str) -> int | None:
+        with self._errors(f"look at {relative}"):
+            try:
+                return int(self._smb.stat(self.location.path(relative), **self._kw()).st_size)
+            except SMBOSError as exc:
+                if exc.errno == 2:
+                    return None
+                raise
+
+    def makedirs(self, relative: str) -> None:
+        with self._errors(f"create {relative}"):
+            self._smb.makedirs(self.location.path(relative), exist_ok=True, **self._kw())
+
+    def upload(self, source: Path, relative: str, *, progress: Callable[[int], None] | None = None,
+               cancel: Cancellable | None = None) -> None:
+        """Copy ``source`` to ``relative``: written as ``….partial`` then renamed over the final name."""
+        partial = f"{relative}.partial"
+        with self._errors(f"write {relative}"):
+            remote = self._smb.open_file(self.location.path(partial), mode="wb", **self._kw())
+            try:
+                with source.open("rb") as local:
+                    done = 0
+                    while chunk := local.read(CHUNK):
+                        if cancel is not None and cancel.cancelled:
+                            raise SyncCanceled("The sync was canceled; the share keeps its previous repository. "
+                                               "Run the sync again to finish it.")
+                        remote.write(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done)
+            except BaseException:
+                _discard(remote)
+                raise
+            remote.close()
+            self._smb.replace(self.location.path(partial), self.location.path(relative), **self._kw())
+
+    def write_atomic(self, relative: str, data: bytes) -> None:
+        """Replace ``relative`` with ``data`` in one rename: a reader sees the old bytes or the new ones."""
+        temporary = f".{relative}.{uuid.uuid4().hex[:12]}.tmp"
+        with self._errors(f"replace {relative}"):
+            try:
+                file = self._smb.open_file(self.location.path(temporary), mode="wb", **self._kw())
+                try:
+                    file.write(data)
+                except BaseException:
+                    _discard(file)
+                    raise
+                file.close()
+                self._smb.replace(self.location.path(temporary), self.location.path(relative), **self._kw())
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._smb.remove(self.location.path(temporary), **self._kw())
+                raise
+
+    def listdir(self, relative: str) -> list[str]:
+        with self._errors(f"list {relative}"):
+            try:
+                return [str(n) for n in self._smb.listdir(self.location.path(relative), **self._kw())]
+            except SMBOSError as exc:
+                if exc.errno == 2:
+                    return []
+                raise
+
+    def remove(self, relative: str) -> None:
+        with self._errors(f"delete {relative}"):
+            self._smb.remove(self.location.path(relative), **self._kw())
+
+
+# --- the local disk cache ---------------------------------------------------------------------------
+
+
+@dataclass
+class CachedDisk:
+    path: Path
+    size_bytes: int
+    checksum: str
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def cached_disk(cache: Path, repository: LayerRepository, version: PublishedVersion, fmt: LayerDiskFormat,
+                *, cancel: Cancellable | None = None) -> CachedDisk:
+    """The version's layer disk in the local cache, made when missing (or made of other content), with
+    its size and SHA-256 (kept beside it, so an unchanged disk is not read again)."""
+    folder = cache / str(version.layer_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    disk = folder / f"{version.version_id}{DISK_SUFFIXES[fmt]}"
+    note = disk.with_name(disk.name + ".json")
+    if disk.is_file() and note.is_file():
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            known = json.loads(note.read_text(encoding="utf-8"))
+            if known["version_checksum"] == version.checksum and known["size_bytes"] == disk.stat().st_size:
+                return CachedDisk(disk, int(known["size_bytes"]), str(known["checksum"]))
+    disk.unlink(missing_ok=True)
+    note.unlink(missing_ok=True)
+    write_layer_disk(repository, version.layer_id, version.version_id, version.checksum, disk,
+                     layer_name=version.layer, layer_type="app", version_name=version.version, fmt=fmt,
+                     cancel=cancel)
+    made = CachedDisk(disk, disk.stat().st_size, _sha256(disk))
+    note.write_text(json.dumps({"version_checksum": version.checksum, "size_bytes": made.size_bytes,
+                                "checksum": made.checksum}), encoding="utf-8")
+    return made
+
+
+# --- the sync -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    copied: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    bytes_copied: int = 0
+
+
+def sync_repository(session: ShareSession, plan: SyncPlan, repository: LayerRepository, cache: Path, *,
+                    fmt: LayerDiskFormat = "vhdx", progress: ProgressFn | None = None,
+                    cancel: Cancellable | None = None) -> SyncResult:
+    """Bring the share's repository to ``plan`` (see the module docstring for the steps)."""
+
+    def report(percent: int, message: str) -> None:
+        if progress is not None:
+            progress(max(0, min(100, percent)), message)
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel.cancelled:
+            raise SyncCanceled("The sync was canceled; the share keeps its previous repository. "
+                               "Run the sync again to finish it.")
+
+    tally = _Tally()
+    previous = _previous_layers(session)
+    entries: list[LayerEntry] = []
+    total = max(1, len(plan.versions))
+    for index, version in enumerate(sorted(plan.versions, key=lambda v: (v.layer_id, v.version_id))):
+        check_cancel()
+        base = 5 + 80 * index // total
+        report(base, f"layer disk of {version.layer}:{version.version}")
+        disk = cached_disk(cache, repository, version, fmt, cancel=cancel)
+        relative = disk_path(version.layer_id, version.version_id, fmt, disk.checksum)
+        entries.append(LayerEntry(version.layer_id, version.layer, version.os_layer_id, version.os_layer,
+                                  version.version_id, version.version, version.checksum, relative, fmt,
+                                  disk.size_bytes, disk.checksum))
+        if session.size(relative) == disk.size_bytes:
+            tally.kept.append(relative)
+            continue
+        session.makedirs(str(PureWindowsPath(relative).parent))
+
+        def moved(done: int, size: int = disk.size_bytes, at: int = base, name: str = version.layer) -> None:
+            report(at + (80 // total) * done // max(1, size), f"copying {name}: {done // CHUNK} of "
+                                                              f"{-(-size // CHUNK)} MiB")
+
+        session.upload(disk.path, relative, progress=moved, cancel=cancel)
+        tally.copied.append(relative)
+        tally.bytes_copied += disk.size_bytes
+        log.info("copied layer disk %s (%d bytes) to %s", relative, disk.size_bytes, session.location.unc)
+
+    check_cancel()
+    final = ElasticRepository(tuple(entries), plan.assignments, plan.associations).documents()
+    listed = {e.version_id for e in entries}
+    bridge = [*entries, *(e for e in previous if e.version_id not in listed and session.size(e.disk) is not None)]
+    report(88, "replacing the repository's JSON files")
+    _replace(session, LAYERS_FILE, ElasticRepository(tuple(bridge), (), ()).documents()[LAYERS_FILE], tally)
+    check_cancel()
+    _replace(session, ASSIGNMENTS_FILE, final[ASSIGNMENTS_FILE], tally)
+    _replace(session, ASSOCIATIONS_FILE, final[ASSOCIATIONS_FILE], tally)
+    _replace(session, LAYERS_FILE, final[LAYERS_FILE], tally)
+    report(95, "removing disks no longer listed")
+    _collect_garbage(session, {e.disk for e in entries}, tally)
+    report(100, "done")
+    # A file replaced twice (the bridge, then the final list) is reported once.
+    replaced = tuple(dict.fromkeys(tally.replaced))
+    unchanged = tuple(n for n in dict.fromkeys(tally.unchanged) if n not in replaced)
+    return SyncResult(session.location.unc, tuple(tally.copied), tuple(tally.kept), replaced, unchanged,
+                      tuple(tally.deleted), tally.bytes_copied)
+
+
+def _previous_layers(session: ShareSession) -> tuple[LayerEntry, ...]:
+    data = session.read(LAYERS_FILE)
+    if data is None:
+        return ()
+    try:
+        return parse_layers(data)
+    except RepositoryFormatError as damaged:
+        log.warning("the share's %s is not readable (%s): it is replaced", LAYERS_FILE, damaged)
+        return ()
+
+
+def _replace(session: ShareSession, name: str, data: bytes, tally: _Tally) -> None:
+    if session.read(name) == data:
+        tally.unchanged.append(name)
+        return
+    session.write_atomic(name, data)
+    tally.replaced.append(name)
+
+
+def _collect_garbage(session: ShareSession, wanted: set[str], tally: _Tally) -> None:
+    """Delete disks and ``.partial`` files under ``Layers`` that no JSON file names any more (only names
+    this module makes: anything else on the share is left alone)."""
+    wanted_folded = {w.casefold() for w in wanted}
+    for name in session.listdir(""):
+        if _JSON_TEMPORARY.match(name):  # left by a sync that was killed between upload and rename
+            session.remove(name)
+            tally.deleted.append(name)
+    for layer_folder in session.listdir("Layers"):
+        if not layer_folder.isdigit():
+            continue
+        for name in session.listdir(f"Layers\\{layer_folder}"):
+            relative = f"Layers\\{layer_folder}\\{name}"
+            ours = _DISK_NAME.match(name.removesuffix(".partial"))
+            if ours and relative.casefold() not in wanted_folded:
+                session.remove(relative)
+                tally.deleted.append(relative)
+
