@@ -25,6 +25,7 @@ load. The ``*_ntfs_volume`` operations need libwim built with NTFS-3G, i.e. Linu
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
@@ -361,6 +362,7 @@ class _Library:
         try:
             if int(self.cdll.wimlib_set_error_file_by_name(_tstr(name))) == 0:
                 self._messages = Path(name).open("r+b")  # noqa: SIM115 - open as long as the library is loaded
+                atexit.register(self._messages.close)  # closed, not left to the interpreter's teardown
         finally:
             Path(name).unlink()
 
