@@ -19,12 +19,19 @@ if TYPE_CHECKING:
 
 
 def _groups(values: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(SID, name)`` per ``--group``: ``SID=NAME`` as given, or a group's name (``Finance-Users``,
+    ``LAB\\Finance-Users``) or SID looked up in the directory."""
     pairs = []
     for value in values:
         sid, sep, name = value.partition("=")
-        if not sep:
-            raise ValidationError(f"--group {value!r}: write SID=NAME (S-1-5-21-…=LAB\\Finance).")
-        pairs.append((sid.strip(), name.strip()))
+        if sep:
+            pairs.append((sid.strip(), name.strip()))
+            continue
+        from app.directory import PrincipalType
+        from app.services.directory import DirectoryLookup
+
+        found = DirectoryLookup.for_services(state().services()).resolve_principal(value, PrincipalType.GROUP)
+        pairs.append((found.sid, found.qualified_name))
     return pairs
 
 
@@ -64,7 +71,8 @@ def storage_group() -> None:
 @storage_group.command("add")
 @click.argument("name")
 @click.argument("path", metavar="\\\\SERVER\\SHARE[\\FOLDER]")
-@click.option("--group", "groups", multiple=True, metavar="SID=NAME", help="An AD group using it (repeatable).")
+@click.option("--group", "groups", multiple=True, metavar="GROUP|SID=NAME",
+              help="An AD group using it: its name (looked up in the directory) or SID=NAME (repeatable).")
 @click.option("--size-gb", default=10, show_default=True, help="Default user layer size.")
 @comment_option
 def storage_add(name: str, path: str, groups: tuple[str, ...], size_gb: int, comment: str) -> None:
@@ -77,7 +85,8 @@ def storage_add(name: str, path: str, groups: tuple[str, ...], size_gb: int, com
 @storage_group.command("update")
 @click.argument("name")
 @click.option("--path", metavar="\\\\SERVER\\SHARE")
-@click.option("--group", "groups", multiple=True, metavar="SID=NAME", help="Replaces the group list.")
+@click.option("--group", "groups", multiple=True, metavar="GROUP|SID=NAME",
+              help="Replaces the group list: names (looked up in the directory) or SID=NAME.")
 @click.option("--size-gb", type=int)
 @comment_option
 def storage_update(name: str, path: str | None, groups: tuple[str, ...], size_gb: int | None, comment: str) -> None:

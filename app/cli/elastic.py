@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from app.catalog.models import PrincipalKind
-from app.cli.main import comment_option, emit, read_password, state, table
+from app.cli.main import F, comment_option, emit, read_password, state, table
 
 
 @click.group("elastic")
@@ -13,29 +13,62 @@ def elastic_group() -> None:
     """Elastic layer assignments and machine associations."""
 
 
+def _principal(user: str | None, group: str | None, name: str | None) -> tuple[PrincipalKind, str, str]:
+    """Who ``--user``/``--group`` names: ``(kind, SID, DOMAIN\\name)``. Names (``alice``, ``LAB\\alice``,
+    ``alice@lab.test``, group names) are looked up in the directory; a SID with ``--name`` is taken as
+    given (no directory needed), a SID without it is looked up for its name."""
+    from app.directory import PrincipalType
+    from app.directory.ldapfilter import is_sid
+    from app.services.directory import DirectoryLookup
+
+    if bool(user) == bool(group):
+        raise click.UsageError("give exactly one of --user USER or --group GROUP")
+    value = (user or group or "").strip()
+    kind = PrincipalKind.AD_USER if user else PrincipalKind.AD_GROUP
+    if is_sid(value) and name:
+        return kind, value, name
+    wanted = PrincipalType.USER if user else PrincipalType.GROUP
+    found = DirectoryLookup.for_services(state().services()).resolve_principal(value, wanted)
+    return kind, found.sid, name or found.qualified_name
+
+
+def _principal_options(fn: F) -> F:
+    fn = click.option("--group", metavar="GROUP",
+                      help="An AD group: its name, DOMAIN\\group or SID.")(fn)
+    return click.option("--user", metavar="USER",
+                        help="An AD user: alice, DOMAIN\\alice, alice@domain or a SID.")(fn)
+
+
 @elastic_group.command("assign")
 @click.argument("ref", metavar="LAYER[:VERSION]")
-@click.option("--user", "user_sid", metavar="SID", help="Assign to this AD user.")
-@click.option("--group", "group_sid", metavar="SID", help="Assign to this AD group.")
-@click.option("--name", required=True, metavar="NAME", help="The user's or group's name (LAB\\alice).")
+@_principal_options
+@click.option("--name", metavar="NAME",
+              help="The name to show (default: the directory's DOMAIN\\name); with a SID, no directory lookup.")
 @comment_option
-def assign(ref: str, user_sid: str | None, group_sid: str | None, name: str, comment: str) -> None:
-    """Assign an app layer version elastically to an AD user or group."""
-    if bool(user_sid) == bool(group_sid):
-        raise click.UsageError("give exactly one of --user SID or --group SID")
-    kind = PrincipalKind.AD_USER if user_sid else PrincipalKind.AD_GROUP
-    info = state().services().assignments.assign(ref, kind, user_sid or group_sid or "", name, comment=comment)
+def assign(ref: str, user: str | None, group: str | None, name: str | None, comment: str) -> None:
+    """Assign an app layer version elastically to an AD user or group, named or by SID."""
+    kind, sid, shown = _principal(user, group, name)
+    info = state().services().assignments.assign(ref, kind, sid, shown, comment=comment)
     emit(info, f"Assigned {info.layer}:{info.version} to {info.principal_name}.")
 
 
 @elastic_group.command("unassign")
 @click.argument("layer")
-@click.argument("principal", metavar="SID|NAME")
+@click.argument("principal", metavar="[SID|NAME]", required=False)
+@_principal_options
 @comment_option
-def unassign(layer: str, principal: str, comment: str) -> None:
-    """Remove a layer's elastic assignment from a user or group."""
+def unassign(layer: str, principal: str | None, user: str | None, group: str | None, comment: str) -> None:
+    """Remove a layer's elastic assignment from a user or group: --user USER or --group GROUP (looked up
+    in the directory), or SID|NAME as the assignment shows it."""
+    if principal and (user or group):
+        raise click.UsageError("name the principal once: SID|NAME, --user USER or --group GROUP")
+    if not principal:
+        from app.directory.ldapfilter import is_sid
+
+        value = (user or group or "").strip()
+        principal = value if value and is_sid(value) else _principal(user, group, None)[1]
     state().services().assignments.unassign(layer, principal, comment=comment)
-    emit({"unassigned": layer, "principal": principal}, f"Unassigned {layer} from {principal}.")
+    emit({"unassigned": layer, "principal": principal}, f"Unassigned {layer} from {user or group or principal}.")
 
 
 @elastic_group.command("list")
@@ -118,6 +151,19 @@ def machine_add(group_sid: str, pattern: str, name: str, comment: str) -> None:
     emit(info, f"Associated {info.group_name} with {info.pattern} (id {info.id}).")
 
 
+@click.command("associate")
+@click.argument("group", metavar="GROUP")
+@click.option("--pattern", required=True, metavar="PATTERN", help="A machine-name wildcard pattern (VDA-FIN-*).")
+@click.option("--name", metavar="NAME",
+              help="The name to show (default: the directory's DOMAIN\\group); with a SID, no directory lookup.")
+@comment_option
+def machine_associate(group: str, pattern: str, name: str | None, comment: str) -> None:
+    """Tie GROUP (its name, DOMAIN\\group or SID) to a machine-name wildcard pattern (VDA-FIN-*)."""
+    _kind, sid, shown = _principal(None, group, name)
+    info = state().services().assignments.add_machine_association(sid, shown, pattern, comment=comment)
+    emit(info, f"Associated {info.group_name} with {info.pattern} (id {info.id}).")
+
+
 @machine_group.command("remove")
 @click.argument("association_id", type=int, metavar="ID")
 @comment_option
@@ -135,5 +181,14 @@ def machine_list() -> None:
                                 ["ID", "GROUP", "PATTERN", "SID"]))
 
 
+@click.group("machine")
+def machine_top_group() -> None:
+    """Machine associations: AD groups tied to machine-name patterns (as under `elastic machine`)."""
+
+
 def register(cli: click.Group) -> None:
+    machine_group.add_command(machine_associate)
+    for command in (machine_associate, machine_list, machine_remove):
+        machine_top_group.add_command(command)
     cli.add_command(elastic_group)
+    cli.add_command(machine_top_group)

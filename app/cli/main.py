@@ -179,9 +179,9 @@ def cli(ctx: click.Context, home_option: str | None, json_output: bool) -> None:
 
 
 def _register() -> None:
-    from app.cli import access, admin, demo, elastic, images, layers, repo, system, tasks, templates
+    from app.cli import access, admin, demo, elastic, images, layers, repo, system, tasks, templates, userlayer
 
-    for module in (access, admin, demo, elastic, images, layers, repo, system, tasks, templates):
+    for module in (access, admin, demo, elastic, images, layers, repo, system, tasks, templates, userlayer):
         module.register(cli)
 
 

@@ -7,6 +7,7 @@ location (lowest priority number) assigned to one of the user's groups wins.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
@@ -25,6 +26,27 @@ from app.services.validation import (
 from app.services.views import StorageLocationInfo
 
 MAX_USER_LAYER_GB = 2040  # the VHD format's limit
+
+
+@dataclass(frozen=True)
+class UserLayerPlace:
+    """Where one user's User Layer for one image template's OS layer lives, and why there."""
+
+    user: str  # DOMAIN\name
+    user_sid: str
+    template: str
+    os_layer_id: int
+    os_layer: str
+    location: str
+    location_path: str
+    priority: int
+    #: The user's group the location is assigned to (the first, by name, when several are).
+    group_sid: str
+    group_name: str
+    folder: str
+    size_gb: int
+    #: Other locations the user's groups also have, in priority order (lower priority: not used).
+    also: tuple[str, ...] = ()
 
 
 def user_layer_folder(location_path: str, domain: str, username: str, os_layer_id: int, os_layer_name: str) -> str:
@@ -145,6 +167,57 @@ class StorageService(Service):
             session.flush()
             change.details = {"order": [before, [r.name for r in ordered]]}
             return [_info(r) for r in ordered]
+
+    def user_layer_location(self, user: str, template: str) -> UserLayerPlace:
+        """Where ``user``'s (a name, ``DOMAIN\\user``, UPN or SID) User Layer for ``template`` lives: in
+        the highest-priority location assigned to any of the user's groups, nested membership included.
+        Raises :class:`NotFound` for an unknown user or template, or when no location applies."""
+        from app.directory import DirectoryClient, DirectoryError, PrincipalType
+        from app.services.directory import enabled_junctions
+        from app.services.templates import find_template
+
+        if not (user or "").strip():
+            raise ValidationError("Name the user (user, DOMAIN\\user, user@domain or a SID).", field="user")
+        with self._read() as session:
+            found_template = find_template(session, template)
+            os_layer = found_template.os_version.layer
+            template_name, os_layer_id, os_layer_name = found_template.name, os_layer.id, os_layer.name
+            locations = [_info(r) for r in session.scalars(
+                select(StorageLocation).options(selectinload(StorageLocation.groups))
+                .order_by(StorageLocation.priority))]
+            junctions = enabled_junctions(session, self._ctx.secrets)
+        if not junctions:
+            raise NotFound("No directory junction is configured: add one with `layerctl directory add`.")
+        unreachable: DirectoryError | None = None
+        for _junction, settings in junctions:
+            with DirectoryClient(settings) as client:
+                try:
+                    principal = client.resolve(user, PrincipalType.USER)
+                    groups = set(client.token_group_sids(principal.dn))
+                    groups.update(g.sid for g in client.nested_groups(principal.dn))
+                    domain = client.domain().netbios_name
+                except NotFound:
+                    continue
+                except DirectoryError as failure:
+                    unreachable = failure
+                    continue
+            usable = [loc for loc in locations if any(sid in groups for sid, _ in loc.groups)]
+            if not usable:
+                raise NotFound(
+                    f"No storage location is assigned to {principal.qualified_name} or any of their groups "
+                    f"({len(groups)} checked, nested included); `layerctl storage list` shows the locations.")
+            best = usable[0]
+            group_sid, group_name = next((sid, name) for sid, name in best.groups if sid in groups)
+            return UserLayerPlace(
+                user=principal.qualified_name, user_sid=principal.sid, template=template_name,
+                os_layer_id=os_layer_id, os_layer=os_layer_name, location=best.name, location_path=best.path,
+                priority=best.priority, group_sid=group_sid, group_name=group_name,
+                folder=user_layer_folder(best.path, domain, principal.name, os_layer_id, os_layer_name),
+                size_gb=best.default_size_gb, also=tuple(loc.name for loc in usable[1:]),
+            )
+        if unreachable is not None:
+            raise unreachable
+        raise NotFound(f"No directory junction knows a user named {user!r}.")
 
     def remove_location(self, name: str, *, comment: str = "") -> None:
         with self._change(Operation.EDIT_STORAGE, "storage.remove", "storage location", name, comment) as change:

@@ -530,7 +530,7 @@ def test_the_table_covers_every_public_mutating_method() -> None:
         "list_images", "list_assignments", "list_machine_associations", "list_locations", "list_connectors",
         "get_connector", "password", "list_junctions", "list_tasks", "get_task", "log", "list_settings", "get",
         "list_entries", "list_accounts", "list_grants", "conflicts", "template_usage", "version_contents",
-        "preview_conflicts", "resolve", "sync_plan",
+        "preview_conflicts", "resolve", "sync_plan", "user_layer_location",
     }
     #: Starts a task that needs real layers in the repository: its roles are checked, role by role, in
     #: tests/unit/test_cli_publish.py (test_publishing_needs_the_publish_role_and_refusals_are_audited).
