@@ -97,6 +97,9 @@ _LOCK_NAME = re.compile(r"\.(\d+)\.lock")
 #: beside the WIMs, ``.v<version>.json.tmp`` beside the manifests.
 _WORK_NAME = re.compile(r"\.{1,2}(?P<layer>\d+)\.wim\.v(?P<version>\d+)\.tmp(?:\.\d+\.partial)?")
 _MANIFEST_WORK_NAME = re.compile(r"\.v(?P<version>\d+)\.json\.tmp")
+#: Work folders of an import in progress, beside the WIMs: a disk image's partitions copied out
+#: (``.import-<layer>-v<version>-<random>``) and a difference import's volumes (``.difference-<layer>-v<version>``).
+_WORK_FOLDER_NAME = re.compile(r"\.(?:import|difference)-(?P<layer>\d+)-v(?P<version>\d+)(?:-\w+)?")
 
 #: ``(layer_id, version_id)``
 VersionKey = tuple[int, int]
@@ -430,8 +433,8 @@ class LayerRepository:
                     if build is not None:
                         index, identity, boot = build(layer_wim, name), None, None
                     else:
-                        index, identity, boot = self._capture(stack, layer_wim, source, name, drop, keep_boot,
-                                                              cancel)
+                        index, identity, boot = self._capture(stack, layer_wim, source, layer_id, name, drop,
+                                                              keep_boot, cancel)
                     count = _ImageCount()
                     for entry in layer_wim.iterate_dir_tree(index):
                         count.add(entry)
@@ -474,8 +477,8 @@ class LayerRepository:
             )
 
     def _capture(
-        self, stack: contextlib.ExitStack, layer_wim: Wim, source: CaptureSource, name: str, drop: Sequence[str],
-        keep_boot: bool, cancel: Cancellable | None,
+        self, stack: contextlib.ExitStack, layer_wim: Wim, source: CaptureSource, layer_id: int, name: str,
+        drop: Sequence[str], keep_boot: bool, cancel: Cancellable | None,
     ) -> tuple[int, DiskIdentity | None, BootRecord | None]:
         """Add ``source`` as image ``name``; return its index and, for a disk image, its identity and (with
         ``keep_boot``) its boot record."""
@@ -486,20 +489,20 @@ class LayerRepository:
         if source.kind is SourceKind.NTFS_VOLUME:
             return layer_wim.add_image_from_ntfs_volume(source.path, name, cancel=cancel), None, None
         if source.kind is SourceKind.DISK_IMAGE:
-            return self._capture_disk(stack, layer_wim, source, name, keep_boot, cancel)
+            return self._capture_disk(stack, layer_wim, source, layer_id, name, keep_boot, cancel)
         index = layer_wim.add_image_from_folder(source.path, name, cancel=cancel)
         if drop:
             layer_wim.update_image(index, [DeleteCommand(path, recursive=False) for path in drop], cancel=cancel)
         return index, None, None
 
     def _capture_disk(
-        self, stack: contextlib.ExitStack, layer_wim: Wim, source: CaptureSource, name: str, keep_boot: bool,
-        cancel: Cancellable | None,
+        self, stack: contextlib.ExitStack, layer_wim: Wim, source: CaptureSource, layer_id: int, name: str,
+        keep_boot: bool, cancel: Cancellable | None,
     ) -> tuple[int, DiskIdentity, BootRecord | None]:
         """The Windows partition is copied out (sparse) beside the layer's WIM and captured; with
         ``keep_boot`` every other partition and the Windows volume's boot code become image
         ``<name>-boot``. The copies are removed afterwards."""
-        folder = Path(tempfile.mkdtemp(prefix=".import-", dir=self.layers))
+        folder = Path(tempfile.mkdtemp(prefix=f".import-{layer_id}-{name}-", dir=self.layers))
         stack.callback(shutil.rmtree, folder, ignore_errors=True)
         info = image_info(source.path)
         check_image(info)
@@ -575,8 +578,14 @@ class LayerRepository:
         return removed
 
     def _remove_work_files(self, layer_id: int, version_id: int) -> bool:
-        """Work files a killed process left for this version."""
+        """Work files and folders a killed process left for this version."""
         found = False
+        for folder in self._work_folders():
+            match = _WORK_FOLDER_NAME.fullmatch(folder.name)
+            assert match is not None
+            if (int(match["layer"]), int(match["version"])) == (layer_id, version_id):
+                shutil.rmtree(folder, ignore_errors=True)
+                found = True
         for path in self._work_files():
             match = _WORK_NAME.fullmatch(path.name) or _MANIFEST_WORK_NAME.fullmatch(path.name)
             assert match is not None
@@ -585,6 +594,10 @@ class LayerRepository:
                 path.unlink(missing_ok=True)
                 found = True
         return found
+
+    def _work_folders(self) -> Iterator[Path]:
+        if self.layers.is_dir():
+            yield from (p for p in self.layers.iterdir() if p.is_dir() and _WORK_FOLDER_NAME.fullmatch(p.name))
 
     def _work_files(self) -> Iterator[Path]:
         if not self.layers.is_dir():
@@ -731,7 +744,7 @@ class LayerRepository:
             if path.is_dir() and path.name.isdigit():
                 problems.extend(self._check_manifests(int(path.name), path, manifests))
             elif not (_WIM_NAME.fullmatch(path.name) or _LOCK_NAME.fullmatch(path.name)
-                      or _WORK_NAME.fullmatch(path.name)):
+                      or _WORK_NAME.fullmatch(path.name) or _WORK_FOLDER_NAME.fullmatch(path.name)):
                 problems.append(f"{path.relative_to(self.root).as_posix()}: unexpected "
                                 f"{'folder' if path.is_dir() else 'file'} in the repository")
         for key in sorted(images.keys() - manifests.keys()):
@@ -767,6 +780,12 @@ class LayerRepository:
             if (owner, int(match["version"])) not in pending:
                 problems.append(f"{path.relative_to(self.root).as_posix()}: work file left by an interrupted "
                                 "store or removal")
+        for path in sorted(self._work_folders()):
+            match = _WORK_FOLDER_NAME.fullmatch(path.name)
+            assert match is not None
+            if (int(match["layer"]), int(match["version"])) not in pending:
+                problems.append(f"{path.relative_to(self.root).as_posix()}: work folder left by an interrupted "
+                                "import")
         return problems
 
     def _check_wim(

@@ -217,3 +217,21 @@ def test_concurrent_stores_into_one_layer_both_land(repo: LayerRepository, tmp_p
     assert errors == []
     catalog = {(1, v): r.checksum for v, r in results.items()}
     assert len(catalog) == 3 and repo.check(catalog) == []
+
+
+def test_import_work_folders_are_reported_only_when_no_import_is_running(repo: LayerRepository,
+                                                                          tmp_path: Path) -> None:
+    """A disk or difference import works in ``.import-<layer>-v<version>-…`` / ``.difference-<layer>-v<version>``
+    folders beside the WIMs: while the catalog says that version is being imported they are expected; once
+    it is not, they are leftovers of a killed import, reported, and removed with the version."""
+    stored = repo.store_version(1, 10, _folder(tmp_path, "a", {"a.txt": b"a"}))
+    leftovers = [repo.layers / ".import-1-v11-k3x9_q", repo.layers / ".difference-1-v11"]
+    for folder in leftovers:
+        folder.mkdir()
+        (folder / "volume.ntfs").write_bytes(b"x")
+    assert repo.check({(1, 10): stored.checksum, (1, 11): None}) == []  # version 11 is being imported
+    problems = repo.check({(1, 10): stored.checksum})
+    assert problems == [f"layers/{f.name}: work folder left by an interrupted import" for f in sorted(leftovers)]
+    assert repo.remove_version(1, 11)
+    assert not any(f.exists() for f in leftovers)
+    assert repo.check({(1, 10): stored.checksum}) == []
