@@ -11,8 +11,9 @@ talks to the directories behind them (test a junction, find users and groups) an
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,10 +28,18 @@ from app.services.views import DirectoryJunctionInfo
 
 if TYPE_CHECKING:
     # The directory client (ldap3) is imported when first used: most commands never need it.
-    from app.directory import ConnectionReport, DirectoryPrincipal, DirectorySettings, PrincipalType
+    from app.directory import (
+        ConnectionReport,
+        DirectoryClient,
+        DirectoryPrincipal,
+        DirectorySettings,
+        PrincipalType,
+    )
     from app.services import Services
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_PORTS = {DirectorySecurity.LDAPS: 636, DirectorySecurity.STARTTLS: 389, DirectorySecurity.PLAIN: 389}
 PLAIN_WARNING = "Plain LDAP: passwords cross the network unencrypted. Use LDAPS or StartTLS."
@@ -195,6 +204,34 @@ def enabled_junctions(session: Session, secrets: SecretStore) -> list[tuple[str,
         select(DirectoryJunction).where(DirectoryJunction.enabled.is_(True)).order_by(DirectoryJunction.name)
     ).all()
     return [(row.name, junction_settings(row, secrets)) for row in rows]
+
+
+def ask_about_user(
+    junctions: Sequence[tuple[str, DirectorySettings]], user: str,
+    read: Callable[[DirectoryClient, DirectoryPrincipal], T],
+) -> tuple[str, DirectoryPrincipal, T]:
+    """Find ``user`` (a name, ``DOMAIN\\user``, UPN or SID) in the first junction that knows them and
+    ``read`` what the caller needs while connected: returns the junction's name, the user and what
+    ``read`` returned. :class:`NotFound` when no junction is configured or none knows the user; the last
+    directory error when a junction could not be asked and no other one knew the user."""
+    from app.directory import DirectoryClient, DirectoryError, PrincipalType
+
+    if not junctions:
+        raise NotFound("No directory junction is configured: add one with `layerctl directory add`.")
+    unreachable: DirectoryError | None = None
+    for name, settings in junctions:
+        with DirectoryClient(settings) as client:
+            try:
+                principal = client.resolve(user, PrincipalType.USER)
+                return name, principal, read(client, principal)
+            except NotFound:
+                continue
+            except DirectoryError as failure:
+                unreachable = failure
+                continue
+    if unreachable is not None:
+        raise unreachable
+    raise NotFound(f"No directory junction knows a user named {user!r}.")
 
 
 class DirectoryLookup(Service):

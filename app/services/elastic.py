@@ -52,7 +52,7 @@ from app.catalog.models import (
     PrincipalKind,
     VersionState,
 )
-from app.errors import NotFound, PermissionDenied, ValidationError
+from app.errors import PermissionDenied, ValidationError
 from app.paths import Home
 from app.services.base import Service, ServiceContext
 from app.services.rbac import Operation
@@ -416,8 +416,7 @@ class ElasticService(Service):
         """Which app layer versions ``user`` (a name, ``DOMAIN\\user``, UPN or SID) gets on ``machine``
         and why; raises :class:`NotFound` when no enabled junction knows the user, or the directory's
         error when none can be reached."""
-        from app.directory import DirectoryClient, DirectoryError, PrincipalType
-        from app.services.directory import enabled_junctions
+        from app.services.directory import ask_about_user, enabled_junctions
 
         machine = validate_machine_name(machine)
         if not (user or "").strip():
@@ -427,25 +426,10 @@ class ElasticService(Service):
             assignments = self._assignments(session)
             associations = [AssociationRow(r.group_sid, r.group_name, r.pattern)
                             for r in session.scalars(select(MachineAssociation))]
-        if not junctions:
-            raise NotFound("No directory junction is configured: add one with `layerctl directory add`.")
-        unreachable: DirectoryError | None = None
-        for name, settings in junctions:
-            with DirectoryClient(settings) as client:
-                try:
-                    principal = client.resolve(user, PrincipalType.USER)
-                    membership = membership_of(client, principal)
-                except NotFound:
-                    continue
-                except DirectoryError as failure:
-                    unreachable = failure
-                    continue
-            log.info("resolving elastic layers of %s on %s (junction %s, %d groups)",
-                     principal.qualified_name, machine, name, len(membership.groups))
-            return resolve_layers(membership, machine, assignments, associations)
-        if unreachable is not None:
-            raise unreachable
-        raise NotFound(f"No directory junction knows a user named {user!r}.")
+        name, principal, membership = ask_about_user(junctions, user, membership_of)
+        log.info("resolving elastic layers of %s on %s (junction %s, %d groups)",
+                 principal.qualified_name, machine, name, len(membership.groups))
+        return resolve_layers(membership, machine, assignments, associations)
 
     @staticmethod
     def _assignments(session: Session) -> list[AssignmentRow]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
@@ -24,6 +25,9 @@ from app.services.validation import (
     validate_unc_path,
 )
 from app.services.views import StorageLocationInfo
+
+if TYPE_CHECKING:
+    from app.directory import DirectoryClient, DirectoryPrincipal
 
 MAX_USER_LAYER_GB = 2040  # the VHD format's limit
 
@@ -172,8 +176,7 @@ class StorageService(Service):
         """Where ``user``'s (a name, ``DOMAIN\\user``, UPN or SID) User Layer for ``template`` lives: in
         the highest-priority location assigned to any of the user's groups, nested membership included.
         Raises :class:`NotFound` for an unknown user or template, or when no location applies."""
-        from app.directory import DirectoryClient, DirectoryError, PrincipalType
-        from app.services.directory import enabled_junctions
+        from app.services.directory import ask_about_user, enabled_junctions
         from app.services.templates import find_template
 
         if not (user or "").strip():
@@ -186,38 +189,27 @@ class StorageService(Service):
                 select(StorageLocation).options(selectinload(StorageLocation.groups))
                 .order_by(StorageLocation.priority))]
             junctions = enabled_junctions(session, self._ctx.secrets)
-        if not junctions:
-            raise NotFound("No directory junction is configured: add one with `layerctl directory add`.")
-        unreachable: DirectoryError | None = None
-        for _junction, settings in junctions:
-            with DirectoryClient(settings) as client:
-                try:
-                    principal = client.resolve(user, PrincipalType.USER)
-                    groups = set(client.token_group_sids(principal.dn))
-                    groups.update(g.sid for g in client.nested_groups(principal.dn))
-                    domain = client.domain().netbios_name
-                except NotFound:
-                    continue
-                except DirectoryError as failure:
-                    unreachable = failure
-                    continue
-            usable = [loc for loc in locations if any(sid in groups for sid, _ in loc.groups)]
-            if not usable:
-                raise NotFound(
-                    f"No storage location is assigned to {principal.qualified_name} or any of their groups "
-                    f"({len(groups)} checked, nested included); `layerctl storage list` shows the locations.")
-            best = usable[0]
-            group_sid, group_name = next((sid, name) for sid, name in best.groups if sid in groups)
-            return UserLayerPlace(
-                user=principal.qualified_name, user_sid=principal.sid, template=template_name,
-                os_layer_id=os_layer_id, os_layer=os_layer_name, location=best.name, location_path=best.path,
-                priority=best.priority, group_sid=group_sid, group_name=group_name,
-                folder=user_layer_folder(best.path, domain, principal.name, os_layer_id, os_layer_name),
-                size_gb=best.default_size_gb, also=tuple(loc.name for loc in usable[1:]),
-            )
-        if unreachable is not None:
-            raise unreachable
-        raise NotFound(f"No directory junction knows a user named {user!r}.")
+
+        def groups_and_domain(client: DirectoryClient, principal: DirectoryPrincipal) -> tuple[set[str], str]:
+            groups = set(client.token_group_sids(principal.dn))
+            groups.update(g.sid for g in client.nested_groups(principal.dn))
+            return groups, client.domain().netbios_name
+
+        _, principal, (groups, domain) = ask_about_user(junctions, user, groups_and_domain)
+        usable = [loc for loc in locations if any(sid in groups for sid, _ in loc.groups)]
+        if not usable:
+            raise NotFound(
+                f"No storage location is assigned to {principal.qualified_name} or any of their groups "
+                f"({len(groups)} checked, nested included); `layerctl storage list` shows the locations.")
+        best = usable[0]
+        group_sid, group_name = next((sid, name) for sid, name in best.groups if sid in groups)
+        return UserLayerPlace(
+            user=principal.qualified_name, user_sid=principal.sid, template=template_name,
+            os_layer_id=os_layer_id, os_layer=os_layer_name, location=best.name, location_path=best.path,
+            priority=best.priority, group_sid=group_sid, group_name=group_name,
+            folder=user_layer_folder(best.path, domain, principal.name, os_layer_id, os_layer_name),
+            size_gb=best.default_size_gb, also=tuple(loc.name for loc in usable[1:]),
+        )
 
     def remove_location(self, name: str, *, comment: str = "") -> None:
         with self._change(Operation.EDIT_STORAGE, "storage.remove", "storage location", name, comment) as change:
