@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from app import procs
+from app.catalog.models import LayerType, TaskState
 from app.engine.compose import StackLayer, compose
 from app.engine.disk import DiskError
 from app.engine.gold import GoldLayout
@@ -26,9 +27,11 @@ from app.engine.registry.regf import write_hive
 from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, LayerRepository, RepositoryDamaged, SourceKind, manifest_checksum
 from app.engine.wim import Wim, make_ntfs_volume
+from app.services import Services
+from app.tasks.runner import TaskRunner
 from tests.support import ntfs_security as sec
 from tests.support.compose_stack import software_hive, system_hive
-from tests.support.repository_checks import make_tree
+from tests.support.repository_checks import listing, make_tree, outcome_snapshot
 from tests.support.tools import run_ok, tool
 
 MiB = 1024 * 1024
@@ -314,3 +317,33 @@ def test_app_layers_from_disks_and_damaged_boot_files(tmp_path: Path) -> None:
     with Wim.open(repository.wim_path(3)) as wim:
         assert [wim.image_name(i) for i in range(1, wim.image_count + 1)] == ["v30"]
     assert not repository.wim_path(1).exists()
+
+
+def test_an_os_gold_disk_that_cannot_be_laid_out_again_is_refused_and_leaves_nothing(
+    admin: Services, tmp_path: Path
+) -> None:
+    """Windows on a logical partition of an extended MBR partition: LayerDesk keeps primary partitions only,
+    so the OS layer import fails with that reason, and catalog and repository are as they were."""
+    raw = tmp_path / "extended.raw"
+    with raw.open("wb") as file:
+        file.truncate(200 * MiB)
+    script = ("label: dos\nlabel-id: 0x0badc0de\n"
+              "start=2048, size=102400, type=7, bootable\n"
+              "start=104448, size=300000, type=5\n"
+              "start=106496, size=245760, type=7\n")
+    outcome = procs.run([tool("sfdisk"), str(raw)], stdin=script, timeout_s=60)
+    assert outcome.ok, outcome.stderr
+    _splice(raw, 106496 * SECTOR, _windows_volume(tmp_path, 120 * MiB, 106496))
+    admin.imports.repository.ensure()
+    admin.layers.create_layer("Win11", LayerType.OS)
+    catalog_before, repo_before = outcome_snapshot(admin.catalog), listing(admin.imports.repository.root)
+    runner = TaskRunner(admin.catalog, admin.caller, poll_s=0.05)
+    try:
+        task_id = admin.imports.start_import(runner, "Win11", "1", raw)
+        assert runner.wait(task_id, 120) is TaskState.FAILED
+    finally:
+        runner.shutdown()
+    error = admin.tasks.get_task(task_id).error or ""
+    assert "extended MBR partition" in error and "keeps primary partitions only" in error and "\n" not in error
+    assert outcome_snapshot(admin.catalog) == catalog_before
+    assert listing(admin.imports.repository.root) == repo_before
