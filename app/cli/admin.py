@@ -9,7 +9,7 @@ import click
 
 from app.catalog.models import DirectorySecurity
 from app.cli.main import F, comment_option, emit, read_password, state, table
-from app.errors import ValidationError
+from app.errors import NotFound, ValidationError
 from app.services.connectors import CONNECTOR_TYPES
 from app.services.directory import PLAIN_WARNING, JunctionSpec
 from app.services.views import ConnectorInfo, DirectoryJunctionInfo, StorageLocationInfo
@@ -68,18 +68,33 @@ def storage_group() -> None:
     """User layer storage locations."""
 
 
+def _location_name(path: str) -> str:
+    r"""A storage location's name made from its path when none is given: ``\\fs1\ul\EU`` → ``fs1-ul-EU``."""
+    parts = [part for part in path.strip().strip("\\").split("\\") if part]
+    name = "-".join(parts)
+    return "".join("-" if ch in ':*?"<>|/' else ch for ch in name) or path
+
+
 @storage_group.command("add")
-@click.argument("name")
-@click.argument("path", metavar="\\\\SERVER\\SHARE[\\FOLDER]")
+@click.argument("args", nargs=-1, required=True, metavar="[NAME] \\\\SERVER\\SHARE[\\FOLDER]")
+@click.option("--name", "name_option", metavar="NAME", help="The location's name (default: made from the path).")
 @click.option("--group", "groups", multiple=True, metavar="GROUP|SID=NAME",
               help="An AD group using it: its name (looked up in the directory) or SID=NAME (repeatable).")
 @click.option("--size-gb", default=10, show_default=True, help="Default user layer size.")
 @comment_option
-def storage_add(name: str, path: str, groups: tuple[str, ...], size_gb: int, comment: str) -> None:
-    """Add a storage location (tried after the existing ones)."""
+def storage_add(args: tuple[str, ...], name_option: str | None, groups: tuple[str, ...], size_gb: int,
+                comment: str) -> None:
+    """Add a storage location for User Layers (tried after the existing ones). Give the share path, and
+    optionally a name before it or with --name."""
+    if len(args) > 2:
+        raise click.UsageError("give the share path, optionally preceded by a name")
+    path = args[-1]
+    name = args[0] if len(args) == 2 else name_option or _location_name(path)
+    if len(args) == 2 and name_option is not None and name_option != args[0]:
+        raise click.UsageError("give the name once: as the first argument or with --name")
     info = state().services().storage.add_location(name, path, groups=_groups(groups), default_size_gb=size_gb,
                                                    comment=comment)
-    emit(info, f"Added storage location {info.name!r} at priority {info.priority}.")
+    emit(info, f"Added storage location {info.name!r} ({info.path}) at priority {info.priority}.")
 
 
 @storage_group.command("update")
@@ -96,12 +111,28 @@ def storage_update(name: str, path: str | None, groups: tuple[str, ...], size_gb
     emit(info, f"Updated storage location {info.name!r}.")
 
 
-@storage_group.command("order")
-@click.argument("names", nargs=-1, required=True)
+def _location_names(values: tuple[str, ...]) -> list[str]:
+    """Storage locations named by name or by path, as names."""
+    by_path = {row.path.casefold(): row.name for row in state().services().storage.list_locations()}
+    names = []
+    for value in values:
+        if value.startswith("\\\\"):
+            found = by_path.get(value.rstrip("\\").casefold()) or by_path.get(value.casefold())
+            if found is None:
+                raise NotFound(f"No storage location has the path {value}; `layerctl storage list` shows them.")
+            names.append(found)
+        else:
+            names.append(value)
+    return names
+
+
+@storage_group.command("priority")
+@click.argument("locations", nargs=-1, required=True, metavar="PATH|NAME ...")
 @comment_option
-def storage_order(names: tuple[str, ...], comment: str) -> None:
-    """Set the order locations are tried in (first listed first)."""
-    emit(state().services().storage.reorder(names, comment=comment), _locations)
+def storage_priority(locations: tuple[str, ...], comment: str) -> None:
+    """Set the order storage locations are tried in: list every location's path (or name), first tried
+    first. A user in several groups gets a User Layer on the first location one of their groups has."""
+    emit(state().services().storage.reorder(_location_names(locations), comment=comment), _locations)
 
 
 @storage_group.command("remove")

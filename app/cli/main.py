@@ -113,6 +113,16 @@ class Interrupted(LayerDeskError):
     exit_status = 130
 
 
+def format_size(n: int) -> str:
+    """Bytes as people read them: ``512 B``, ``1.5 MiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
 def show_progress(runner: TaskRunner) -> None:
     """Print each task's progress on stderr as ``[ 42%] message`` (once per change; not with --json).
     The end (done, failed, canceled) is reported by the command once the task is over."""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from app.cli.main import emit, state
+from app.cli.main import emit, format_size, read_password, state, table
+
+if TYPE_CHECKING:
+    from app.services.storage import UserLayerReport
 
 
 @click.group("userlayer")
@@ -35,6 +40,38 @@ def where(user: str, template: str) -> None:
         return "\n".join(lines)
 
     emit(found, human)
+
+
+@userlayer_group.command("list")
+@click.argument("location", metavar="LOCATION|\\\\SERVER\\SHARE")
+@click.option("--user", "account", required=True, metavar="USER",
+              help="The account to read the share with (DOMAIN\\user or user@domain).")
+@click.option("--password-stdin", is_flag=True, help="Read the account's password from stdin.")
+@click.option("--orphans", is_flag=True, help="Only the User Layers nobody can use any more.")
+def list_user_layers(location: str, account: str, password_stdin: bool, orphans: bool) -> None:
+    """The User Layers on a storage location's share (by the location's name or path): whose, for which
+    OS layer, size and last write; orphans are those whose user is no longer in the directory (deleted
+    or renamed) or whose OS layer was deleted or renamed. Nothing is deleted."""
+    password = read_password(f"Password for {account}", password_stdin)
+    report = state().services().storage.list_user_layers(location, account, password)
+    if orphans:
+        from dataclasses import replace
+
+        report = replace(report, folders=report.orphans)
+
+    def human(r: UserLayerReport) -> str:
+        rows = [(f"{f.domain}\\{f.username}" if f.username else "-",
+                 f"{f.os_layer_id}_{f.os_layer_name}" if f.os_layer_id is not None else "-",
+                 format_size(f.size_bytes), f.last_write.strftime("%Y-%m-%d %H:%M") if f.last_write else "-",
+                 f.status.value.replace("_", " "), f.reason or f.relative)
+                for f in r.folders]
+        where = f"{r.location} ({r.path})" if r.location else r.path
+        if not rows:
+            return f"No {'orphaned ' if orphans else ''}User Layers on {where}."
+        return (f"User Layers on {where}: {len(r.folders)} ({len(r.orphans)} orphaned)\n"
+                + table(rows, ["USER", "OS LAYER", "SIZE", "LAST WRITE", "STATUS", "WHY / FOLDER"]))
+
+    emit(report, human)
 
 
 def register(cli: click.Group) -> None:

@@ -33,6 +33,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
@@ -95,6 +96,16 @@ class SyncCanceled(UserError):
 
     code = "canceled"
     exit_status = 130
+
+
+@dataclass(frozen=True)
+class ShareEntry:
+    """A file or folder on a share, as a directory listing gives it."""
+
+    name: str
+    is_dir: bool
+    size_bytes: int
+    last_write: datetime
 
 
 @dataclass(frozen=True)
@@ -312,6 +323,25 @@ class ShareSession:
     def remove(self, relative: str) -> None:
         with self._errors(f"delete {relative}"):
             self._smb.remove(self.location.path(relative), **self._kw())
+
+    def entries(self, relative: str = "") -> list[ShareEntry]:
+        """What the folder ``relative`` holds, one :class:`ShareEntry` each (``.`` and ``..`` left out);
+        an empty list when the folder does not exist. One directory query: no extra round trip per file."""
+        _DIRECTORY = 0x10  # FILE_ATTRIBUTE_DIRECTORY
+        with self._errors(f"list {relative or 'the share'}"):
+            try:
+                found = []
+                for entry in self._smb.scandir(self.location.path(relative), **self._kw()):
+                    info = entry.smb_info
+                    if entry.name in (".", ".."):
+                        continue
+                    found.append(ShareEntry(str(entry.name), bool(info.file_attributes & _DIRECTORY),
+                                            int(info.end_of_file), info.last_write_time))
+                return found
+            except SMBOSError as exc:
+                if exc.errno == 2:
+                    return []
+                raise
 
 
 # --- the local disk cache ---------------------------------------------------------------------------

@@ -6,9 +6,9 @@ location (lowest priority number) assigned to one of the user's groups wins.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
@@ -27,7 +27,8 @@ from app.services.validation import (
 from app.services.views import StorageLocationInfo
 
 if TYPE_CHECKING:
-    from app.directory import DirectoryClient, DirectoryPrincipal
+    from app.directory import DirectoryClient, DirectoryPrincipal, DirectorySettings
+    from app.elastic.userlayers import UserLayerFolder
 
 MAX_USER_LAYER_GB = 2040  # the VHD format's limit
 
@@ -51,6 +52,44 @@ class UserLayerPlace:
     size_gb: int
     #: Other locations the user's groups also have, in priority order (lower priority: not used).
     also: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UserLayerReport:
+    """The User Layers found on one storage location's share."""
+
+    location: str | None  # the storage location's name; None for a path that is not one
+    path: str
+    folders: tuple[UserLayerFolder, ...]
+
+    @property
+    def orphans(self) -> tuple[UserLayerFolder, ...]:
+        from app.elastic.userlayers import UserLayerStatus
+
+        return tuple(f for f in self.folders if f.status is UserLayerStatus.ORPHANED)
+
+
+def _directory_users(junctions: Sequence[tuple[str, DirectorySettings]]) -> dict[str, frozenset[str]]:
+    """Each junction's domain (NetBIOS name) and the logon names of every user in it, case-folded: one
+    paged search per junction, so a share with thousands of user layers costs no query per folder."""
+    from app.directory import DirectoryClient
+
+    users: dict[str, frozenset[str]] = {}
+    for _, settings in junctions:
+        with DirectoryClient(settings) as client:
+            login = settings.attribute("user_login")
+            names = frozenset(
+                value.casefold()
+                for entry in client.paged_search("(&(objectCategory=person)(objectClass=user))", [login])
+                for value in _values(entry, login))
+            domain = client.domain().netbios_name.casefold()
+            users[domain] = users.get(domain, frozenset()) | names
+    return users
+
+
+def _values(entry: Mapping[str, Any], attribute: str) -> list[str]:
+    """An attribute's values as text, from the raw bytes the directory sent."""
+    return [v.decode("utf-8", "replace") for v in (entry.get("raw_attributes") or {}).get(attribute) or []]
 
 
 def user_layer_folder(location_path: str, domain: str, username: str, os_layer_id: int, os_layer_name: str) -> str:
@@ -210,6 +249,38 @@ class StorageService(Service):
             folder=user_layer_folder(best.path, domain, principal.name, os_layer_id, os_layer_name),
             size_gb=best.default_size_gb, also=tuple(loc.name for loc in usable[1:]),
         )
+
+    def list_user_layers(self, location: str, username: str, password: str, *, port: int = 445,
+                         progress: Callable[[str], None] | None = None) -> UserLayerReport:
+        r"""The User Layers on ``location`` (a storage location's name, or a ``\\server\share[\folder]``
+        path), read over SMB as ``username``, each marked in use, orphaned (user gone from the directory,
+        or OS layer deleted/renamed in the catalog) or of a domain no junction serves. Reads only: nothing
+        on the share or in the catalog changes. The password goes to the SMB session and nowhere else."""
+        from app.catalog.models import Layer, LayerType
+        from app.elastic.sync import ShareSession, parse_share
+        from app.elastic.userlayers import classify, scan_user_layers
+        from app.services.directory import enabled_junctions
+
+        text = (location or "").strip()
+        if not text:
+            raise ValidationError("Name the storage location (or give its \\\\server\\share path).",
+                                  field="location")
+        with self._read() as session:
+            if text.startswith("\\\\"):
+                path = validate_unc_path(text, "storage location path")
+                row = session.scalars(select(StorageLocation).where(func.lower(StorageLocation.path) == path.lower())
+                                      ).first()
+            else:
+                row = self._row(session, text)
+                path = row.path
+            location_name = row.name if row is not None else None
+            os_layers = {row.id: row.name for row in session.execute(
+                select(Layer.id, Layer.name).where(Layer.type == LayerType.OS))}
+            junctions = enabled_junctions(session, self._ctx.secrets)
+        with ShareSession(parse_share(path), username, password, port=port) as share:
+            folders = scan_user_layers(share, on_folder=progress)
+        users = _directory_users(junctions)
+        return UserLayerReport(location_name, path, tuple(classify(folders, users, os_layers)))
 
     def remove_location(self, name: str, *, comment: str = "") -> None:
         with self._change(Operation.EDIT_STORAGE, "storage.remove", "storage location", name, comment) as change:

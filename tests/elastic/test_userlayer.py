@@ -80,7 +80,7 @@ def test_layerctl_userlayer_where(storage: Services, capsys: pytest.CaptureFixtu
     assert found["folder"] == rf"\\fs1\userlayers\Users\LAB_alice\{win11}_Win11" + "\\"
     assert (found["location"], found["size_gb"]) == ("Staff", 10)
 
-    ctl.json("storage", "order", "Finance", "Staff")
+    ctl.json("storage", "priority", r"\\fs2\finance\ul", "Staff")  # by path or by name
     status, out, _ = ctl("userlayer", "where", "--user", "alice", "--template", "Finance-Desktop")
     assert status == 0
     assert out.splitlines()[0] == rf"\\fs2\finance\ul\Users\LAB_alice\{win11}_Win11" + "\\"

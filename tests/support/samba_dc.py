@@ -303,6 +303,11 @@ class RunningDC:
     def log_file(self) -> Path:
         return self.root / "log.samba"
 
+    def tool(self, *args: str) -> str:
+        """Run ``samba-tool ARGS`` on this DC's own database (samba locks it, so this is safe while it
+        runs): for tests that change the directory, e.g. delete a user. Returns its output."""
+        return _run("samba-tool", *args, "-s", str(self.root / "etc" / "smb.conf"))
+
     def stop(self) -> None:
         """Close samba's stdin (it exits with its children), escalating to signals to its process group;
         returns once no process of the group runs any more."""

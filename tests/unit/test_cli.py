@@ -252,3 +252,28 @@ def test_catalog_check_runs_as_a_task_and_is_listed(ctl: Ctl) -> None:
     assert result["ok"] is True and result["problems"] == []  # type: ignore[index]
     (task,) = ctl.json("task", "list")  # type: ignore[misc]
     assert (task["id"], task["kind"], task["state"]) == (result["task"], "catalog.check", "complete")  # type: ignore[index]
+
+
+def test_storage_add_by_path_and_priority_by_path_or_name(ctl: Ctl) -> None:
+    group = "S-1-5-21-1-2-3-4000=LAB\\Staff"
+    made = ctl.json("storage", "add", r"\\fs1\userlayers\EU", "--group", group)
+    assert isinstance(made, dict) and (made["name"], made["path"], made["priority"]) == (
+        "fs1-userlayers-EU", r"\\fs1\userlayers\EU", 1)
+    ctl.json("storage", "add", "Finance", r"\\fs2\finance", "--group", group, "--size-gb", "25")
+    ctl.json("storage", "add", "--name", "Archive", r"\\fs3\old")
+
+    order = ctl.json("storage", "priority", r"\\FS3\old", "Finance", r"\\fs1\userlayers\EU\\")
+    assert isinstance(order, list)
+    assert [(row["name"], row["priority"]) for row in order] == [("Archive", 1), ("Finance", 2),
+                                                                ("fs1-userlayers-EU", 3)]
+    status, _, err = ctl("storage", "priority", r"\\fs9\nothing", "Finance", "Archive")
+    assert status == 5 and r"No storage location has the path \\fs9\nothing" in err
+    status, _, err = ctl("storage", "priority", "Finance", "Archive")
+    assert status == 3 and "must name every storage location" in err
+    status, _, err = ctl("storage", "add", "A", "B", r"\\fs4\x")
+    assert status == 2 and "give the share path" in err
+    status, _, err = ctl("storage", "add", "Other", r"\\fs5\x", "--name", "Else")
+    assert status == 2 and "give the name once" in err
+    listed = ctl.json("storage", "list")
+    assert isinstance(listed, list) and [row["name"] for row in listed] == ["Archive", "Finance",
+                                                                          "fs1-userlayers-EU"]
