@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -203,3 +204,38 @@ def spawn_detached(argv: Sequence[str], log_path: Path) -> subprocess.Popen[byte
         )
     threading.Thread(target=child.wait, name=f"reap-{child.pid}", daemon=True).start()
     return child
+
+
+#: The modules LayerDesk runs as child processes of its own: task workers and ``layerctl`` itself.
+CHILD_MODULES: tuple[str, ...] = ("app.tasks.worker", "app.cli")
+#: How a frozen build's ``layerctl`` is asked to run one of them instead of a command.
+RUN_MODULE_FLAG = "--run-module"
+
+
+def module_command(module: str) -> list[str]:
+    """The command line that runs ``module`` (one of :data:`CHILD_MODULES`) in a child process:
+    ``python -m MODULE`` from source; in a frozen build, which has no interpreter to give ``-m`` to,
+    the ``layerctl`` executable beside the running one with ``--run-module MODULE``."""
+    if module not in CHILD_MODULES:
+        raise ValueError(f"{module} is not a module LayerDesk runs as a child process")
+    if getattr(sys, "frozen", False):
+        layerctl = Path(sys.executable).with_name("layerctl.exe" if os.name == "nt" else "layerctl")
+        return [str(layerctl), RUN_MODULE_FLAG, module]
+    return [sys.executable, "-m", module]
+
+
+def run_child_module(argv: Sequence[str]) -> int:
+    """``layerctl --run-module MODULE ARGS…``: run MODULE as ``__main__`` with ARGS (the frozen build's
+    counterpart of ``python -m``); only :data:`CHILD_MODULES` are run. Returns the exit status."""
+    import runpy
+
+    if not argv or argv[0] not in CHILD_MODULES:
+        print(f"layerctl: error: {RUN_MODULE_FLAG} takes one of {', '.join(CHILD_MODULES)}", file=sys.stderr)
+        return 2
+    sys.argv = [argv[0], *argv[1:]]
+    try:
+        runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+    except SystemExit as done:
+        code = done.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,7 +105,7 @@ def _publish_in_background(template: str, output: Path | None, comment: str) -> 
     after = newest[0].id if newest else 0
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     log_path = cli_state.home.logs / f"publish-{stamp}-{secrets.token_hex(3)}.log"
-    argv = [sys.executable, "-m", "app.cli", "--home", str(cli_state.home.root), "image", "publish", template,
+    argv = [*procs.module_command("app.cli"), "--home", str(cli_state.home.root), "image", "publish", template,
             "--wait", "--comment", comment, *(["--output", str(output.absolute())] if output else [])]
     child = procs.spawn_detached(argv, log_path)
     deadline = time.monotonic() + BACKGROUND_START_S

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TextIO
 
 from app.errors import EnvironmentProblem, LayerDeskError, UserError
-from app.procs import stream
+from app.procs import module_command, stream
 from app.tasks.base import LayerDeskTask, TaskCanceled, TaskContext, TaskResult
 
 WorkerFunction = Callable[[dict[str, Any], "WorkerReport"], dict[str, Any]]
@@ -135,7 +135,7 @@ class SubprocessTask(LayerDeskTask):
                 outcome.update(message)
 
         spec = json.dumps({"function": self.function, "args": self.arguments()}) + "\n"
-        done = stream([sys.executable, "-m", self.worker_module], on_line, ctx.cancel, stdin_text=spec)
+        done = stream(module_command(self.worker_module), on_line, ctx.cancel, stdin_text=spec)
         if done.cancelled:
             raise TaskCanceled()
         if "result" in outcome:
