@@ -213,12 +213,13 @@ RUN_MODULE_FLAG = "--run-module"
 
 
 def module_command(module: str) -> list[str]:
-    """The command line that runs ``module`` (one of :data:`CHILD_MODULES`) in a child process:
+    """The command line that runs ``module`` in a child process:
     ``python -m MODULE`` from source; in a frozen build, which has no interpreter to give ``-m`` to,
-    the ``layerctl`` executable beside the running one with ``--run-module MODULE``."""
-    if module not in CHILD_MODULES:
-        raise ValueError(f"{module} is not a module LayerDesk runs as a child process")
+    the ``layerctl`` executable beside the running one with ``--run-module MODULE`` (which runs only
+    :data:`CHILD_MODULES`)."""
     if getattr(sys, "frozen", False):
+        if module not in CHILD_MODULES:
+            raise ValueError(f"{module} is not a module LayerDesk runs as a child process")
         layerctl = Path(sys.executable).with_name("layerctl.exe" if os.name == "nt" else "layerctl")
         return [str(layerctl), RUN_MODULE_FLAG, module]
     return [sys.executable, "-m", module]

@@ -27,7 +27,8 @@ def test_a_frozen_build_runs_children_through_its_layerctl(monkeypatch: pytest.M
                                                   "app.tasks.worker"]
 
 
-def test_only_layerdesk_child_modules_are_run() -> None:
+def test_only_layerdesk_child_modules_are_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
     with pytest.raises(ValueError, match="not a module LayerDesk runs"):
         module_command("http.server")
     done = subprocess.run([sys.executable, "-c", RUN_LAYERCTL, RUN_MODULE_FLAG, "http.server"],
