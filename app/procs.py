@@ -50,11 +50,25 @@ class Outcome:
 SYSTEM_PROGRAM_DIRS: tuple[str, ...] = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
+def bundled_tools_dir() -> Path | None:
+    """The ``tools`` folder beside a frozen build's executables, where the Windows installer puts the
+    engine's tools (qemu-img, wimlib) it ships; ``None`` when running from source or when it is absent.
+    Tools found there are preferred to those on PATH."""
+    if not getattr(sys, "frozen", False):
+        return None
+    folder = Path(sys.executable).resolve().parent / "tools"
+    return folder if folder.is_dir() else None
+
+
 def find_program(name: str, *, package_hint: str = "") -> str:
     """The full path of ``name``; :class:`EnvironmentProblem` naming what to install when missing."""
     if (os.sep in name or (os.altsep and os.altsep in name)) and Path(name).is_file():
         return name
-    found = shutil.which(name)
+    found = None
+    bundled = bundled_tools_dir()
+    if bundled is not None:
+        found = shutil.which(name, path=str(bundled))
+    found = found or shutil.which(name)
     if found is None and os.name != "nt":
         found = shutil.which(name, path=os.pathsep.join(SYSTEM_PROGRAM_DIRS))
     if found is None:

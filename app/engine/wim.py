@@ -410,7 +410,11 @@ _library: _Library | None = None
 
 
 def _candidates() -> list[str]:
-    names = []
+    names: list[str] = []
+    bundled = procs.bundled_tools_dir()
+    if bundled is not None:
+        names.extend(str(bundled / n) for n in ("libwim-15.dll", "libwim.so.15", "libwim.15.dylib")
+                     if (bundled / n).is_file())
     found = ctypes.util.find_library("wim") or ctypes.util.find_library("libwim-15")
     if found:
         names.append(found)

@@ -47,3 +47,24 @@ def test_layerctl_runs_a_child_module_with_its_arguments_and_exit_status(tmp_pat
     missing = subprocess.run([sys.executable, "-c", RUN_LAYERCTL, RUN_MODULE_FLAG, "app.cli", "--home", str(home),
                               "layer", "show", "Nope"], capture_output=True, text=True, timeout=120, check=False)
     assert missing.returncode == 5 and "Nope" in missing.stderr
+
+
+def test_a_frozen_build_prefers_the_engine_tools_it_ships(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The Windows installer can put qemu-img and wimlib into ``tools`` beside the executables."""
+    from app.procs import bundled_tools_dir, find_program
+
+    assert bundled_tools_dir() is None  # from source: only PATH
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "LayerDesk" / "layerdesk"))
+    assert bundled_tools_dir() is None  # frozen, but nothing shipped
+    tools = tmp_path / "LayerDesk" / "tools"
+    tools.mkdir(parents=True)
+    shipped = tools / "qemu-img"
+    shipped.write_text("#!/bin/sh\necho 'qemu-img version 9.9.9 (shipped)'\n")
+    shipped.chmod(0o755)
+    assert bundled_tools_dir() == tools
+    assert find_program("qemu-img") == str(shipped)
+    from app.engine.toolcheck import engine_tools
+
+    qemu = next(t for t in engine_tools() if t.name == "qemu-img")
+    assert qemu.version == "qemu-img version 9.9.9 (shipped)"
