@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from app import procs
 from app.errors import LayerDeskError
 
-__all__ = ["ToolStatus", "engine_tools"]
+__all__ = ["ToolStatus", "Unavailable", "engine_tools", "publish_tools", "unavailable", "unavailable_operations"]
 
 
 @dataclass(frozen=True)
@@ -59,3 +59,44 @@ def engine_tools() -> list[ToolStatus]:
         ToolStatus("ntfscp (NTFS-3G)", *ntfscp, "writing merged registry hives into published disks"),
         ToolStatus("mkfs.fat (dosfstools)", *mkfs_fat, "publishing disks for OS layers without a gold disk"),
     ]
+
+
+#: The tools each kind of work needs, by the names :func:`engine_tools` reports.
+WIM_TOOLS: tuple[str, ...] = ("wimlib",)
+DISK_TOOLS: tuple[str, ...] = ("wimlib", "qemu-img", "mkntfs (NTFS-3G)", "ntfscp (NTFS-3G)")
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """Work this machine cannot do, and the missing tools that stop it."""
+
+    operation: str
+    missing: tuple[ToolStatus, ...]
+
+    def message(self) -> str:
+        names = ", ".join(t.name for t in self.missing)
+        why = "; ".join(f"{t.name}: {t.problem}" for t in self.missing if t.problem)
+        return (f"{self.operation} needs {names}, which {'is' if len(self.missing) == 1 else 'are'} not usable on "
+                f"this machine ({why}). Install {'it' if len(self.missing) == 1 else 'them'} (System > About lists "
+                "the engine's tools), then try again.")
+
+
+def publish_tools(fmt: str) -> tuple[str, ...]:
+    """The tools publishing in engine format ``fmt`` needs (``wim``, ``vhdx``, ``vhd-dynamic``…)."""
+    return WIM_TOOLS if fmt == "wim" else DISK_TOOLS
+
+
+def unavailable(tools: list[ToolStatus], operation: str, needs: tuple[str, ...]) -> Unavailable | None:
+    """``None`` when every tool ``needs`` names is usable; else what is missing for ``operation``."""
+    missing = tuple(t for t in tools if t.name in needs and not t.available)
+    return Unavailable(operation, missing) if missing else None
+
+
+def unavailable_operations(tools: list[ToolStatus]) -> list[Unavailable]:
+    """What the console warns about at start-up: each kind of work the missing tools rule out."""
+    checks = (
+        ("Importing and publishing layers", WIM_TOOLS),
+        ("Importing disk images and publishing VHD, VHDX, VMDK, qcow2 and raw disks", DISK_TOOLS),
+        ("Publishing disks for OS layers without a gold disk", ("mkfs.fat (dosfstools)",)),
+    )
+    return [found for operation, needs in checks if (found := unavailable(tools, operation, needs)) is not None]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from app.catalog.models import DiskFormat, LayerType, LayerVersion, PublishedImage, Task
-from app.errors import Conflict, NotFound, PermissionDenied, UserError, ValidationError
+from app.errors import Conflict, EnvironmentProblem, NotFound, PermissionDenied, UserError, ValidationError
 from app.paths import Home
 from app.services.base import Service, ServiceContext, find_version
 from app.services.rbac import Operation
@@ -266,15 +266,26 @@ class PublishingService(Service):
             self._audit_denied("image.publish", "published image", template, comment, str(exc))
             raise
 
+    @staticmethod
+    def _require_tools(fmt: str) -> None:
+        """Refuse now, not halfway through compositing, when a tool this format needs is missing."""
+        from app.engine.toolcheck import engine_tools, publish_tools, unavailable
+
+        missing = unavailable(engine_tools(), f"Publishing a {fmt} image", publish_tools(fmt))
+        if missing is not None:
+            raise EnvironmentProblem(missing.message())
+
     def publish(
         self, runner: TaskRunner, template: str, output_dir: Path | str | None = None, *, comment: str = "",
+        connector: str | None = None,
     ) -> int:
         """Start publishing ``template``'s image as a task; returns the task id.
 
         The image is written to ``<output_dir>/<image name>.<ext>`` (default folder: ``published`` in the
         LayerDesk home) and recorded when complete (:meth:`record_image`, audited). Refused before anything
         is written when a layer version is not deployable, the caller may not publish or run tasks (the
-        refusal is audited), or the file exists already.
+        refusal is audited), or the file exists already. With ``connector`` (default: the template's own),
+        the image is then delivered to it in the same task (refused now when that connector is incomplete).
         """
         from app.engine.compose import EXTENSIONS
         from app.engine.repository import LayerRepository
@@ -284,8 +295,9 @@ class PublishingService(Service):
         self._require(Operation.PUBLISH_IMAGES, template, comment)
         self._require(Operation.RUN_TASKS, template, comment)
         plan = self.plan(template)
-        stack = self._engine_stack(plan)
         fmt = ENGINE_FORMATS[plan.disk_format]
+        self._require_tools(fmt)
+        stack = self._engine_stack(plan)
         folder = Path(output_dir) if output_dir is not None else self._home().root / "published"
         if folder.exists() and not folder.is_dir():
             raise ValidationError(f"The output path {folder} is a file, not a folder.")
@@ -298,6 +310,12 @@ class PublishingService(Service):
             raise Conflict(f"{target} already exists; publish again in a minute or move it away.")
         with self._read() as session:
             cache_gb = int(read_setting(session, "layer_cache_gb"))
+        delivery = None
+        if connector or plan.connector:
+            from app.services.connectors import ConnectorService
+
+            delivery = ConnectorService(self._ctx).delivery(connector or str(plan.connector))
         task = PublishTask(self, LayerRepository(self._home().repository), plan, stack, folder.absolute(), fmt,
-                           comment=comment, cache_dir=self._home().layer_cache, cache_bytes=cache_gb * 1024**3)
+                           comment=comment, cache_dir=self._home().layer_cache, cache_bytes=cache_gb * 1024**3,
+                           delivery=delivery)
         return runner.submit(task)
