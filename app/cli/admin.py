@@ -15,6 +15,7 @@ from app.services.directory import PLAIN_WARNING, JunctionSpec
 from app.services.views import ConnectorInfo, DirectoryJunctionInfo, StorageLocationInfo
 
 if TYPE_CHECKING:
+    from app.connectors.base import TestReport as ConnectorTestReport
     from app.directory import ConnectionReport
 
 
@@ -179,7 +180,12 @@ def connector_group() -> None:
 @comment_option
 def connector_add(name: str, connector_type: str, endpoint: str, username: str, password_stdin: bool,
                   no_verify_tls: bool, options: tuple[str, ...], script_file: str | None, comment: str) -> None:
-    """Add a connector configuration; its password goes to the OS keyring."""
+    """Add a connector configuration; its password goes to the OS keyring.
+
+    The settings are checked against the type's fields (`layerctl connector fields TYPE` lists them)."""
+    from app.services.connectors import check_settings
+
+    check_settings(connector_type, endpoint.strip(), username, _options(options))  # before asking a password
     password = read_password("Password", password_stdin) if (username or password_stdin) else None
     info = state().services().connectors.add_connector(
         name, connector_type, endpoint=endpoint, username=username, password=password or None,
@@ -230,6 +236,36 @@ def connector_remove(name: str, comment: str) -> None:
     """Remove a connector configuration and its keyring entry (refused while a template uses it)."""
     state().services().connectors.remove_connector(name, comment=comment)
     emit({"removed": name}, f"Removed connector {name!r}.")
+
+
+def _test_report(report: ConnectorTestReport) -> str:
+    marks = {True: "ok  ", False: "FAIL", None: "-   "}
+    return "\n".join(f"{marks[s.ok]}  {s.name:<8}  {s.detail}" for s in report.steps)
+
+
+@connector_group.command("test")
+@click.argument("name")
+def connector_test(name: str) -> None:
+    """Test a connector step by step (nothing is changed at the destination). Exits 3 when a step fails."""
+    report = state().services().connectors.test_connector(name)
+    emit({"connector": name, "ok": report.ok, "failure": report.failure, "steps": report.steps},
+         lambda _: _test_report(report))
+    if not report.ok:
+        click.get_current_context().exit(3)
+
+
+@connector_group.command("fields")
+@click.argument("connector_type", metavar="TYPE", type=click.Choice(list(CONNECTOR_TYPES)))
+def connector_fields_command(connector_type: str) -> None:
+    """The settings of a connector type: --endpoint, --username, the password and each --option KEY."""
+    from app.services.connectors import connector_fields
+
+    fields = connector_fields(connector_type)
+    emit(fields, lambda rows: table(
+        [(("--option " + f.key) if f.is_option else f.key, "yes" if f.required else "",
+          "/".join(f.choices) or f.kind.value, "" if f.default is None else f.default, f.help) for f in rows],
+        ["SETTING", "REQUIRED", "VALUES", "DEFAULT", "HELP"]) if rows else
+        f"Connectors of type {connector_type} cannot test or publish yet; any --option is kept as given.")
 
 
 # --- directory -----------------------------------------------------------------------------------

@@ -60,8 +60,9 @@ def forget(name: str, comment: str) -> None:
 @click.option("--output", "output", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the image (default: published/ in the LayerDesk home).")
 @click.option("--wait", is_flag=True, help="Show the progress on stderr until the image is published.")
+@click.option("--connector", metavar="NAME", help="Deliver the image to this connector (default: the template's).")
 @comment_option
-def publish(template: str, output: Path | None, wait: bool, comment: str) -> None:
+def publish(template: str, output: Path | None, wait: bool, connector: str | None, comment: str) -> None:
     """Publish TEMPLATE's image as a task: composite its layers into <image name>.<ext>.
 
     Without --wait the task runs in the background and its id is printed (follow it with `layerctl task
@@ -70,43 +71,49 @@ def publish(template: str, output: Path | None, wait: bool, comment: str) -> Non
     cli_state = state()
     services = cli_state.services()
     if not wait:
-        task_id = _publish_in_background(template, output, comment)
+        task_id = _publish_in_background(template, output, comment, connector)
         emit({"task": task_id, "template": template, "background": True},
              f"Task {task_id}: publishing template {template} in the background; follow it with "
              f"`layerctl task show {task_id}`.")
         return
     runner = cli_state.runner()
     show_progress(runner)
-    task_id = services.publishing.publish(runner, template, output, comment=comment)
+    task_id = services.publishing.publish(runner, template, output, comment=comment, connector=connector)
     if not cli_state.json:
         click.echo(f"Task {task_id}: publishing template {template}.")
     task = finish_task(runner, task_id, f"Publish of {template}")
     result = task.result or {}
     emit({"task": task_id, "image": result.get("image"), "path": result.get("path"), "format": result.get("format"),
           "size_bytes": result.get("size_bytes"), "checksum": result.get("checksum"),
-          "conflicts": result.get("conflicts"), "seconds": result.get("seconds")},
+          "conflicts": result.get("conflicts"), "seconds": result.get("seconds"),
+          "connector": result.get("connector") or None, "delivered_to": result.get("delivered_to") or None,
+          "delivery_ids": result.get("delivery_ids") or {}},
          f"Published {result.get('image')} to {result.get('path')} ({result.get('size_bytes')} bytes, "
-         f"{result.get('conflicts')} conflict(s); task {task_id}).")
+         f"{result.get('conflicts')} conflict(s); task {task_id})."
+         + (f" Delivered to {result.get('delivered_to')}." if result.get("delivered_to") else ""))
 
 
 #: How long the background publisher may take to record its task before we give up on it.
 BACKGROUND_START_S = 60.0
 
 
-def _publish_in_background(template: str, output: Path | None, comment: str) -> int:
+def _publish_in_background(template: str, output: Path | None, comment: str, connector: str | None = None) -> int:
     """Start ``layerctl image publish --wait`` as a detached process and return the id of its task.
 
     Everything that can be checked here is checked first (role, publishable template), so a refusal is
     reported by this command; the child writes its output to a log file in the home's logs folder."""
     cli_state = state()
     services = cli_state.services()
-    services.publishing.plan(template)  # refuses now: no role, unknown or unpublishable template
+    plan = services.publishing.plan(template)  # refuses now: no role, unknown or unpublishable template
+    if connector or plan.connector:
+        services.connectors.delivery(connector or str(plan.connector))  # and an unknown or incomplete connector
     newest = services.tasks.list_tasks(limit=1)
     after = newest[0].id if newest else 0
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     log_path = cli_state.home.logs / f"publish-{stamp}-{secrets.token_hex(3)}.log"
     argv = [*procs.module_command("app.cli"), "--home", str(cli_state.home.root), "image", "publish", template,
-            "--wait", "--comment", comment, *(["--output", str(output.absolute())] if output else [])]
+            "--wait", "--comment", comment, *(["--output", str(output.absolute())] if output else []),
+            *(["--connector", connector] if connector else [])]
     child = procs.spawn_detached(argv, log_path)
     deadline = time.monotonic() + BACKGROUND_START_S
     while time.monotonic() < deadline:

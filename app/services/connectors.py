@@ -1,22 +1,32 @@
 """Connector configurations: how to reach a hypervisor or provisioning system.
 
 Passwords go to the OS keyring under the connector's id, never into the catalog. The connector
-types themselves (what each one does when publishing) are added by their own modules.
+types themselves (their fields, test and delivery) are modules of :mod:`app.connectors`; a type without
+one yet can be configured but not tested or published to.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import connectors as connector_types
 from app.catalog.models import ConnectorConfig, ImageTemplate
+from app.connectors.base import ConfigField, ConnectorSettings, DeliveryResult, ImageSidecar, TestReport
 from app.errors import Conflict, NotFound, ValidationError
 from app.services.base import Service
 from app.services.rbac import Operation
 from app.services.validation import validate_name
-from app.services.views import ConnectorInfo
+from app.services.views import ConnectorInfo, PublishedImageInfo, PublishPlan
+
+if TYPE_CHECKING:
+    from app.tasks.base import TaskContext
 
 #: The connector types LayerDesk knows, with a one-line description each.
 CONNECTOR_TYPES: dict[str, str] = {
@@ -75,9 +85,11 @@ class ConnectorService(Service):
             session = change.session
             if session.scalars(select(ConnectorConfig).where(ConnectorConfig.name == name)).first():
                 raise Conflict(f"A connector configuration named {name!r} already exists.")
+            endpoint = _endpoint(endpoint)
+            kept = check_settings(type, endpoint, username, options or {}, complete=False)
             row = ConnectorConfig(
-                name=name, type=type, endpoint=_endpoint(endpoint), username=username.strip(),
-                verify_tls=verify_tls, options=dict(options or {}), post_publish_script=post_publish_script,
+                name=name, type=type, endpoint=endpoint, username=username.strip(),
+                verify_tls=verify_tls, options=kept, post_publish_script=post_publish_script,
                 created_at=self._now(), created_by=self.caller.username,
             )
             session.add(row)
@@ -110,6 +122,11 @@ class ConnectorService(Service):
             session = change.session
             row = self._row(session, name)
             details: dict[str, Any] = {}
+            if endpoint is not None or username is not None or options is not None:
+                checked = check_settings(row.type, _endpoint(endpoint) if endpoint is not None else row.endpoint,
+                                         username if username is not None else row.username,
+                                         options if options is not None else row.options, complete=False)
+                options = checked if options is not None else None
             for field, value in (
                 ("endpoint", None if endpoint is None else _endpoint(endpoint)),
                 ("username", None if username is None else username.strip()),
@@ -151,6 +168,49 @@ class ConnectorService(Service):
             row = self._row(session, name)
             return self._ctx.secrets.get(_secret_name(row.id))
 
+    def settings(self, name: str) -> ConnectorSettings:
+        """The configuration as its connector type uses it."""
+        info = self.get_connector(name)
+        return ConnectorSettings(info.name, info.type, info.endpoint, info.username, info.verify_tls,
+                                 dict(info.options))
+
+    def test_connector(self, name: str) -> TestReport:
+        """Test a saved connector step by step with its keyring password (nothing is changed at the
+        destination). Open to whoever may publish through it."""
+        settings = self.settings(name)
+        password = self.password(name)
+        connector = connector_types.connector_for(settings.type)
+        check_settings(settings.type, settings.endpoint, settings.username, settings.options)
+        return connector.test(settings, password)
+
+    def test_settings(
+        self, type: str, *, endpoint: str = "", username: str = "", password: str | None = None,
+        verify_tls: bool = True, options: Mapping[str, Any] | None = None, name: str = "(new connector)",
+        saved_password_of: str | None = None,
+    ) -> TestReport:
+        """Test a configuration before it is saved (the console's form). ``saved_password_of`` names a saved
+        connector whose keyring password is used when ``password`` is not given (editing without retyping)."""
+        self.caller.require(Operation.EDIT_CONNECTORS)
+        kept = check_settings(type, _endpoint(endpoint), username, options or {})
+        if password is None and saved_password_of:
+            password = self.password(saved_password_of)
+        settings = ConnectorSettings(name, type, _endpoint(endpoint), username.strip(), verify_tls, kept)
+        return connector_types.connector_for(type).test(settings, password)
+
+    def delivery(self, name: str) -> ConnectorDelivery:
+        """What a publish needs to hand its image to connector ``name`` (checked now, before compositing)."""
+        settings = self.settings(name)
+        connector_types.connector_for(settings.type)
+        check_settings(settings.type, settings.endpoint, settings.username, settings.options)
+        return ConnectorDelivery(self, settings, self.password(name))
+
+    def record_delivery(self, image: str, result: DeliveryResult, *, comment: str = "") -> None:
+        """Audit that the published image ``image`` was delivered (where to, the destination's ids)."""
+        with self._change(Operation.PUBLISH_IMAGES, "image.deliver", "published image", image, comment) as change:
+            self._row(change.session, result.connector)
+            change.details = {"connector": result.connector, "type": result.type, "location": result.location,
+                              "ids": dict(result.ids), "size_bytes": result.size_bytes}
+
     # --- helpers -------------------------------------------------------------------------------
 
     @staticmethod
@@ -176,3 +236,51 @@ class ConnectorService(Service):
             has_credentials=row.has_password,
             used_by=tuple(cls._used_by(session, row)),
         )
+
+
+def connector_fields(connector_type: str) -> tuple[ConfigField, ...]:
+    """The declared fields of a type (empty for a type that has no implementation yet)."""
+    if not connector_types.implemented(connector_type):
+        return ()
+    return connector_types.connector_for(connector_type).fields
+
+
+def check_settings(connector_type: str, endpoint: str, username: str, options: Mapping[str, Any], *,
+                   complete: bool = True) -> dict[str, Any]:
+    """``options`` as they are kept, checked against the type's declared fields (types without an
+    implementation keep them as given). With ``complete``, every required field must be set too
+    (a configuration may be saved incomplete, but not tested or published to)."""
+    if not connector_types.implemented(connector_type):
+        return dict(options)
+    return connector_types.connector_for(connector_type).validate(endpoint, username, options, complete=complete)
+
+
+@dataclass
+class ConnectorDelivery:
+    """Hands a just-published image to a connector inside the publish task, then audits where it went."""
+
+    service: ConnectorService
+    settings: ConnectorSettings
+    #: Kept in memory for the task only; never written anywhere.
+    password: str | None
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def deliver(self, ctx: TaskContext, image: Path, plan: PublishPlan, info: PublishedImageInfo,
+                *, comment: str = "") -> DeliveryResult:
+        """Deliver ``image`` (recorded as ``info``) reporting progress and honouring ``ctx.cancel``."""
+        connector = connector_types.connector_for(self.settings.type)
+        sidecar = ImageSidecar(
+            image=info.name, template=plan.template, template_revision=plan.template_revision,
+            format=image.suffix.lstrip(".").lower(), size_bytes=info.size_bytes, checksum=info.checksum,
+            layers=tuple(dict(layer) for layer in info.layers), created_at=info.created_at, created_by=info.created_by,
+        )
+        ctx.log(f"Delivering {image.name} to connector {self.name} ({connector.title}).")
+        started = time.monotonic()
+        result = connector.deliver(image, sidecar, self.settings, self.password,
+                                   lambda percent, message: ctx.progress(percent, message), ctx.cancel)
+        ctx.log(f"Delivered to {result.location} in {time.monotonic() - started:.1f} s.")
+        self.service.record_delivery(info.name, result, comment=comment)
+        return result

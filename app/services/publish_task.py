@@ -7,6 +7,10 @@ output folder only when the image is complete and verified; then the task record
 :class:`~app.catalog.models.PublishedImage` (size, SHA-256 of the file, location, layer versions and the
 conflict report; audited). A failed or cancelled publish leaves no output file and no record: the work
 folder and any output the child left are removed here as well, in case the child was killed.
+
+With a connector (the template's, or one named for this publish), the recorded image is then handed to it
+in the same task (:class:`app.services.connectors.ConnectorDelivery`: progress, cancel, audited). A
+delivery that fails or is cancelled leaves nothing at the destination; the image stays published here.
 """
 
 from __future__ import annotations
@@ -14,16 +18,18 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from app.engine.compose import EXTENSIONS, StackLayer
 from app.engine.repository import LayerRepository
-from app.tasks.base import TaskContext, TaskResult
+from app.errors import LayerDeskError
+from app.tasks.base import CancelToken, TaskContext, TaskResult
 from app.tasks.worker import SubprocessTask
 
 if TYPE_CHECKING:
+    from app.services.connectors import ConnectorDelivery
     from app.services.publishing import PublishingService
     from app.services.views import PublishPlan
 
@@ -43,6 +49,10 @@ class PublishResult(TaskResult):
     conflicts: int = 0
     manifest_digest: str = ""
     seconds: float = 0.0
+    #: The connector the image was delivered to, where it went there and the destination's ids.
+    connector: str = ""
+    delivered_to: str = ""
+    delivery_ids: dict[str, str] = field(default_factory=dict)
 
 
 class PublishTask(SubprocessTask):
@@ -54,7 +64,7 @@ class PublishTask(SubprocessTask):
     def __init__(
         self, publishing: PublishingService, repository: LayerRepository, plan: PublishPlan,
         stack: list[StackLayer], output_dir: Path, fmt: str, *, comment: str = "", cache_dir: Path | None = None,
-        cache_bytes: int = 0,
+        cache_bytes: int = 0, delivery: ConnectorDelivery | None = None,
     ) -> None:
         super().__init__(f"Publish {plan.image_name} from template {plan.template}")
         self._publishing = publishing
@@ -69,6 +79,7 @@ class PublishTask(SubprocessTask):
         self.cache_bytes = cache_bytes
         self.work_dir = output_dir / f".{plan.image_name}.{secrets.token_hex(4)}.work"
         self._produced = False
+        self.delivery = delivery
 
     @property
     def output_path(self) -> Path:
@@ -89,7 +100,8 @@ class PublishTask(SubprocessTask):
 
     def run(self, ctx: TaskContext) -> TaskResult:
         try:
-            data = self.run_worker(ctx)
+            # With a delivery to follow, compositing is the first 70 % of the task's progress.
+            data = self.run_worker(ctx if self.delivery is None else _Span(ctx, 0.0, 70.0))
             self._produced = True
             path = Path(str(data["path"]))
             if path != self.output_path or not path.is_file():
@@ -102,11 +114,22 @@ class PublishTask(SubprocessTask):
             self.clean_up()
             raise
         ctx.log(f"Recorded published image {info.name} at {path}.")
+        summary = f"Published {info.name} ({self.format}, {data['size_bytes']} bytes) to {path}."
+        delivered = None
+        if self.delivery is not None:
+            try:
+                delivered = self.delivery.deliver(_Span(ctx, 70.0, 100.0), path, self.plan, info, comment=self.comment)
+            except LayerDeskError as exc:
+                raise type(exc)(f"{info.name} was published to {path}, but not delivered to connector "
+                                f"{self.delivery.name}: {exc}") from None
+            summary += f" Delivered to {delivered.location}."
         return PublishResult(
-            summary=f"Published {info.name} ({self.format}, {data['size_bytes']} bytes) to {path}.",
+            summary=summary,
             image=info.name, path=str(path), format=self.format, size_bytes=int(data["size_bytes"]),
             checksum=str(data["checksum"]), files=int(data["files"]), conflicts=len(data["conflicts"]),
             manifest_digest=str(data["manifest_digest"]), seconds=float(data["seconds"]),
+            connector=delivered.connector if delivered else "", delivered_to=delivered.location if delivered else "",
+            delivery_ids=dict(delivered.ids) if delivered else {},
         )
 
     def clean_up(self) -> None:
@@ -118,3 +141,20 @@ class PublishTask(SubprocessTask):
                 self.output_path.unlink(missing_ok=True)
             except OSError:
                 log.exception("cannot remove %s after a failed publish", self.output_path)
+
+
+class _Span(TaskContext):
+    """``ctx`` with its progress mapped into ``start``–``end`` % (compositing, then the delivery)."""
+
+    def __init__(self, ctx: TaskContext, start: float, end: float) -> None:
+        self._ctx = ctx
+        self._start = start
+        self._end = end
+        self.cancel: CancelToken = ctx.cancel
+        self.task_id = ctx.task_id
+
+    def progress(self, percent: float, message: str = "") -> None:
+        self._ctx.progress(self._start + (self._end - self._start) * max(0.0, min(percent, 100.0)) / 100.0, message)
+
+    def log(self, text: str, level: str = "INFO") -> None:
+        self._ctx.log(text, level)

@@ -1,0 +1,212 @@
+"""The libvirt connector against libvirt's own ``test:///default`` driver (steps, missing pool/network, a
+duplicate VM name, a driver without uploads) and against a real ``qemu:///session`` libvirtd started for
+these tests (upload, the VM's XML, cancel mid-upload). What was created is read back through libvirt."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+
+libvirt = pytest.importorskip("libvirt")
+
+from app.connectors.base import ConnectorSettings  # noqa: E402
+from app.connectors.libvirt import LibvirtConnector, domain_xml, image_firmware  # noqa: E402
+from app.errors import Conflict, NotFound, UserError  # noqa: E402
+from app.tasks.base import TaskCanceled  # noqa: E402
+from tests.connectors.conftest import Flag, MiB, sidecar_for  # noqa: E402
+
+TEST_URI = "test:///default"
+
+
+def _settings(uri: str = TEST_URI, **options: object) -> ConnectorSettings:
+    return ConnectorSettings("KVM", "libvirt", uri, options={"pool": "default-pool", "network": "default",
+                                                            **options})
+
+
+def _gpt_disk(path: Path, size: int = 8 * MiB) -> Path:
+    with path.open("wb") as file:
+        file.truncate(size)
+    subprocess.run(["sgdisk", "-o", "-n", "1:2048:0", "-t", "1:0700", str(path)], check=True, capture_output=True)
+    return path
+
+
+def _mbr_disk(path: Path, size: int = 8 * MiB) -> Path:
+    with path.open("wb") as file:
+        file.truncate(size)
+        file.seek(446)
+        file.write(bytes([0x80, 0, 0x21, 0, 0x07, 0, 0, 0]) + (2048).to_bytes(4, "little")
+                   + (size // 512 - 2048).to_bytes(4, "little"))
+        file.seek(510)
+        file.write(b"\x55\xaa")
+    return path
+
+
+# --- test:///default ---------------------------------------------------------------------------------
+
+
+def test_the_test_reports_connect_pool_and_network() -> None:
+    report = LibvirtConnector().test(_settings(), None)
+    assert report.ok, report
+    assert [(s.name, s.ok) for s in report.steps] == [("connect", True), ("pool", True), ("network", True)]
+    assert "pool default-pool is active" in report.steps[1].detail
+
+
+def test_a_missing_pool_or_network_is_named_with_what_exists() -> None:
+    report = LibvirtConnector().test(_settings(pool="images"), None)
+    assert [(s.name, s.ok) for s in report.steps] == [("connect", True), ("pool", False), ("network", None)]
+    assert "has no storage pool 'images'; its pools are default-pool" in (report.failure or "")
+    report = LibvirtConnector().test(_settings(network="lab"), None)
+    assert "has no network 'lab'; its networks are default" in (report.failure or "")
+
+
+def test_an_unreachable_host_is_a_clear_error() -> None:
+    report = LibvirtConnector().test(_settings("qemu+tcp://127.0.0.1:1/system"), None)
+    assert [s.ok for s in report.steps] == [False, None, None]
+    assert "Cannot connect to qemu+tcp://127.0.0.1:1/system" in (report.failure or "")
+
+
+def test_tls_verification_is_on_unless_turned_off() -> None:
+    on = _settings("qemu+tls://kvm1/system")
+    assert LibvirtConnector.uri(on) == "qemu+tls://kvm1/system"
+    assert LibvirtConnector.uri(replace(on, verify_tls=False)) == "qemu+tls://kvm1/system?no_verify=1"
+
+
+def test_a_duplicate_vm_name_is_refused_before_anything_is_uploaded(tmp_path: Path) -> None:
+    image = _gpt_disk(tmp_path / "test.raw")  # the test driver has a VM named "test"
+    sidecar = replace(sidecar_for(image), image="test")
+    with pytest.raises(Conflict, match="already has a VM named 'test'; it was left alone"):
+        LibvirtConnector().deliver(image, sidecar, _settings(), None, lambda *_: None, Flag())
+
+
+def test_missing_pool_and_network_refuse_a_delivery(tmp_path: Path) -> None:
+    image = _gpt_disk(tmp_path / "Gold.raw")
+    with pytest.raises(NotFound, match="no storage pool 'images'"):
+        LibvirtConnector().deliver(image, sidecar_for(image), _settings(pool="images"), None, lambda *_: None, Flag())
+    with pytest.raises(NotFound, match="no network 'lab'"):
+        LibvirtConnector().deliver(image, sidecar_for(image), _settings(network="lab"), None, lambda *_: None, Flag())
+
+
+def test_a_driver_without_uploads_leaves_no_volume(tmp_path: Path) -> None:
+    image = _gpt_disk(tmp_path / "Gold.raw")
+    with pytest.raises(UserError, match="cannot receive uploads into a storage pool"):
+        LibvirtConnector().deliver(image, sidecar_for(image), _settings(), None, lambda *_: None, Flag())
+    connection = libvirt.open(TEST_URI)
+    assert "Gold.raw" not in connection.storagePoolLookupByName("default-pool").listVolumes()
+
+
+def test_firmware_follows_the_partition_table(tmp_path: Path) -> None:
+    assert image_firmware(_gpt_disk(tmp_path / "a.raw")) == "uefi"
+    assert image_firmware(_mbr_disk(tmp_path / "b.raw")) == "bios"
+    qcow = tmp_path / "c.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tmp_path / "b.raw"), str(qcow)], check=True)
+    assert image_firmware(qcow) == "bios"
+    (tmp_path / "d.raw").write_bytes(bytes(4096))
+    with pytest.raises(UserError, match="no partition table"):
+        image_firmware(tmp_path / "d.raw")
+    (tmp_path / "e.wim").write_bytes(b"MSWIM")
+    with pytest.raises(UserError, match="publish the template as qcow2, raw, VMDK or VHD"):
+        image_firmware(tmp_path / "e.wim")
+
+
+def test_an_ide_disk_gets_a_pc_machine_and_bios_no_efi() -> None:
+    xml = ET.fromstring(domain_xml("vm", domain_type="kvm", firmware="bios", pool="p", volume="v", volume_format="raw",
+                                   disk_bus="ide", network="default", nic_model="e1000e", memory_mb=1024, vcpus=1))
+    assert xml.find("os").get("firmware") is None  # type: ignore[union-attr]
+    assert xml.find("os/type").get("machine") == "pc"  # type: ignore[union-attr]
+    assert xml.find("devices/disk/target").attrib == {"dev": "hda", "bus": "ide"}  # type: ignore[union-attr]
+
+
+# --- a real libvirtd: qemu:///session -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def session_uri() -> Iterator[str]:
+    """``qemu:///session`` of an unprivileged account, served by a libvirtd started for these tests (root's
+    own session would be the system daemon), with a directory pool ``lab`` and a defined network ``labnet``."""
+    daemon = shutil.which("libvirtd") or shutil.which("libvirtd", path="/usr/sbin")
+    if daemon is None or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("qemu:///session needs libvirtd (Debian libvirt-daemon) and root to start it as nobody")
+        pytest.skip("qemu:///session needs libvirtd (Debian libvirt-daemon) and root to start it as nobody")
+    # Outside pytest's folders, which the unprivileged account may not enter.
+    root = Path(tempfile.mkdtemp(prefix="layerdesk-libvirt-"))
+    runtime = root / "run"
+    runtime.mkdir(mode=0o700)
+    (root / "pool").mkdir()
+    for path in (root, runtime, root / "pool"):
+        shutil.chown(path, "nobody", "nogroup")
+    env = {"PATH": os.environ["PATH"], "HOME": str(root), "XDG_RUNTIME_DIR": str(runtime),
+           "XDG_CONFIG_HOME": str(root / "config"), "XDG_CACHE_HOME": str(root / "cache")}
+    process = subprocess.Popen(["runuser", "-u", "nobody", "--", "env", *(f"{k}={v}" for k, v in env.items()),
+                                daemon, "--timeout", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    socket = runtime / "libvirt" / "libvirt-sock"
+    deadline = time.monotonic() + 30
+    while not socket.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    uri = f"qemu+unix:///session?socket={socket}"
+    try:
+        connection = libvirt.open(uri)
+        pool = connection.storagePoolDefineXML(
+            f"<pool type='dir'><name>lab</name><target><path>{root / 'pool'}</path></target></pool>", 0)
+        pool.create(0)
+        connection.networkDefineXML("<network><name>labnet</name><bridge name='virbr97'/></network>")
+        connection.close()
+        yield uri
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _session(uri: str, **options: object) -> ConnectorSettings:
+    return ConnectorSettings("KVM", "libvirt", uri, options={"pool": "lab", "network": "labnet", **options})
+
+
+def test_upload_defines_a_uefi_vm_on_the_volume(session_uri: str, tmp_path: Path) -> None:
+    image = _gpt_disk(tmp_path / "Gold_2025-03-01_10-15.raw", 12 * MiB)
+    with image.open("r+b") as file:
+        file.seek(5 * MiB)
+        file.write(b"LayerDesk marker")
+    seen: list[float] = []
+    result = LibvirtConnector().deliver(image, sidecar_for(image), _session(session_uri, disk_bus="sata",
+                                        memory_mb=1024), None, lambda p, _: seen.append(p), Flag())
+    connection = libvirt.open(session_uri)
+    volume = connection.storagePoolLookupByName("lab").storageVolLookupByName(image.name)
+    _kind, capacity, allocation = volume.info()
+    assert capacity == 12 * MiB and 0 < allocation <= 12 * MiB
+    assert Path(volume.path()).read_bytes() == image.read_bytes()
+    domain = ET.fromstring(connection.lookupByName("Gold_2025-03-01_10-15").XMLDesc(0))
+    assert domain.find("os").get("firmware") == "efi"  # type: ignore[union-attr]
+    assert domain.find("devices/disk/source").attrib == {"pool": "lab", "volume": image.name}  # type: ignore[union-attr]
+    assert domain.find("devices/disk/target").attrib == {"dev": "sda", "bus": "sata"}  # type: ignore[union-attr]
+    assert domain.find("devices/interface/source").get("network") == "labnet"  # type: ignore[union-attr]
+    assert domain.find("memory").text == str(1024 * 1024)  # type: ignore[union-attr]
+    assert result.ids["domain"] == "Gold_2025-03-01_10-15" and seen[-1] == 100.0
+    with pytest.raises(Conflict, match="already has a VM named"):
+        LibvirtConnector().deliver(image, sidecar_for(image), _session(session_uri), None, lambda *_: None, Flag())
+
+
+def test_cancel_mid_upload_deletes_the_half_volume(session_uri: str, tmp_path: Path) -> None:
+    image = _mbr_disk(tmp_path / "Cancel_2025-03-01_10-15.raw", 40 * MiB)
+    flag = Flag()
+
+    def progress(_percent: float, _message: str) -> None:
+        flag.cancelled = True
+
+    with pytest.raises(TaskCanceled):
+        LibvirtConnector().deliver(image, replace(sidecar_for(image), image="Cancel"), _session(session_uri), None,
+                                   progress, flag)
+    connection = libvirt.open(session_uri)
+    pool = connection.storagePoolLookupByName("lab")
+    pool.refresh(0)  # what is really in the pool's folder, not libvirt's memory of it
+    assert image.name not in pool.listVolumes()
+    assert "Cancel" not in [d.name() for d in connection.listAllDomains()]
