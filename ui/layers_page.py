@@ -1,5 +1,7 @@
 """The Layers page: OS, platform and app layers with their versions; create a layer, import a version
-(with its progress and a cancel button), delete a layer or a version (the service says why it refuses),
+(with its progress and a cancel button), create a packaging disk for a new version of an app or platform layer,
+finalize it from the packaging machine's disk or abandon it (as tasks with progress and cancel), delete a layer or
+a version (the service says why it refuses),
 and the details of the selected layer and version: files, registry changes and the audit entries.
 
 On an empty catalog it offers to create a demo lab (:mod:`app.services.demo`) as background work.
@@ -28,6 +30,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
+    QListWidgetItem,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
@@ -41,11 +44,12 @@ from PySide6.QtWidgets import (
 )
 from shiboken6 import isValid
 
-from app.catalog.models import LayerType, TaskState
+from app.catalog.models import LayerType, TaskState, VersionState
 from app.errors import LayerDeskError
 from app.services import Services
 from app.services.demo import DEMO_LABEL, DemoLab, create_demo_lab
 from app.services.layers import VersionContents
+from app.services.packaging import PACKAGING_FORMATS, packaging_service
 from app.services.rbac import LAYER_OPERATION, Operation
 from app.services.views import AuditEntryInfo, LayerDetail, LayerInfo, LayerVersionInfo, TaskInfo
 from app.tasks.runner import TaskRunner
@@ -322,6 +326,199 @@ class ImportDialog(QDialog):
             self.accept()
 
 
+class PackagingDialog(QDialog):
+    """Create a packaging disk for a new version of an app or platform layer: version name, previous version,
+    prerequisites, output folder, format, layer script and comment. Starts the packaging task and keeps its id."""
+
+    def __init__(self, services: Services, runner: TaskRunner, layer: LayerInfo, versions: Sequence[str],
+                 prerequisites: Sequence[str], parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle(f"Create a packaging disk for {layer.name}")
+        self.setObjectName("create_packaging_disk")
+        self.services = services
+        self.runner = runner
+        self.layer = layer
+        self.task_id: int | None = None
+        self.version_ref = ""
+        self.version = QLineEdit()
+        self.version.setAccessibleName("Version name")
+        self.previous = QComboBox()
+        self.previous.setAccessibleName("Previous version")
+        self.previous.addItem("(none: a new layer's first content)", None)
+        for name in versions:
+            self.previous.addItem(name, name)
+        if versions:
+            self.previous.setCurrentIndex(len(versions))
+        self.prerequisites = QListWidget()
+        self.prerequisites.setAccessibleName("Prerequisites")
+        self.prerequisites.setMaximumHeight(90)
+        for ref in prerequisites:
+            item = QListWidgetItem(ref)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Unchecked)
+            self.prerequisites.addItem(item)
+        if layer.type is not LayerType.APP:
+            self.prerequisites.setEnabled(False)
+            self.prerequisites.setToolTip("Only app layers have prerequisites.")
+        self.output = QLineEdit(str(services.home.root / "packaging"))
+        self.output.setAccessibleName("Output folder")
+        browse = QPushButton("&Browse…")
+        browse.clicked.connect(self._browse_output)
+        output_row = QHBoxLayout()
+        output_row.addWidget(self.output, 1)
+        output_row.addWidget(browse)
+        self.format = QComboBox()
+        self.format.setAccessibleName("Disk format")
+        for disk_format in PACKAGING_FORMATS:
+            self.format.addItem(disk_format.value.upper(), disk_format)
+        self.script = QLineEdit(placeholderText="Optional: a .ps1 or .cmd script the image runs once")
+        self.script.setAccessibleName("Layer script")
+        browse_script = QPushButton("Bro&wse…")
+        browse_script.clicked.connect(self._browse_script)
+        script_row = QHBoxLayout()
+        script_row.addWidget(self.script, 1)
+        script_row.addWidget(browse_script)
+        self.comment = QLineEdit(placeholderText="Why (kept in the audit log)")
+        self.comment.setAccessibleName("Comment")
+        self.message = QLabel()
+        self.message.setObjectName("error")
+        self.message.setWordWrap(True)
+        self.message.setStyleSheet("color: #b00020")
+        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        self.buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Create")
+        self.buttons.accepted.connect(lambda: spawn(self._start()))
+        self.buttons.rejected.connect(self.reject)
+        form = QFormLayout(self)
+        intro = QLabel(f"A new version of the {layer.type.value} layer <b>{layer.name}</b> is made on a packaging "
+                       f"machine: its disk holds OS layer {layer.os_layer}, the prerequisites and the previous "
+                       "version. Boot a machine from it, install, shut it down, then <i>Finalize</i>.")
+        intro.setWordWrap(True)
+        form.addRow(intro)
+        form.addRow("&Version name:", self.version)
+        form.addRow("&Previous version:", self.previous)
+        form.addRow("P&rerequisites:", self.prerequisites)
+        form.addRow("Output folder:", output_row)
+        form.addRow("&Format:", self.format)
+        form.addRow("Layer script:", script_row)
+        form.addRow("&Comment:", self.comment)
+        form.addRow(self.message)
+        form.addRow(self.buttons)
+        self.resize(640, self.sizeHint().height())
+
+    def _browse_output(self) -> None:
+        dialog = QFileDialog(self, "Choose the folder the packaging disk goes to")
+        dialog.setFileMode(QFileDialog.FileMode.Directory)
+        dialog.setOption(QFileDialog.Option.ShowDirsOnly)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.fileSelected.connect(self.output.setText)
+        dialog.open()
+
+    def _browse_script(self) -> None:
+        dialog = QFileDialog(self, "Choose the layer script")
+        dialog.setFileMode(QFileDialog.FileMode.ExistingFile)
+        dialog.setNameFilters(["Scripts (*.ps1 *.cmd *.bat)", "All files (*)"])
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.fileSelected.connect(self.script.setText)
+        dialog.open()
+
+    def chosen_prerequisites(self) -> list[str]:
+        return [self.prerequisites.item(i).text() for i in range(self.prerequisites.count())
+                if self.prerequisites.item(i).checkState() == Qt.CheckState.Checked]
+
+    async def _start(self) -> None:
+        version = self.version.text().strip()
+        output = Path(self.output.text().strip() or ".")
+        script = self.script.text().strip()
+        previous = self.previous.currentData()
+        prerequisites = self.chosen_prerequisites()
+        disk_format = self.format.currentData()
+        comment = self.comment.text().strip()
+        self.buttons.setEnabled(False)
+        self.message.setText("Checking…")
+
+        def start() -> int:
+            output.mkdir(parents=True, exist_ok=True)
+            return packaging_service(self.services).start_packaging(
+                self.runner, self.layer.name, version, output, fmt=disk_format, previous=previous,
+                prerequisites=prerequisites, script=Path(script) if script else None, comment=comment)
+
+        try:
+            self.task_id = await off_ui_thread(start)
+        except (LayerDeskError, OSError) as exc:
+            if isValid(self):
+                self.message.setText(str(exc))
+                self.buttons.setEnabled(True)
+            return
+        self.version_ref = f"{self.layer.name}:{version}"
+        if isValid(self):
+            self.accept()
+
+
+class FinalizeDialog(QDialog):
+    """Finalize a version being edited: pick the packaging machine's disk file. Starts the finalize task."""
+
+    def __init__(self, services: Services, runner: TaskRunner, ref: str, disk: str,
+                 parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle(f"Finalize {ref}")
+        self.setObjectName("finalize_version")
+        self.services = services
+        self.runner = runner
+        self.ref = ref
+        self.task_id: int | None = None
+        self.disk = QLineEdit(disk)
+        self.disk.setAccessibleName("Packaging disk")
+        browse = QPushButton("&Browse…")
+        browse.clicked.connect(self._browse)
+        disk_row = QHBoxLayout()
+        disk_row.addWidget(self.disk, 1)
+        disk_row.addWidget(browse)
+        self.comment = QLineEdit(placeholderText="Why (kept in the audit log)")
+        self.comment.setAccessibleName("Comment")
+        self.message = QLabel()
+        self.message.setObjectName("error")
+        self.message.setWordWrap(True)
+        self.message.setStyleSheet("color: #b00020")
+        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        self.buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Finalize")
+        self.buttons.accepted.connect(lambda: spawn(self._start()))
+        self.buttons.rejected.connect(self.reject)
+        form = QFormLayout(self)
+        intro = QLabel(f"<b>{ref}</b> becomes what changed on its packaging machine's disk. Shut the machine down "
+                       "first; a pending reboot or pending file operations are refused.")
+        intro.setWordWrap(True)
+        form.addRow(intro)
+        form.addRow("Disk:", disk_row)
+        form.addRow("&Comment:", self.comment)
+        form.addRow(self.message)
+        form.addRow(self.buttons)
+        self.resize(640, self.sizeHint().height())
+
+    def _browse(self) -> None:
+        dialog = QFileDialog(self, "Choose the packaging machine's disk")
+        dialog.setFileMode(QFileDialog.FileMode.ExistingFile)
+        dialog.setNameFilters(["Disk images (*.vhdx *.vhd *.vmdk *.qcow2 *.raw)", "All files (*)"])
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.fileSelected.connect(self.disk.setText)
+        dialog.open()
+
+    async def _start(self) -> None:
+        disk = Path(self.disk.text().strip())
+        comment = self.comment.text().strip()
+        self.buttons.setEnabled(False)
+        self.message.setText("Checking…")
+        try:
+            self.task_id = await off_ui_thread(lambda: packaging_service(self.services).start_finalize(
+                self.runner, self.ref, disk, comment=comment))
+        except LayerDeskError as exc:
+            if isValid(self):
+                self.message.setText(str(exc))
+                self.buttons.setEnabled(True)
+            return
+        if isValid(self):
+            self.accept()
+
+
 # --- a running task's progress strip ---------------------------------------------------------------------
 
 
@@ -555,6 +752,15 @@ class LayersPage(QWidget):
         self.delete_version_button = QPushButton("Delete &version…")
         self.delete_version_button.setToolTip("Delete the selected version (refused while something uses it).")
         self.delete_version_button.clicked.connect(lambda: spawn(self._delete_version()))
+        self.package_button = QPushButton("Create &packaging disk…")
+        self.package_button.setToolTip("Make a new version of this layer on a packaging machine.")
+        self.package_button.clicked.connect(lambda: self._create_packaging_disk())
+        self.finalize_button = QPushButton("&Finalize…")
+        self.finalize_button.setToolTip("Capture the selected version from its packaging machine's disk.")
+        self.finalize_button.clicked.connect(lambda: self._finalize())
+        self.abandon_button = QPushButton("&Abandon…")
+        self.abandon_button.setToolTip("Delete the selected version being edited.")
+        self.abandon_button.clicked.connect(lambda: spawn(self._abandon()))
 
         self.contents = QPlainTextEdit(readOnly=True)
         self.contents.setAccessibleName("Version contents")
@@ -572,6 +778,9 @@ class LayersPage(QWidget):
         versions_layout.setContentsMargins(0, 0, 0, 0)
         versions_layout.addWidget(self.versions_table, 1)
         row = QHBoxLayout()
+        row.addWidget(self.package_button)
+        row.addWidget(self.finalize_button)
+        row.addWidget(self.abandon_button)
         row.addWidget(self.delete_version_button)
         row.addStretch(1)
         versions_layout.addLayout(row)
@@ -664,6 +873,17 @@ class LayersPage(QWidget):
         guard(self.import_button, self.services, layer_op, Operation.RUN_TASKS, enabled=layer is not None)
         guard(self.delete_button, self.services, layer_op, enabled=layer is not None)
         guard(self.delete_version_button, self.services, layer_op, enabled=version is not None)
+        packable = layer is not None and layer.type is not LayerType.OS
+        editing = version is not None and version.state is VersionState.EDITING
+        if guard(self.package_button, self.services, layer_op, Operation.RUN_TASKS, enabled=packable):
+            self.package_button.setToolTip("Make a new version of this layer on a packaging machine." if packable
+                                           else "OS layer versions are imported from a gold disk, not packaged.")
+        if guard(self.finalize_button, self.services, layer_op, Operation.RUN_TASKS, enabled=packable and editing):
+            self.finalize_button.setToolTip("Capture the selected version from its packaging machine's disk."
+                                            if packable and editing else "Select a version being edited.")
+        if guard(self.abandon_button, self.services, layer_op, enabled=packable and version is not None
+                 and version.state in (VersionState.EDITING, VersionState.BROKEN)):
+            self.abandon_button.setToolTip("Delete the selected version being edited.")
         guard(self.demo_button, self.services, Operation.EDIT_OS_LAYERS, Operation.EDIT_PLATFORM_LAYERS,
               Operation.EDIT_APP_LAYERS, Operation.EDIT_TEMPLATES, Operation.RUN_TASKS,
               enabled=self._demo is None or self._demo.done())
@@ -787,6 +1007,53 @@ class LayersPage(QWidget):
         if task_id is None:
             return
         self.watch_task(task_id, f"Import of {ref} (task {task_id})")
+        self.refresh()
+
+    def _create_packaging_disk(self) -> PackagingDialog | None:
+        layer = self.selected_layer()
+        if layer is None or layer.type is LayerType.OS:
+            return None
+        versions = [v.name for v in self.versions.records() if v.state is VersionState.DEPLOYABLE]
+        prerequisites = sorted((r.layer.name for r in self.model.records() if r.layer.type is LayerType.APP
+                                and r.layer.os_layer == layer.os_layer and r.layer.name != layer.name
+                                and r.layer.latest_state is VersionState.DEPLOYABLE), key=str.casefold)
+        dialog = PackagingDialog(self.services, self.runner, layer, versions, prerequisites, self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.accepted.connect(lambda: self._task_started(dialog.task_id, f"Packaging disk of {dialog.version_ref}"))
+        dialog.open()
+        return dialog
+
+    def _finalize(self) -> FinalizeDialog | None:
+        version = self.selected_version()
+        if version is None:
+            return None
+        ref = f"{version.layer}:{version.name}"
+        try:
+            record = packaging_service(self.services).get_packaging(ref)
+        except LayerDeskError as exc:
+            show_message(self, "Cannot finalize", str(exc))
+            return None
+        dialog = FinalizeDialog(self.services, self.runner, ref, record.disk.path if record.disk else "", self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.accepted.connect(lambda: self._task_started(dialog.task_id, f"Finalize of {ref}"))
+        dialog.open()
+        return dialog
+
+    async def _abandon(self) -> None:
+        version = self.selected_version()
+        if version is None:
+            return
+        ref = f"{version.layer}:{version.name}"
+        if not await confirm(self, "Abandon version", f"Abandon {ref} ({version.state.value})?\n\nThe version is "
+                             "deleted; its packaging disk file is left where it was delivered.", action="Abandon"):
+            return
+        await self._delete(lambda: packaging_service(self.services).abandon(ref, comment="Abandoned in the console"),
+                           f"Abandoned {ref}.", "Version not abandoned")
+
+    def _task_started(self, task_id: int | None, what: str) -> None:
+        if task_id is None:
+            return
+        self.watch_task(task_id, f"{what} (task {task_id})")
         self.refresh()
 
     def watch_task(self, task_id: int, what: str) -> TaskProgress:

@@ -210,6 +210,12 @@ class LayerVersion(Base):
     comment: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str] = mapped_column(String(256))
+    #: The layer script (PowerShell or cmd) a published image runs once at its first start; empty: none.
+    layer_script: Mapped[str] = mapped_column(Text, default="", server_default="")
+    #: A version made on a packaging machine: what its packaging disk was made of (OS layer version,
+    #: prerequisites, the previous version, each with its checksum) and the disk delivered (path, format,
+    #: checksum, manifest digest, volume serial). ``None`` for imported versions. Schema 2.
+    packaging: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     layer: Mapped[Layer] = relationship(back_populates="versions")
     prerequisites: Mapped[list[LayerVersion]] = relationship(

@@ -255,3 +255,52 @@ def test_an_empty_catalog_offers_the_demo_lab_which_is_built_in_the_background(
     qtbot.waitUntil(lambda: len(shown(page)) == 5 and not page.empty_banner.isVisible(), timeout=5000)
     assert "demo – not bootable" in page.status.text()
     assert [t.name for t in admin.templates.list_templates()] == [DEMO_TEMPLATE]
+
+
+def test_packaging_actions_follow_the_role_and_the_version(
+    qtbot: QtBot, event_loop: asyncio.AbstractEventLoop, lab: Services, runner: TaskRunner,
+    services_for: ServicesFactory, tmp_path: Path,
+) -> None:
+    from app.services.packaging import packaging_service
+    from ui.layers_page import FinalizeDialog, PackagingDialog
+
+    packaging_service(lab).add_packaging_version("Office", "2025")
+    reader = open_page(qtbot, services_for(Role.READ_ONLY), runner)
+    reader.select_layer("Office")
+    qtbot.waitUntil(lambda: reader.versions.rowCount() == 2, timeout=3000)
+    for button in (reader.package_button, reader.finalize_button, reader.abandon_button):
+        assert not button.isEnabled() and "read_only (Read Only) may not" in button.toolTip(), button.text()
+
+    page = open_page(qtbot, lab, runner)
+    page.select_layer("Win11")
+    qtbot.waitUntil(lambda: page.versions.rowCount() == 2, timeout=3000)
+    assert not page.package_button.isEnabled() and "imported from a gold disk" in page.package_button.toolTip()
+    page.select_layer("Office")
+    qtbot.waitUntil(lambda: page.versions.rowCount() == 2 and page.selected_version() is not None, timeout=3000)
+    page.versions_table.selectRow(1)  # 2025, editing
+    assert page.package_button.isEnabled() and page.finalize_button.isEnabled() and page.abandon_button.isEnabled()
+    page.versions_table.selectRow(0)  # 2024, deployable
+    assert not page.finalize_button.isEnabled() and "Select a version being edited." in page.finalize_button.toolTip()
+
+    # The dialog shows the service's refusal (one packaging disk per layer at a time) and creates nothing.
+    page.package_button.click()
+    dialog = dialog_of(page, qtbot, PackagingDialog)
+    assert isinstance(dialog, PackagingDialog)
+    assert [dialog.prerequisites.item(i).text() for i in range(dialog.prerequisites.count())] == ["Chrome",
+                                                                                                 "Notepad++"]
+    dialog.version.setText("2026")
+    dialog.output.setText(str(tmp_path))
+    ok(dialog)
+    qtbot.waitUntil(lambda: "already has version 2025 being edited" in dialog.message.text(), timeout=5000)
+    assert [v.name for v in lab.layers.get_layer("Office").versions] == ["2024", "2025"]
+    dialog.reject()
+
+    page.versions_table.selectRow(1)
+    page.finalize_button.click()
+    finalize = dialog_of(page, qtbot, FinalizeDialog)
+    assert isinstance(finalize, FinalizeDialog)
+    finalize.disk.setText(str(tmp_path / "missing.vhdx"))
+    ok(finalize)
+    qtbot.waitUntil(lambda: "does not exist" in finalize.message.text(), timeout=5000)
+    assert lab.layers.get_version("Office:2025").state.value == "editing"
+    finalize.reject()

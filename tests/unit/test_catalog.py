@@ -260,3 +260,44 @@ def test_a_catalog_kept_busy_by_another_process_gives_a_clear_error(tmp_path: Pa
     with catalog.write() as session:
         assert session.execute(text("SELECT 1")).scalar_one() == 1
     catalog.close()
+
+
+def _columns(path: Path, table: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return [row[1:] for row in conn.execute(f"PRAGMA table_info({table})")]
+    finally:
+        conn.close()
+
+
+def test_a_schema1_catalog_upgrades_to_the_packaging_schema_like_a_new_one(tmp_path: Path,
+                                                                           memory_keyring: object) -> None:
+    """Schema 2 adds the packaging record and the layer script to every layer version; the versions a schema-1
+    catalog holds were imported, so they have neither."""
+    import shutil
+
+    from app.catalog.models import Role
+    from app.errors import NotFound
+    from app.paths import Home
+    from app.services import Services, open_catalog
+    from app.services.packaging import packaging_service
+    from app.services.rbac import Caller
+
+    schema1 = Path(__file__).resolve().parents[1] / "data" / "catalogs" / "schema1.sqlite"
+    home = Home(tmp_path / "home").ensure()
+    shutil.copy(schema1, home.catalog)
+    catalog, secrets = open_catalog(home)
+    try:
+        admin = Services.for_caller(home, catalog, Caller("t", frozenset({Role.ADMINISTRATOR})), secrets)
+        with pytest.raises(NotFound, match=r"Office:2024 was not made on a packaging machine"):
+            packaging_service(admin).get_packaging("Office:2024")
+        with catalog.read() as session:
+            rows = session.execute(text("SELECT name, layer_script, packaging FROM layer_version ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [("1.0", "", None), ("2024", "", None)]
+    finally:
+        catalog.close()
+    assert [p.name for p in home.backups.glob("catalog-schema1-*.sqlite")], "the schema-1 catalog was backed up"
+    fresh = tmp_path / "fresh.sqlite"
+    Catalog(fresh).close()
+    assert _columns(home.catalog, "layer_version") == _columns(fresh, "layer_version")
+    assert SCHEMA_VERSION == 2

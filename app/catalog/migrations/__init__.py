@@ -43,7 +43,16 @@ def _v001_initial(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial catalog", _v001_initial),)
+def _v002_packaging(conn: Connection) -> None:
+    from app.catalog.migrations.v002_packaging import apply
+
+    apply(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial catalog", _v001_initial),
+    Migration(2, "packaging records and layer scripts", _v002_packaging),
+)
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
