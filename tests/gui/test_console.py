@@ -98,7 +98,7 @@ def test_the_audit_log_reads_newest_first_and_sorts_by_time(
                                    outcome="success"))
     window = MainWindow(lab, remember=False)
     qtbot.addWidget(window)
-    window.nav.setCurrentRow(3)
+    window.show_page("system")
     system = window.current_page()
     assert system.objectName() == "system"
     page = system.audit
