@@ -59,9 +59,19 @@ from ui.permissions import guard, refusal
 from ui.table_model import Column, ItemRole, RecordTableModel
 
 EMPTY_CATALOG = (
-    "<b>The catalog is empty.</b> Create layers with <i>New layer…</i>, or create a demo lab: a synthetic OS "
-    "layer with real registry hives, a platform layer, three overlapping app layers and an image template over "
-    f"them ({DEMO_LABEL})."
+    "<h3>Welcome to LayerDesk</h3>"
+    "<p>An image is built from three kinds of layer, merged bottom to top:</p>"
+    "<ul>"
+    "<li><b>OS layer</b> – Windows itself, imported once from a gold image (a VHD, VHDX, VMDK or WIM such as "
+    "install.wim). Every other layer belongs to one OS layer.</li>"
+    "<li><b>Platform layer</b> – what one hypervisor and broker need: their tools, drivers and agents (for "
+    "example VMware Tools and the Citrix VDA). It is applied last and always wins.</li>"
+    "<li><b>App layers</b> – one application each, in the priority order an image template gives them; "
+    "they can also be delivered at logon as elastic layers.</li>"
+    "</ul>"
+    "<p>Start by importing your OS layer, or create a demo lab to look around first: a synthetic OS layer "
+    f"with real registry hives, a platform layer, three overlapping app layers and an image template over "
+    f"them ({DEMO_LABEL}).</p>"
 )
 #: How often a running import's progress is read.
 IMPORT_POLL_MS = 400
@@ -690,6 +700,9 @@ class LayersPage(QWidget):
         self.demo_progress.setAccessibleName("Demo lab progress")
         self.demo_progress.setMinimumWidth(160)
         self.demo_progress.hide()
+        self.first_os_button = QPushButton("Import an &OS layer…")
+        self.first_os_button.setToolTip("Create your OS layer, then import its first version from a gold image.")
+        self.first_os_button.clicked.connect(self._first_os_layer)
         self.demo_label = QLabel(EMPTY_CATALOG)
         self.demo_label.setWordWrap(True)
         self.empty_banner = QFrame()
@@ -697,8 +710,13 @@ class LayersPage(QWidget):
         self.empty_banner.setFrameShape(QFrame.Shape.StyledPanel)
         banner = QHBoxLayout(self.empty_banner)
         banner.addWidget(self.demo_label, 1)
-        banner.addWidget(self.demo_progress)
-        banner.addWidget(self.demo_button)
+        choices = QVBoxLayout()
+        choices.addStretch(1)
+        choices.addWidget(self.first_os_button)
+        choices.addWidget(self.demo_button)
+        choices.addWidget(self.demo_progress)
+        choices.addStretch(1)
+        banner.addLayout(choices)
         self.empty_banner.hide()
 
         self._build_details()
@@ -884,6 +902,7 @@ class LayersPage(QWidget):
         if guard(self.abandon_button, self.services, layer_op, enabled=packable and version is not None
                  and version.state in (VersionState.EDITING, VersionState.BROKEN)):
             self.abandon_button.setToolTip("Delete the selected version being edited.")
+        guard(self.first_os_button, self.services, Operation.EDIT_OS_LAYERS, Operation.RUN_TASKS)
         guard(self.demo_button, self.services, Operation.EDIT_OS_LAYERS, Operation.EDIT_PLATFORM_LAYERS,
               Operation.EDIT_APP_LAYERS, Operation.EDIT_TEMPLATES, Operation.RUN_TASKS,
               enabled=self._demo is None or self._demo.done())
@@ -979,6 +998,28 @@ class LayersPage(QWidget):
         dialog.accepted.connect(lambda: self._created(dialog.created))
         dialog.open()
         return dialog
+
+    def _first_os_layer(self) -> NewLayerDialog:
+        """The first-run path: a new OS layer, then at once the import of its first version."""
+        dialog = NewLayerDialog(self.services, self._os_layers(), self)
+        dialog.type.setCurrentIndex(dialog.type.findData(LayerType.OS))
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.accepted.connect(lambda: self._first_os_created(dialog.created))
+        dialog.open()
+        return dialog
+
+    def _first_os_created(self, layer: LayerInfo | None) -> None:
+        if layer is None:
+            return
+
+        def import_first(_rows: int) -> None:
+            self.loaded.disconnect(import_first)
+            self.select_layer(layer.name)
+            self._import_version()
+
+        self.note(f"Created OS layer {layer.name}: import its first version from your gold image.")
+        self.loaded.connect(import_first)
+        self.refresh()
 
     def _created(self, layer: LayerInfo | None) -> None:
         if layer is not None:

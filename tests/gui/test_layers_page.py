@@ -257,6 +257,35 @@ def test_an_empty_catalog_offers_the_demo_lab_which_is_built_in_the_background(
     assert [t.name for t in admin.templates.list_templates()] == [DEMO_TEMPLATE]
 
 
+def test_the_first_run_page_explains_the_layer_types_and_leads_to_importing_an_os_layer(
+    qtbot: QtBot, event_loop: asyncio.AbstractEventLoop, admin: Services, runner: TaskRunner,
+    services_for: ServicesFactory,
+) -> None:
+    page = open_page(qtbot, admin, runner)
+    assert page.empty_banner.isVisible()
+    text = page.demo_label.text()
+    assert all(kind in text for kind in ("<b>OS layer</b>", "<b>Platform layer</b>", "<b>App layers</b>"))
+    assert page.first_os_button.isEnabled()
+    page.first_os_button.click()
+    dialog = dialog_of(page, qtbot, NewLayerDialog)
+    assert isinstance(dialog, NewLayerDialog) and dialog.type.currentData() == LayerType.OS
+    dialog.name.setText("Win11")
+    ok(dialog)
+    imported = dialog_of(page, qtbot, ImportDialog)
+    assert isinstance(imported, ImportDialog)
+    assert page.selected_layer() is not None and page.selected_layer().name == "Win11"
+    assert admin.layers.get_layer("Win11").layer.type is LayerType.OS
+    assert not page.empty_banner.isVisible()
+    imported.reject()
+
+    # A role that may not create OS layers is told why, before trying.
+    reader = open_page(qtbot, services_for(Role.READ_ONLY, username="viewer"), runner)
+    reader.empty_banner.setVisible(True)
+    reader.refresh()
+    qtbot.waitUntil(lambda: not reader.first_os_button.isEnabled(), timeout=3000)
+    assert reader.first_os_button.toolTip()
+
+
 def test_packaging_actions_follow_the_role_and_the_version(
     qtbot: QtBot, event_loop: asyncio.AbstractEventLoop, lab: Services, runner: TaskRunner,
     services_for: ServicesFactory, tmp_path: Path,
