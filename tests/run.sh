@@ -8,10 +8,15 @@ cd "$(dirname "$0")/.."
 # tests use real wimlib and NTFS-3G, and hivex's hivexml/hivexsh to check the registry hives we write;
 # the disk tests use qemu-img, sgdisk, sfdisk/fdisk, mkfs.fat/fsck.fat and mtools (files inside an ESP);
 # the directory tests run a Samba AD DC (samba-tool provisions it: the AD schema, DSDB and VFS modules
-# are only recommended by samba; winbind is not pulled in, and samba dies at start without it).
+# are only recommended by samba; winbind is not pulled in, and samba dies at start without it); the libvirt
+# connector builds libvirt-python (libvirt-dev, pkg-config, gcc, python3-dev) and its tests run a real
+# qemu:///session libvirtd (libvirt-daemon, qemu-system-x86, ovmf for UEFI VMs); the packaging tests
+# compile the Windows installer with makensis and list it with 7-Zip.
 bash packaging/ensure-debian-packages.sh libegl1 libgl1 libfontconfig1 libxkbcommon0 libdbus-1-3 fonts-dejavu-core \
     libwim15 wimtools ntfs-3g libhivex-bin qemu-utils gdisk fdisk dosfstools mtools \
-    samba samba-ad-provision samba-dsdb-modules samba-vfs-modules winbind openssl
+    samba samba-ad-provision samba-dsdb-modules samba-vfs-modules winbind openssl \
+    libvirt-dev pkg-config gcc python3-dev libvirt-daemon qemu-system-x86 ovmf \
+    nsis p7zip-full
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
