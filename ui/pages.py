@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from shiboken6 import isValid
 
 from app.errors import LayerDeskError
 from app.services import Services
@@ -170,8 +171,11 @@ class ListPage(QWidget):
         try:
             records = await off_ui_thread(self._fetch)
         except LayerDeskError as exc:
-            self.status.setText(str(exc))
-            self.failed.emit(str(exc))
+            if isValid(self):
+                self.status.setText(str(exc))
+                self.failed.emit(str(exc))
+            return
+        if not isValid(self):  # closed while the catalog was read
             return
         self.model.replace(records)
         fit_columns(self.table)

@@ -27,7 +27,8 @@ def describe(found: list[Unavailable]) -> str:
     for item in found:
         tools = ", ".join(f"<b>{html.escape(t.name, quote=False)}</b>" for t in item.missing)
         reasons = "; ".join(html.escape(t.problem, quote=False) for t in item.missing if t.problem)
-        lines.append(f"• {html.escape(item.operation, quote=False)}: needs {tools}" + (f" – {reasons}" if reasons else ""))
+        operation = html.escape(item.operation, quote=False)
+        lines.append(f"• {operation}: needs {tools}" + (f" – {reasons}" if reasons else ""))
     return ("<b>Some operations are unavailable on this machine.</b><br>" + "<br>".join(lines)
             + "<br>Install the missing tools and restart LayerDesk; System › About lists every engine tool.")
 
