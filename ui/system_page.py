@@ -1,20 +1,25 @@
 """The System page: the system settings (checked and saved by the settings service, its refusals shown at
-the field), the audit log with a search box, and About (versions of LayerDesk and what it runs on)."""
+the field), the audit log with a search box, About (versions of LayerDesk and what it runs on), and the
+Backup…, Restore… and Log bundle… actions, each run as a task with its progress (Administrator only)."""
 
 from __future__ import annotations
 
 import asyncio
 import platform
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import PySide6
 from PySide6.QtCore import Qt, Signal, qVersion
 from PySide6.QtWidgets import (
     QCheckBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QMessageBox,
     QPushButton,
     QScrollArea,
     QTabWidget,
@@ -24,12 +29,17 @@ from PySide6.QtWidgets import (
 from shiboken6 import isValid
 
 from app import __version__
+from app.catalog.models import TaskState
 from app.errors import LayerDeskError
 from app.services import Services
+from app.services.backup import RestoreReport, backup_service
 from app.services.rbac import Operation
-from app.services.views import SettingInfo
+from app.services.support import LogBundleTask
+from app.services.views import SettingInfo, TaskInfo
+from app.tasks.runner import TaskRunner
 from ui.background import off_ui_thread
-from ui.pages import ListPage, audit_page, format_when, spawn
+from ui.layers_page import TaskProgress
+from ui.pages import ListPage, audit_page, confirm, format_when, show_message, spawn
 from ui.permissions import guard
 
 ERROR_STYLE = "color: #b00020"
@@ -216,16 +226,43 @@ class SettingsEditor(QWidget):
 
 
 class SystemPage(QWidget):
-    """Settings, audit log and About, as tabs."""
+    """Settings, audit log and About, as tabs, under the Backup…, Restore… and Log bundle… actions.
+    ``runner`` runs their tasks (the window's; a page made without one makes its own on first use)."""
 
     loaded = Signal(int)  # number of settings after a load
     failed = Signal(str)
     about_loaded = Signal()
+    #: A backup, restore or bundle ended: its kind ("backup", "restore", "bundle") and what to tell the user.
+    action_finished = Signal(str, str)
 
-    def __init__(self, services: Services, parent: QWidget | None = None) -> None:
+    def __init__(self, services: Services, parent: QWidget | None = None, *, runner: TaskRunner | None = None) -> None:
         super().__init__(parent)
         self.setObjectName("system")
         self.services = services
+        self._runner = runner
+        self._restore_strip: TaskProgress | None = None
+        self.backup_button = QPushButton("&Backup…")
+        self.backup_button.setToolTip("Back up the catalog and the layer repository to a folder (safe while "
+                                      "LayerDesk works).")
+        self.backup_button.clicked.connect(self._ask_backup)
+        self.restore_button = QPushButton("&Restore…")
+        self.restore_button.setToolTip("Replace the catalog and the layer repository with a backup's; everything "
+                                       "is verified first.")
+        self.restore_button.clicked.connect(self._ask_restore)
+        self.bundle_button = QPushButton("&Log bundle…")
+        self.bundle_button.setToolTip("Write a zip file for support: logs, task logs, versions and configurations, "
+                                      "without passwords.")
+        self.bundle_button.clicked.connect(self._ask_bundle)
+        guard(self.backup_button, services, Operation.BACKUP_RESTORE)
+        guard(self.restore_button, services, Operation.BACKUP_RESTORE)
+        guard(self.bundle_button, services, Operation.SUPPORT_BUNDLE)
+        self.action_status = QLabel()
+        self.action_status.setObjectName("action_status")
+        self.action_status.setWordWrap(True)
+        self.action_status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.action_status.hide()
+        self.tasks_area = QVBoxLayout()
+        self.tasks_area.setContentsMargins(0, 0, 0, 0)
         self._loading: asyncio.Future[None] | None = None
         self._about: asyncio.Future[None] | None = None
         self.settings = SettingsEditor(services)
@@ -248,8 +285,14 @@ class SystemPage(QWidget):
         self.tabs.addTab(self.audit, "Audit log")
         self.tabs.addTab(self.about, "About")
         self.tabs.currentChanged.connect(lambda _i: self._tab_shown())
+        header = QHBoxLayout()
+        header.addWidget(QLabel("<h2>System</h2>"), 1)
+        for button in (self.backup_button, self.restore_button, self.bundle_button):
+            header.addWidget(button)
         layout = QVBoxLayout(self)
-        layout.addWidget(QLabel("<h2>System</h2>"))
+        layout.addLayout(header)
+        layout.addLayout(self.tasks_area)
+        layout.addWidget(self.action_status)
         layout.addWidget(self.tabs, 1)
 
     def _about_row(self, name: str, value: str) -> None:
@@ -294,3 +337,144 @@ class SystemPage(QWidget):
         for name, value in versions:
             self._about_row(name, value)
         self.about_loaded.emit()
+
+    # --- backup, restore, log bundle ------------------------------------------------------------
+
+    @property
+    def runner(self) -> TaskRunner:
+        if self._runner is None:
+            self._runner = TaskRunner(self.services.catalog, self.services.caller)
+            self.destroyed.connect(self._runner.shutdown)
+        return self._runner
+
+    def _say(self, text: str, *, error: bool = False) -> None:
+        self.action_status.setText(text)
+        self.action_status.setStyleSheet(ERROR_STYLE if error else "")
+        self.action_status.show()
+
+    def _watch(self, task_id: int, what: str, on_end: Any) -> TaskProgress:
+        strip = TaskProgress(self.services, task_id, what, self)
+        strip.finished.connect(on_end)
+        self.tasks_area.addWidget(strip)
+        return strip
+
+    def task_strips(self) -> list[TaskProgress]:
+        return self.findChildren(TaskProgress)
+
+    def _busy(self, busy: bool) -> None:
+        for button, operation in ((self.backup_button, Operation.BACKUP_RESTORE),
+                                  (self.restore_button, Operation.BACKUP_RESTORE),
+                                  (self.bundle_button, Operation.SUPPORT_BUNDLE)):
+            guard(button, self.services, operation, enabled=not busy)
+
+    def _ask_backup(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Back up LayerDesk into a folder")
+        if folder:
+            spawn(self.start_backup(Path(folder)))
+
+    def _ask_restore(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose the backup folder to restore")
+        if folder:
+            spawn(self._confirm_restore(Path(folder)))
+
+    def _ask_bundle(self) -> None:
+        name = f"layerdesk-support-{datetime.now(UTC).strftime('%Y%m%d-%H%M')}.zip"
+        path, _filter = QFileDialog.getSaveFileName(self, "Save the support log bundle", str(Path.home() / name),
+                                                    "Zip files (*.zip)")
+        if path:
+            spawn(self.start_bundle(Path(path)))
+
+    async def start_backup(self, to: Path) -> int | None:
+        """Start a backup into ``to`` (a new folder, or a folder to make one in); its progress is shown."""
+        try:
+            task_id = await off_ui_thread(lambda: backup_service(self.services).backup(self.runner, to))
+        except LayerDeskError as exc:
+            if isValid(self):
+                self._say(f"Backup not started: {exc}", error=True)
+                self.action_finished.emit("backup", str(exc))
+            return None
+        if isValid(self):
+            self._busy(True)
+            self._watch(task_id, f"Backup (task {task_id})", lambda task: self._ended("backup", task))
+        return task_id
+
+    async def start_bundle(self, to: Path) -> int | None:
+        """Start writing the support bundle ``to`` (a new .zip file)."""
+        try:
+            task_id = await off_ui_thread(lambda: self.runner.submit(LogBundleTask(self.services, to)))
+        except LayerDeskError as exc:
+            if isValid(self):
+                self._say(f"Log bundle not written: {exc}", error=True)
+                self.action_finished.emit("bundle", str(exc))
+            return None
+        if isValid(self):
+            self._watch(task_id, f"Log bundle (task {task_id})", lambda task: self._ended("bundle", task))
+        return task_id
+
+    async def _confirm_restore(self, source: Path) -> None:
+        if await confirm(self, "Restore from a backup",
+                         f"Replace this home's catalog and layer repository with the backup in\n{source}?\n\n"
+                         "The backup is verified completely first; nothing is replaced if anything is wrong. "
+                         "Changes made since the backup are lost (the replaced catalog is kept in the backups "
+                         "folder).", action="Restore"):
+            await self.start_restore(source)
+
+    async def start_restore(self, source: Path) -> int | None:
+        """Start verifying the backup ``source``; when that task completes, the home is replaced
+        (:meth:`_complete_restore`)."""
+        try:
+            task_id = await off_ui_thread(lambda: backup_service(self.services).restore(self.runner, source))
+        except LayerDeskError as exc:
+            if isValid(self):
+                self._say(f"Restore refused: {exc}", error=True)
+                self.action_finished.emit("restore", str(exc))
+            return None
+        if isValid(self):
+            self._busy(True)
+            self._restore_strip = self._watch(task_id, f"Verifying the backup (task {task_id})", self._verified)
+        return task_id
+
+    def _verified(self, task: TaskInfo) -> None:
+        if task.state is not TaskState.COMPLETE:
+            self._ended("restore", task)
+            return
+        spawn(self._complete_restore(str((task.result or {}).get("staging", ""))))
+
+    async def _complete_restore(self, staging: str) -> None:
+        try:
+            report: RestoreReport = await off_ui_thread(
+                lambda: backup_service(self.services).complete_restore(staging))
+        except LayerDeskError as exc:
+            if isValid(self):
+                self._busy(False)
+                self._say(f"Restore failed: {exc}", error=True)
+                self.action_finished.emit("restore", str(exc))
+            return
+        if not isValid(self):
+            return
+        self._busy(False)
+        try:
+            made = format_when(datetime.fromisoformat(report.created_at))
+        except ValueError:
+            made = report.created_at
+        text = (f"Restored from {report.source} (made {made} by {report.created_by}). "
+                + " ".join(report.notes) + " Restart the console to work with the restored catalog.")
+        if self._restore_strip is not None and isValid(self._restore_strip):
+            self._restore_strip.label.setText(f"Restore from {report.source}: done.")
+        self._say(text)
+        show_message(self, "Restore complete", text, icon=QMessageBox.Icon.Information)
+        self.action_finished.emit("restore", text)
+        self.refresh()
+
+    def _ended(self, kind: str, task: TaskInfo) -> None:
+        if not isValid(self):
+            return
+        if kind != "bundle":
+            self._busy(False)
+        ok = task.state is TaskState.COMPLETE or task.state is TaskState.DONE_WITH_ERRORS
+        state = task.state.value.replace("_", " ").capitalize()
+        text = task.message if ok else f"{state}: {task.error or task.message}"
+        self.action_status.hide()  # the task's strip says how it ended
+        self.action_finished.emit(kind, text)
+        if kind == "backup":
+            self.audit.refresh()

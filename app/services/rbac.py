@@ -54,6 +54,8 @@ class Operation(enum.Enum):
         frozenset(set(Role) - {Role.READ_ONLY}),
     )
     READ = ("read the catalog", frozenset(Role))
+    BACKUP_RESTORE = ("back up or restore the LayerDesk home", frozenset[Role]())
+    SUPPORT_BUNDLE = ("write a support log bundle", frozenset[Role]())
 
 
 LAYER_OPERATION = {

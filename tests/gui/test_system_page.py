@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import platform
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
 
 from PySide6.QtCore import qVersion
 from PySide6.QtWidgets import QCheckBox, QLineEdit
 from pytestqt.qtbot import QtBot
 
 from app import __version__
-from app.catalog.models import Role
+from app.catalog.models import LayerType, Role
 from app.engine.wim import library_version
 from app.services import Services
+from app.tasks.runner import TaskRunner
 from tests.conftest import ServicesFactory
 from tests.gui.test_tasks_page import settled  # noqa: F401 - an autouse fixture
 from tests.support.tools import run_ok
+from ui.pages import spawn
 from ui.system_page import SystemPage
 
 
@@ -113,3 +118,62 @@ def test_about_shows_the_versions_gathered_in_the_background(
     assert values["wimlib"] == library_version()
     assert values["qemu-img"] == qemu and qemu.startswith("qemu-img version")
     assert values["Home folder"] == str(admin.home.root)
+
+
+# --- Backup…, Restore…, Log bundle… -------------------------------------------------------------------------
+
+
+def test_backup_restore_and_bundle_are_disabled_for_other_roles_with_the_reason(
+    qtbot: QtBot, event_loop: asyncio.AbstractEventLoop, services_for: ServicesFactory,
+) -> None:
+    page = open_page(qtbot, services_for(Role.MANAGE_IMAGE_TEMPLATES, Role.PUBLISH_LAYERED_IMAGES))
+    for button, wording in ((page.backup_button, "back up or restore the LayerDesk home"),
+                            (page.restore_button, "back up or restore the LayerDesk home"),
+                            (page.bundle_button, "write a support log bundle")):
+        assert not button.isEnabled(), button.text()
+        assert f"may not {wording}: that needs the Administrator role" in button.toolTip()
+
+
+def _run(page: SystemPage, qtbot: QtBot, start: Coroutine[Any, Any, int | None], kind: str) -> str:
+    with qtbot.waitSignal(page.action_finished, timeout=60_000,
+                          check_params_cb=lambda k, _text: k == kind) as finished:
+        spawn(start)
+    return str(finished.args[1])
+
+
+def test_backup_bundle_and_restore_run_as_tasks_and_say_how_they_ended(
+    qtbot: QtBot, event_loop: asyncio.AbstractEventLoop, lab: Services, tmp_path: Path,
+) -> None:
+    runner = TaskRunner(lab.catalog, lab.caller, poll_s=0.1, progress_interval_s=0.05)
+    page = SystemPage(lab, runner=runner)
+    qtbot.addWidget(page)
+    page.resize(1000, 700)
+    page.show()
+    try:
+        assert page.backup_button.isEnabled() and page.restore_button.isEnabled() and page.bundle_button.isEnabled()
+        # the lab's versions are catalog entries without stored content: the backup says so
+        text = _run(page, qtbot, page.start_backup(tmp_path / "bk"), "backup")
+        assert "Backed up the catalog and 0 stored layer version(s)" in text and "already missing" in text
+        assert (tmp_path / "bk" / "backup.json").is_file()
+        assert page.task_strips() and "done" in page.task_strips()[0].label.text().lower()
+
+        text = _run(page, qtbot, page.start_bundle(tmp_path / "support.zip"), "bundle")
+        assert text.startswith(f"Wrote the support bundle {tmp_path / 'support.zip'}")
+
+        text = _run(page, qtbot, page.start_backup(tmp_path / "bk"), "backup")  # not started: said at once
+        assert "holds a backup already" in page.action_status.text()
+
+        lab.layers.create_layer("Made-after-the-backup", LayerType.OS)
+        text = _run(page, qtbot, page.start_restore(tmp_path / "bk"), "restore")
+        assert text.startswith(f"Restored from {tmp_path / 'bk'}") and "OS keyring" in text
+        assert "Made-after-the-backup" not in {layer.name for layer in lab.layers.list_layers()}
+        assert page.backup_button.isEnabled()
+
+        (tmp_path / "bk" / "catalog.sqlite").write_bytes(b"SQLite format 3\x00" + bytes(100))
+        text = _run(page, qtbot, page.start_restore(tmp_path / "bk"), "restore")
+        assert "catalog.sqlite does not match its checksum" in text
+        failed = page.task_strips()[-1].label
+        assert "catalog.sqlite does not match its checksum" in failed.text() and "b00020" in failed.styleSheet()
+        assert page.action_status.isHidden()
+    finally:
+        runner.shutdown()

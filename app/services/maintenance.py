@@ -1,0 +1,99 @@
+"""Retention as a periodic job: ended tasks, audit entries and rotated log files older than their
+retention settings (``task_retention_days``, ``audit_retention_days``, ``log_retention_days``) go.
+
+:func:`run_maintenance` runs at console start-up and every few hours while the console runs, and from
+``layerctl maintenance run``. It acts as the *system* (an Administrator caller named ``system``), so each
+purge is audited under that name whoever is signed in; a purge with nothing to delete is not run (and
+leaves no audit entry), so the audit log is not filled with empty purges.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from app.catalog.database import Catalog
+from app.catalog.models import FINAL_TASK_STATES, AuditEntry, PrincipalKind, Role, Task
+from app.errors import LayerDeskError
+from app.logs import LOG_FILE
+from app.paths import Home
+from app.secrets import SecretStore
+from app.services.audit import AuditService
+from app.services.base import Service, ServiceContext
+from app.services.rbac import Caller
+from app.services.settings import read_setting
+from app.services.tasks import TaskService
+
+log = logging.getLogger(__name__)
+
+#: Who the periodic job acts as (in the audit log).
+SYSTEM = Caller("system", frozenset({Role.ADMINISTRATOR}), PrincipalKind.OS_USER, display_name="LayerDesk")
+#: How often the console runs the job.
+INTERVAL_HOURS = 6
+#: Rotated log files: ``layerdesk.log.1`` … (the file being written, ``layerdesk.log``, is never deleted).
+_ROTATED = re.compile(re.escape(LOG_FILE) + r"\.\d+")
+
+
+@dataclass(frozen=True)
+class MaintenanceReport:
+    """What one run deleted."""
+
+    tasks_deleted: int
+    audit_entries_deleted: int
+    log_files_deleted: tuple[str, ...]
+
+
+class _LogRetention(Service):
+    """Deletes rotated log files older than ``log_retention_days`` (audited as one change)."""
+
+    def purge_logs(self, logs: Path) -> list[str]:
+        with self.catalog.read() as session:
+            days = int(read_setting(session, "log_retention_days"))
+        cutoff = (self._now() - timedelta(days=days)).timestamp()
+        old = sorted(p for p in logs.iterdir() if _ROTATED.fullmatch(p.name) and p.is_file()
+                     and p.stat().st_mtime < cutoff) if logs.is_dir() else []
+        if not old:
+            return []
+        deleted: list[str] = []
+        with self._change(None, "logs.purge", "log files", "retention", "") as change:
+            for path in old:
+                try:
+                    path.unlink()
+                    deleted.append(path.name)
+                except OSError as exc:
+                    log.warning("cannot delete the old log file %s: %s", path, exc)
+            change.details = {"deleted": deleted, "retention_days": days}
+        return deleted
+
+
+def run_maintenance(home: Home, catalog: Catalog, secrets: SecretStore) -> MaintenanceReport:
+    """Purge expired tasks, audit entries and rotated log files of ``home``, as the system; return what went."""
+    ctx = ServiceContext(catalog=catalog, caller=SYSTEM, secrets=secrets)
+    now = ctx.clock()
+    with catalog.read() as session:
+        task_cutoff = now - timedelta(days=int(read_setting(session, "task_retention_days")))
+        audit_cutoff = now - timedelta(days=int(read_setting(session, "audit_retention_days")))
+        expired_tasks = session.scalar(select(func.count(Task.id)).where(
+            Task.state.in_(FINAL_TASK_STATES), Task.ended_at < task_cutoff)) or 0
+        expired_audit = session.scalar(select(func.count(AuditEntry.id)).where(AuditEntry.at < audit_cutoff)) or 0
+    tasks = TaskService(ctx).purge_expired(comment="retention") if expired_tasks else 0
+    audit = AuditService(ctx).purge_expired(comment="retention") if expired_audit else 0
+    logs = _LogRetention(ctx).purge_logs(home.logs)
+    report = MaintenanceReport(tasks, audit, tuple(logs))
+    log.info("maintenance: deleted %d task(s), %d audit entr(y/ies), %d log file(s)", tasks, audit, len(logs))
+    return report
+
+
+def run_scheduled_maintenance(home: Home, catalog: Catalog, secrets: SecretStore) -> MaintenanceReport | None:
+    """:func:`run_maintenance` for the console's timer: a problem (a busy catalog, a full disk) is logged and
+    the job runs again next time, instead of interrupting the administrator."""
+    try:
+        return run_maintenance(home, catalog, secrets)
+    except LayerDeskError as exc:
+        log.warning("maintenance did not run: %s", exc)
+        return None
