@@ -195,5 +195,25 @@ def import_(name: str, version: str, source: str, image: int | None, registry_fi
          f"{_size(info.size_bytes)} (task {task_id}).")
 
 
+@layer_group.command("export-disk")
+@click.argument("ref", metavar="LAYER:VERSION")
+@click.option("--to", "out", required=True, metavar="FILE.vhdx|FILE.vhd",
+              help="The layer disk to write (VHDX, or a dynamic VHD for .vhd); it must not exist yet.")
+@comment_option
+def export_disk(ref: str, out: str, comment: str) -> None:
+    """Write a version as a layer disk of its own: its files on an NTFS volume, with its deletions and
+    registry changes in LayerDesk\\layer.json. `layer import --from FILE` reads it back as a version."""
+    from app.services.transfer import TransferService
+
+    cli_state = state()
+    runner = cli_state.runner()
+    show_progress(runner)
+    task_id = TransferService.for_services(cli_state.services()).start_layer_disk_export(
+        runner, ref, Path(out), comment=comment)
+    task = finish_task(runner, task_id, f"Layer disk of {ref}")
+    result = task.result or {}
+    emit({**result, "task": task_id}, task.message)
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(layer_group)

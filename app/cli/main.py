@@ -189,9 +189,25 @@ def cli(ctx: click.Context, home_option: str | None, json_output: bool) -> None:
 
 
 def _register() -> None:
-    from app.cli import access, admin, demo, elastic, images, layers, repo, system, tasks, templates, userlayer
+    from app.cli import (
+        access,
+        admin,
+        backup,
+        demo,
+        elastic,
+        images,
+        layers,
+        packaging,
+        repo,
+        system,
+        tasks,
+        templates,
+        transfer,
+        userlayer,
+    )
 
-    for module in (access, admin, demo, elastic, images, layers, repo, system, tasks, templates, userlayer):
+    for module in (access, admin, backup, demo, elastic, images, layers, packaging, repo, system, tasks, templates,
+                   transfer, userlayer):
         module.register(cli)
 
 
@@ -247,4 +263,8 @@ def _fail(message: str, code: str, status: int, json_output: bool) -> None:
 
 
 def run() -> None:
+    from app.procs import RUN_MODULE_FLAG, run_child_module
+
+    if sys.argv[1:2] == [RUN_MODULE_FLAG]:  # a frozen build starting one of its own child processes
+        sys.exit(run_child_module(sys.argv[2:]))
     sys.exit(main())

@@ -9,7 +9,9 @@ Sources:
   blank are refused, as is an opaque marker at the layer's root (it would hide the whole OS layer);
 * a **WIM file** (one image of it: ``image``, 1 by default);
 * an **NTFS volume image** (the OEM id ``NTFS    `` at byte 3 of its boot sector);
-* a **disk image** (VHD, VHDX, VMDK, qcow2, or a raw disk with MBR or GPT): its Windows NTFS partition.
+* a **disk image** (VHD, VHDX, VMDK, qcow2, or a raw disk with MBR or GPT): its Windows NTFS partition;
+  a LayerDesk **layer disk** (``layerctl layer export-disk``) brings its deletions and registry delta in
+  ``LayerDesk\\layer.json``, which is read from it instead of being imported as a file.
 
 Everything is checked by :func:`inspect_source` before a version is created;
 the worker (:func:`import_worker`, run in a child process) checks again and captures with progress.
@@ -32,6 +34,7 @@ from typing import Any
 
 from app.engine.difference import LayerDifference, capture_difference, ntfs_volume_of
 from app.engine.disk import DiskError, image_info, read_image_partition_table, read_partition_table
+from app.engine.layer_disk import capture_layer_disk, probe_layer_disk
 from app.engine.registry.delta import RegistryDelta
 from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, Deletion, LayerRepository, SourceKind, StoredVersion
@@ -55,6 +58,7 @@ __all__ = [
 ]
 
 WHITEOUT_PREFIX = ".wh."
+LAYER_DESCRIPTION = "LayerDesk\\layer.json"
 OPAQUE_MARKER = ".wh..wh..opq"
 
 _WIM_MAGICS = (b"MSWIM\0\0\0", b"WLPWM\0\0\0")  # ordinary and pipable WIMs
@@ -339,6 +343,10 @@ def _import(args: dict[str, Any], report: WorkerReport, token: CancelToken) -> d
         raise ImportSourceError(f"{source.path} changed: it is now a {source.kind.value}, not a {wanted.kind.value}.")
     if wanted.base is not None:
         return _import_difference(args, report, token, inspect_difference(source, wanted.base))
+    if source.kind is SourceKind.DISK_IMAGE:
+        stored_disk = _import_layer_disk(args, report, token, source)
+        if stored_disk is not None:
+            return stored_disk
     scan = scan_folder(source.path, token) if source.kind is SourceKind.FOLDER else FolderScan((), ())
     delta = RegistryDelta.from_dict(args["registry"])
     if scan.deletions:
@@ -356,6 +364,41 @@ def _import(args: dict[str, Any], report: WorkerReport, token: CancelToken) -> d
                f"the layer's WIM is now {stored.wim_bytes} bytes.")
     report.progress(100, "Stored")
     return _result(stored, f"Imported {stored.files} files ({stored.data_bytes} bytes) from {source.path}.")
+
+
+def _import_layer_disk(
+    args: dict[str, Any], report: WorkerReport, token: CancelToken, source: CaptureSource,
+) -> dict[str, Any] | None:
+    """A disk image that is a LayerDesk layer disk (:mod:`app.engine.layer_disk`) is imported as the version it
+    holds: its files without the ``LayerDesk`` folder, its deletions and registry delta from ``layer.json``
+    (the ``.reg`` files' changes go after them). ``None`` when the disk is not a layer disk."""
+    repository = LayerRepository(Path(args["repository"])).ensure()
+    layer_id, version_id = int(args["layer_id"]), int(args["version_id"])
+    # Named like the repository's import work folders, so `repo check` explains a leftover of a killed worker.
+    work = Path(tempfile.mkdtemp(prefix=f".import-{layer_id}-v{version_id}-", dir=repository.layers))
+    try:
+        report.progress(2, f"Looking for a layer description on {source.path.name}")
+        probe = probe_layer_disk(source.path, work, cancel=token)
+        if probe is None:
+            return None
+        info = probe.info
+        report.log(f"{source.path} is a LayerDesk layer disk of {info.layer_name}:{info.version_name} "
+                   f"({info.files} files, {len(info.deletions)} deletion(s), {len(info.registry)} registry "
+                   f"operation(s)); its deletions and registry changes come from {LAYER_DESCRIPTION}.")
+        stored = repository.store_version(
+            layer_id, version_id, source, deletions=info.deletions,
+            delta=RegistryDelta.merged([info.registry, RegistryDelta.from_dict(args["registry"])]),
+            build=lambda layer_wim, name: capture_layer_disk(probe, layer_wim, name, cancel=token),
+            progress=_Throttle(report, 10, 99, "Writing the layer's WIM"), cancel=token,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.log(f"Stored image {stored.image}: {stored.files} files, {stored.data_bytes} bytes of data; "
+               f"the layer's WIM is now {stored.wim_bytes} bytes.")
+    report.progress(100, "Stored")
+    return _result(stored, f"Imported the layer disk {source.path} ({info.layer_name}:{info.version_name}): "
+                           f"{stored.files} files ({stored.data_bytes} bytes), {stored.deletions} deletion(s), "
+                           f"{stored.registry_operations} registry operation(s).")
 
 
 def _result(stored: StoredVersion, summary: str) -> dict[str, Any]:

@@ -37,7 +37,16 @@ from app.engine.wim import AddCommand, DeleteCommand, Wim, WimError, make_ntfs_v
 from app.errors import UserError
 from app.procs import Cancellable
 
-__all__ = ["LAYER_DISK_FORMATS", "LayerDiskError", "LayerDiskInfo", "read_layer_disk", "write_layer_disk"]
+__all__ = [
+    "LAYER_DISK_FORMATS",
+    "LayerDiskError",
+    "LayerDiskInfo",
+    "LayerDiskProbe",
+    "capture_layer_disk",
+    "probe_layer_disk",
+    "read_layer_disk",
+    "write_layer_disk",
+]
 
 MiB = 1024 * 1024
 FORMAT = "layerdesk.layer-disk"
@@ -163,18 +172,84 @@ def read_layer_disk(image: Path, layer_wim: Wim, name: str, scratch: Path, *,
             layer_wim.extract_paths_to_folder(index, [METADATA_FILE], folder)
         except WimError:  # the path is not in the image
             raise LayerDiskError(f"{image} is not a LayerDesk layer disk (it has no {METADATA_FILE[1:]}).") from None
-        try:
-            document = json.loads((folder / METADATA_FILE.lstrip("/")).read_text(encoding="utf-8"))
-            if not isinstance(document, dict):
-                raise ValueError("not a JSON object")
-            info = LayerDiskInfo.from_dict(document)
-        except (ValueError, KeyError, TypeError, RegistryDeltaError) as exc:
-            raise LayerDiskError(f"The layer description in {image} is damaged: {exc}") from None
-        layer_wim.update_image(index, [DeleteCommand(METADATA_FOLDER, recursive=True)], cancel=cancel)
-        files = sum(1 for entry in layer_wim.iterate_dir_tree(index) if not entry.is_directory)
-        if files != info.files:
-            raise LayerDiskError(f"{image} holds {files} files but its description says {info.files}: it was changed "
-                                 "after it was written.")
+        info = _parse_description((folder / METADATA_FILE.lstrip("/")).read_bytes(), image)
+        _drop_description(layer_wim, index, info, image, cancel)
         return index, info
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _parse_description(raw: bytes, image: Path) -> LayerDiskInfo:
+    """``layer.json``'s bytes, checked; :class:`LayerDiskError` with the reason otherwise."""
+    try:
+        document = json.loads(raw.decode("utf-8"))
+        if not isinstance(document, dict):
+            raise ValueError("not a JSON object")
+        return LayerDiskInfo.from_dict(document)
+    except json.JSONDecodeError as exc:
+        raise LayerDiskError(f"The layer description in {image} ({METADATA_FILE[1:]}) is damaged: {exc.msg} at line "
+                             f"{exc.lineno}, column {exc.colno}. Write the layer disk again.") from None
+    except (ValueError, KeyError, TypeError, RegistryDeltaError) as exc:
+        raise LayerDiskError(f"The layer description in {image} is damaged: {exc}") from None
+
+
+def _drop_description(layer_wim: Wim, index: int, info: LayerDiskInfo, image: Path,
+                      cancel: Cancellable | None) -> None:
+    """Remove the ``LayerDesk`` folder from the captured image and check the files its description counts."""
+    layer_wim.update_image(index, [DeleteCommand(METADATA_FOLDER, recursive=True)], cancel=cancel)
+    files = sum(1 for entry in layer_wim.iterate_dir_tree(index) if not entry.is_directory)
+    if files != info.files:
+        raise LayerDiskError(f"{image} holds {files} files but its description says {info.files}: it was changed "
+                             "after it was written.")
+
+
+# --- recognising a layer disk among import sources -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerDiskProbe:
+    """A disk image found to be a LayerDesk layer disk: its volume copied out (kept until the capture has been
+    written) and what its ``layer.json`` says."""
+
+    image: Path
+    volume: Path
+    info: LayerDiskInfo
+
+
+def _shaped_like_layer_disk(table: disk.PartitionTable) -> bool:
+    """:func:`write_layer_disk` lays a disk out as GPT with a 36 MiB ESP, a 1 MiB MSR and the NTFS volume; a
+    Windows installation's disk never has that MSR. Checked first so that an ordinary disk image is not
+    copied out twice just to look for ``layer.json``."""
+    sizes = {p.kind: p.size for p in table.partitions}
+    return table.scheme == "gpt" and sizes.get("esp") == 36 * MiB and sizes.get("msr") == MiB and "ntfs" in sizes
+
+
+def probe_layer_disk(image: Path, scratch: Path, *, cancel: Cancellable | None = None) -> LayerDiskProbe | None:
+    """Whether the disk image ``image`` is a LayerDesk layer disk: ``None`` when it is not (no layer disk's
+    layout, or no ``LayerDesk\\layer.json`` on its volume), else its volume copied into the existing folder
+    ``scratch`` (the caller removes it) with its description. A layer disk whose description is malformed
+    or of an unknown schema is refused (:class:`LayerDiskError`)."""
+    image = Path(image)
+    info = disk.image_info(image)
+    if not _shaped_like_layer_disk(disk.read_image_partition_table(info, scratch)):
+        return None
+    volume = disk.extract_ntfs_volume(image, scratch / "layer-disk.ntfs", cancel=cancel).volume
+    # A scan of the volume (wimlib reads only its metadata until asked for data) and one file extracted.
+    with Wim.create("none") as probe:
+        index = probe.add_image_from_ntfs_volume(volume, "probe", cancel=cancel)
+        try:
+            probe.extract_paths_to_folder(index, [METADATA_FILE], scratch)
+        except WimError:  # no such file: an ordinary disk laid out like ours
+            volume.unlink(missing_ok=True)
+            return None
+    raw = (scratch / METADATA_FILE.lstrip("/")).read_bytes()
+    return LayerDiskProbe(image, volume, _parse_description(raw, image))
+
+
+def capture_layer_disk(probe: LayerDiskProbe, layer_wim: Wim, name: str, *, cancel: Cancellable | None = None) -> int:
+    """Add the probed layer disk's files as image ``name`` of ``layer_wim`` (without its ``LayerDesk``
+    folder) and return its index; the volume must stay until ``layer_wim`` is written. Refused
+    (:class:`LayerDiskError`) when the files do not match the description."""
+    index = layer_wim.add_image_from_ntfs_volume(probe.volume, name, cancel=cancel)
+    _drop_description(layer_wim, index, probe.info, probe.image, cancel)
+    return index

@@ -398,6 +398,8 @@ class LayerRepository:
         drop: Sequence[str] = (),
         keep_boot: bool = False,
         build: Callable[[Wim, str], int] | None = None,
+        disk: DiskIdentity | None = None,
+        boot: BootRecord | None = None,
         progress: ProgressFn | None = None,
         cancel: Cancellable | None = None,
     ) -> StoredVersion:
@@ -409,7 +411,9 @@ class LayerRepository:
         partitions and boot code are kept too (:class:`BootRecord`). ``build(layer_wim, name)``: adds the
         version's image ``name`` to the layer's WIM in place of a capture of ``source`` (which the manifest
         still records) and returns its index; a difference import builds it from two volumes, and keeps
-        what it adds readable until this returns. All or nothing: on failure or cancel,
+        what it adds readable until this returns; ``disk`` and ``boot`` are then recorded as given (a version
+        taken over from another installation keeps its gold disk's identity and boot record, whose image
+        ``build`` adds as ``<name>-boot``). All or nothing: on failure or cancel,
         the previous WIM and manifests are untouched and no work file remains.
         """
         delta = delta if delta is not None else RegistryDelta()
@@ -431,7 +435,7 @@ class LayerRepository:
                                         stale_name, wim_path)
                             layer_wim.delete_image(stale)
                     if build is not None:
-                        index, identity, boot = build(layer_wim, name), None, None
+                        index, identity = build(layer_wim, name), disk
                     else:
                         index, identity, boot = self._capture(stack, layer_wim, source, layer_id, name, drop,
                                                               keep_boot, cancel)

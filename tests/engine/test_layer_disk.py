@@ -15,8 +15,11 @@ from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, Deletion, LayerRepository, SourceKind
 from app.engine.wim import Wim, make_ntfs_volume
 from tests.support import ntfs_security as sec
-from tests.support.repository_checks import make_tree
+from tests.support.compose_stack import TOOLS, os_layer
+from tests.support.keyring_memory import MemoryKeyring
+from tests.support.repository_checks import listing, make_tree
 from tests.support.tools import run_ok, tool
+from tests.unit.test_cli import Ctl
 
 MiB = 1024 * 1024
 ACL = [(sec.ADMINISTRATORS, sec.FULL_CONTROL), (sec.USERS, sec.READ_EXECUTE)]
@@ -125,3 +128,140 @@ def _description(repository: LayerRepository, checksum: str) -> dict[str, object
     return {"format": "layerdesk.layer-disk", "schema": 1, "layer": {"id": 5, "name": "Viewer", "type": "app"},
             "version": {"id": 50, "name": "3.1", "checksum": checksum}, "deletions": [],
             "registry": manifest.registry.to_dict(), "files": manifest.files, "data_bytes": manifest.data_bytes}
+
+
+# --- layerctl layer export-disk, and a layer disk imported back as a version ------------------------------
+
+
+def _volume_of(disk_image: Path, tmp_path: Path) -> Path:
+    """The data partition of a layer disk, cut out with qemu-img and sgdisk (not our code)."""
+    raw = tmp_path / f"{disk_image.stem}.raw"
+    run_ok("qemu-img", "convert", "-O", "raw", disk_image, raw)
+    info = run_ok("sgdisk", "-i", "3", raw).stdout
+    first = int(info.split("First sector: ")[1].split()[0])
+    last = int(info.split("Last sector: ")[1].split()[0])
+    volume = tmp_path / f"{disk_image.stem}.ntfs"
+    with raw.open("rb") as source, volume.open("wb") as target:
+        source.seek(first * 512)
+        target.write(source.read((last - first + 1) * 512))
+    return volume
+
+
+def _ntfs_files(volume: Path) -> set[str]:
+    """Every file and folder of an NTFS volume as ntfsls lists them, ``/``-separated from the root."""
+    found: set[str] = set()
+
+    def walk(folder: str) -> None:
+        names = run_ok("ntfsls", "-F", "-p", folder, volume).stdout.splitlines()
+        for name in names:
+            if name in ("./", "../") or not name.strip():
+                continue
+            path = f"{folder.rstrip('/')}/{name.rstrip('/')}"
+            found.add(path)
+            if name.endswith("/"):
+                walk(path)
+
+    walk("/")
+    return found
+
+
+def _wim_files(wim: Path, image: str) -> set[str]:
+    return {line for line in run_ok("wimlib-imagex", "dir", wim, image).stdout.splitlines() if line != "/"}
+
+
+@pytest.fixture
+def layered(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+            memory_keyring: MemoryKeyring) -> Ctl:
+    """A home with Win11 and Tools (whiteouts and a .reg file) imported from folders."""
+    ctl = Ctl(tmp_path / "home", capsys, monkeypatch)
+    sources = tmp_path / "sources"
+    reg = TOOLS.reg_file(tmp_path)
+    assert reg is not None
+    for args in (("layer", "create", "--type", "os", "Win11"),
+                 ("layer", "create", "--type", "app", "Tools", "--os-layer", "Win11"),
+                 ("layer", "import", "Win11", "--version", "1", "--from", str(os_layer(tmp_path).folder(sources))),
+                 ("layer", "import", "Tools", "--version", "1", "--from", str(TOOLS.folder(sources)),
+                  "--registry", str(reg))):
+        status, _, err = ctl(*args)
+        assert status == 0, (args, err)
+    return ctl
+
+
+def _stored(ctl: Ctl, layer: str, version: str) -> tuple[Path, str, dict[str, object]]:
+    shown = ctl.json("layer", "show", layer)
+    assert isinstance(shown, dict)
+    row = next(v for v in shown["versions"] if v["name"] == version)
+    layer_id = shown["layer"]["id"]
+    layers = ctl.home / "repository" / "layers"
+    document = json.loads((layers / str(layer_id) / f"v{row['id']}.json").read_text(encoding="utf-8"))["manifest"]
+    return layers / f"{layer_id}.wim", f"v{row['id']}", document
+
+
+@pytest.mark.parametrize("suffix", ["vhdx", "vhd"])
+def test_export_disk_then_import_gives_the_same_version(layered: Ctl, tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / f"Tools-1.{suffix}"
+    result = layered.json("layer", "export-disk", "Tools:1", "--to", str(out), "--comment", "for the share")
+    assert isinstance(result, dict) and result["path"] == str(out) and out.is_file()
+    run_ok("qemu-img", "info", out)
+    wim, image, original = _stored(layered, "Tools", "1")
+
+    # the disk, read with ntfsls/ntfscat: the version's files plus LayerDesk\layer.json
+    volume = _volume_of(out, tmp_path)
+    on_disk = _ntfs_files(volume)
+    assert on_disk - {"/LayerDesk", "/LayerDesk/layer.json"} == _wim_files(wim, image)
+    described = json.loads(_ntfscat(volume, "/LayerDesk/layer.json"))
+    assert described["deletions"] == original["deletions"] and described["registry"] == original["registry"]
+    assert {d["path"] for d in described["deletions"]} == {"Windows\\Temp\\old.log", "ghost.txt"}
+
+    status, _, err = layered("layer", "import", "Tools", "--version", "2", "--from", str(out))
+    assert status == 0, err
+    wim2, image2, imported = _stored(layered, "Tools", "2")
+    assert imported["deletions"] == original["deletions"]
+    assert imported["registry"] == original["registry"]
+    assert (imported["files"], imported["data_bytes"]) == (original["files"], original["data_bytes"])
+    assert _wim_files(wim2, image2) == _wim_files(wim, image)  # no LayerDesk folder among the files
+    check = layered.json("repo", "check")
+    assert isinstance(check, dict) and check["problems"] == []
+    audit = layered.json("audit", "list", "--object", "Tools:1")
+    assert isinstance(audit, list) and any(e["operation"] == "layer.export_disk" for e in audit)
+
+
+def _layer_disk_shaped(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    """A disk laid out as layer disks are (36 MiB ESP, 1 MiB MSR) holding ``files``."""
+    from app.engine import disk
+
+    layout = disk.gpt_layout(64 * MiB, esp_size=36 * MiB, msr_size=MiB)
+    volume = make_ntfs_volume(tmp_path / "odd.ntfs", layout.data_size, partition_start_sector=layout.data_start_lba)
+    folder = make_tree(tmp_path / "odd", files)
+    with Wim.create("none") as wim:
+        wim.extract_image_to_ntfs_volume(wim.add_image_from_folder(folder, "x"), volume)
+    raw = tmp_path / "odd.raw"
+    disk.build_gpt_disk(volume, raw, disk_size=64 * MiB, esp_size=36 * MiB, msr_size=MiB)
+    out = tmp_path / "odd.vhdx"
+    run_ok("qemu-img", "convert", "-O", "vhdx", raw, out)
+    return out
+
+
+@pytest.mark.parametrize(("description", "message"), [
+    (b'{"format": "layerdesk.layer-disk",\n "schema": 1,,}', "is damaged: Expecting property name enclosed in "
+                                                            "double quotes at line 2, column 14"),
+    (json.dumps({"format": "layerdesk.layer-disk", "schema": 9}).encode(), "layer disk schema 9 is not supported"),
+])
+def test_a_layer_disk_with_a_bad_description_is_not_imported(layered: Ctl, tmp_path: Path, description: bytes,
+                                                             message: str) -> None:
+    bad = _layer_disk_shaped(tmp_path, {"Tools/tool.exe": b"x", "LayerDesk/layer.json": description})
+    before = layered.json("layer", "show", "Tools")
+    repository = listing(layered.home / "repository")
+    status, _, err = layered("layer", "import", "Tools", "--version", "2", "--from", str(bad))
+    assert status != 0 and message in err and str(bad) in err, err
+    assert layered.json("layer", "show", "Tools") == before
+    assert {k: v for k, v in listing(layered.home / "repository").items() if not k.endswith(".lock")} == \
+        {k: v for k, v in repository.items() if not k.endswith(".lock")}
+
+
+def test_a_plain_disk_laid_out_like_a_layer_disk_is_imported_whole(layered: Ctl, tmp_path: Path) -> None:
+    plain = _layer_disk_shaped(tmp_path, {"Tools/tool.exe": b"plain tool"})
+    status, _, err = layered("layer", "import", "Tools", "--version", "2", "--from", str(plain))
+    assert status == 0, err
+    wim, image, document = _stored(layered, "Tools", "2")
+    assert "/Tools/tool.exe" in _wim_files(wim, image) and document["deletions"] == []

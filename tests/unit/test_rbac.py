@@ -34,9 +34,11 @@ from app.catalog.models import (
     VersionState,
     utcnow,
 )
+from app.connectors.base import DeliveryResult
 from app.errors import PermissionDenied
 from app.services import Services
 from app.services.directory import JunctionSpec
+from app.services.packaging import packaging_service
 from app.services.templates import TemplateSpec
 from app.tasks.base import LayerDeskTask, TaskCanceled, TaskContext, TaskResult
 from app.tasks.runner import TaskRunner
@@ -289,6 +291,44 @@ def _layer_calls(t: LayerType) -> list[Call]:
     ]
 
 
+def _packaging_layer(layer_type: LayerType, *, packaged: bool = False, delivered: bool = False
+                     ) -> Callable[[Setup], None]:
+    """A layer ``Subject`` of ``layer_type`` on Win11 (deployable 1.0); ``packaged``: with version 1.0 being edited
+    on a packaging machine; ``delivered``: and its packaging disk recorded."""
+
+    def setup(s: Setup) -> None:
+        _os(s.admin)
+        s.admin.layers.create_layer("Subject", layer_type, os_layer="Win11")
+        service = packaging_service(s.admin)
+        if packaged or delivered:
+            service.add_packaging_version("Subject", "1.0")
+        if delivered:
+            service.record_packaging_disk("Subject:1.0", path="/disks/Subject_1.0_packaging.vhdx", size_bytes=1,
+                                          checksum="sha256:aa", manifest_digest="sha256:bb",
+                                          volume_serial="0011223344556677")
+
+    return setup
+
+
+def _packaging_calls(t: LayerType) -> list[Call]:
+    roles, wording, name = LAYER_ROLES[t], LAYER_WORDING[t], t.value
+    return [
+        Call(f"packaging.add_packaging_version[{name}]", roles, wording, "layer.package",
+             lambda sv, s: packaging_service(sv).add_packaging_version("Subject", "1.0"), _packaging_layer(t),
+             "layer_version"),
+        Call(f"packaging.record_packaging_disk[{name}]", roles, wording, "layer.package.disk",
+             lambda sv, s: packaging_service(sv).record_packaging_disk(
+                 "Subject:1.0", path="/d.vhdx", size_bytes=1, checksum="sha256:aa", manifest_digest="sha256:bb",
+                 volume_serial="00"), _packaging_layer(t, packaged=True), "layer_version"),
+        Call(f"packaging.begin_finalize[{name}]", roles, wording, "layer.finalize",
+             lambda sv, s: packaging_service(sv).begin_finalize("Subject:1.0", "/d.vhdx"),
+             _packaging_layer(t, delivered=True), "layer_version"),
+        Call(f"packaging.abandon[{name}]", roles, wording, "layer.abandon",
+             lambda sv, s: packaging_service(sv).abandon("Subject:1.0"), _packaging_layer(t, packaged=True),
+             "layer_version"),
+    ]
+
+
 TEMPLATE_WORDING = "create, change or delete image templates"
 PUBLISH_WORDING = "publish layered images"
 ELASTIC_WORDING = "change elastic layer assignments and machine associations"
@@ -304,6 +344,9 @@ CALLS: list[Call] = [
     *_layer_calls(LayerType.OS),
     *_layer_calls(LayerType.PLATFORM),
     *_layer_calls(LayerType.APP),
+    # layer versions made on a packaging machine (app and platform layers)
+    *_packaging_calls(LayerType.PLATFORM),
+    *_packaging_calls(LayerType.APP),
     # image templates
     Call("templates.create_template", TEMPLATE_ROLES, TEMPLATE_WORDING, "template.create",
          lambda sv, s: sv.templates.create_template("Silver", TemplateSpec(os="Win11:1.0", apps=("App1:1.0",))),
@@ -359,6 +402,10 @@ CALLS: list[Call] = [
          "connector_config"),
     Call("connectors.remove_connector", ADMIN_ONLY, CONNECTOR_WORDING, "connector.remove",
          lambda sv, s: sv.connectors.remove_connector("Lab"), _connector, "connector_config"),
+    Call("connectors.record_delivery", PUBLISH_ROLES, PUBLISH_WORDING, "image.deliver",
+         lambda sv, s: sv.connectors.record_delivery(
+             "Gold_2025-03-01_10-15", DeliveryResult("Lab", "folder", r"\\fs1\images\Gold_20250301T101500Z.vhdx")),
+         _connector, "audit_entry"),
     # directory junctions
     Call("directory.add_junction", ADMIN_ONLY, DIRECTORY_WORDING, "directory.add",
          lambda sv, s: sv.directory.add_junction("Corp", SPEC, password=BIND_PASSWORD), _break_glass,
@@ -438,7 +485,7 @@ ANY_LAYER_ROLES = frozenset({A, Role.MANAGE_OS_LAYERS, Role.MANAGE_PLATFORM_LAYE
 
 def refusal(call: Call, roles: tuple[Role, ...]) -> tuple[str, frozenset[Role]]:
     """What a refusal of ``call`` to a caller holding ``roles`` must say: the wording and the roles needed."""
-    looks_up_a_layer = call.id.startswith("layers.") and not call.id.startswith("layers.create_layer")
+    looks_up_a_layer = call.id.startswith(("layers.", "packaging.")) and not call.id.startswith("layers.create_layer")
     if looks_up_a_layer and not set(roles) & ANY_LAYER_ROLES:
         return ANY_LAYER_WORDING, ANY_LAYER_ROLES
     if not roles and call.id.startswith("tasks.cancel"):
@@ -519,29 +566,42 @@ def test_the_table_covers_every_public_mutating_method() -> None:
     from app.services.directory import DirectoryService
     from app.services.elastic import ElasticService
     from app.services.layers import LayerService
+    from app.services.packaging import PackagingService
     from app.services.publishing import PublishingService
     from app.services.settings import SettingsService
     from app.services.storage import StorageService
     from app.services.tasks import TaskService
     from app.services.templates import TemplateService
+    from app.services.transfer import TransferService
 
     reads = {
         "list_layers", "get_layer", "get_version", "list_templates", "get_template", "history", "diff", "plan",
         "list_images", "list_assignments", "list_machine_associations", "list_locations", "list_connectors",
         "get_connector", "password", "list_junctions", "list_tasks", "get_task", "log", "list_settings", "get",
         "list_entries", "list_accounts", "list_grants", "conflicts", "template_usage", "version_contents",
-        "preview_conflicts", "resolve", "sync_plan", "user_layer_location",
+        "preview_conflicts", "resolve", "sync_plan", "user_layer_location", "get_packaging", "editing_version",
+        "preview_import",
+        # Read, but with a role beyond Read Only (the keyring password, a test against the peer, a sync's
+        # pre-flight): see test_connector_checks_that_use_the_password_need_their_roles and tests/elastic.
+        "settings", "test_connector", "test_settings", "delivery", "check_sync", "list_user_layers",
     }
     #: Starts a task that needs real layers in the repository: its roles are checked, role by role, in
     #: tests/unit/test_cli_publish.py (test_publishing_needs_the_publish_role_and_refusals_are_audited).
     #: Writes the Elastic Layer repository to an SMB share (the test DC's): its roles are checked in
     #: tests/elastic/test_sync.py (test_sync_needs_the_elastic_role_and_refusals_are_audited).
-    tested_elsewhere = {"publish", "sync"}
+    #: Start packaging and finalize tasks that need real layers in the repository: their roles are checked, role by
+    #: role, in tests/unit/test_packaging_service.py (test_starting_packaging_tasks_needs_a_layer_role_and_is_audited).
+    #: Export, sync and import between installations and layer disk export start tasks on real layers: their roles
+    #: are checked, role by role, in tests/engine/test_transfer.py
+    #: (test_transfer_calls_need_their_roles_and_refusals_are_audited).
+    tested_elsewhere = {"publish", "sync", "start_packaging", "start_finalize", "start_export", "start_sync",
+                        "start_import", "start_layer_disk_export"}
     services = {
         "layers": LayerService, "templates": TemplateService, "publishing": PublishingService,
         "assignments": AssignmentService, "storage": StorageService, "connectors": ConnectorService,
         "directory": DirectoryService, "tasks": TaskService, "settings": SettingsService, "audit": AuditService,
-        "access": AccessService, "elastic": ElasticService,
+        "access": AccessService, "elastic": ElasticService, "packaging": PackagingService,
+        "transfer": TransferService,
     }
     public = {
         f"{area}.{name}"
@@ -769,3 +829,19 @@ def test_a_caller_without_layer_roles_learns_nothing_about_which_layers_exist(
         refusals.append(str(refused.value))
     assert refusals[0] == refusals[1]
     assert [layer.name for layer in admin.layers.list_layers()] == ["Win11"]
+
+
+def test_connector_checks_that_use_the_password_need_their_roles(services_for: ServicesFactory) -> None:
+    """Testing a saved connector or preparing a delivery reads its keyring password: publishers may;
+    testing an unsaved form is editing connectors: the Administrator's. Read Only may do neither."""
+    admin = services_for(Role.ADMINISTRATOR)
+    admin.connectors.add_connector("Lab", "folder", endpoint="/nonexistent-folder-for-rbac", password="pw")
+    reader = services_for(Role.READ_ONLY, username="reader")
+    publisher = services_for(Role.PUBLISH_LAYERED_IMAGES, username="publisher")
+    for call in (lambda s: s.connectors.test_connector("Lab"), lambda s: s.connectors.delivery("Lab"),
+                 lambda s: s.connectors.test_settings("folder", endpoint="/tmp")):
+        with pytest.raises(PermissionDenied):
+            call(reader)
+    publisher.connectors.test_connector("Lab")  # allowed: the report says the folder is missing
+    with pytest.raises(PermissionDenied):
+        publisher.connectors.test_settings("folder", endpoint="/tmp")
