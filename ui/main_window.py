@@ -19,24 +19,35 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSplitter,
     QStackedWidget,
+    QVBoxLayout,
+    QWidget,
 )
+from shiboken6 import isValid
 
 from app import __version__
 from app.catalog.models import TaskState
 from app.errors import LayerDeskError
 from app.services import Services
+from app.services.maintenance import INTERVAL_HOURS as MAINTENANCE_INTERVAL_HOURS
+from app.services.maintenance import run_scheduled_maintenance
 from app.tasks.runner import TaskRunner
 from ui.background import off_ui_thread
+from ui.connectors_page import ConnectorsPage
+from ui.elastic_page import ElasticPage
 from ui.icons import icon
 from ui.layers_page import LayersPage
 from ui.pages import spawn
 from ui.system_page import SystemPage
 from ui.tasks_page import TasksPage
 from ui.templates_page import TemplatesPage
+from ui.tool_banner import EngineToolsBanner
 
 TASK_POLL_MS = 2000
+#: The first retention run waits this long, so it does not compete with the first page's loading.
+MAINTENANCE_FIRST_MS = 10_000
 #: The navigation icon of each page (by its object name).
-NAV_ICONS = {"layers": "layers", "image_templates": "templates", "tasks": "tasks", "system": "system"}
+NAV_ICONS = {"layers": "layers", "image_templates": "templates", "elastic_layers": "elastic", "tasks": "tasks",
+             "system": "system", "connectors": "connectors"}
 
 
 class MainWindow(QMainWindow):
@@ -51,8 +62,10 @@ class MainWindow(QMainWindow):
         self.pages: list[Any] = [
             LayersPage(services, self.runner),
             TemplatesPage(services, self.runner),
+            ElasticPage(services),
+            ConnectorsPage(services),
             TasksPage(services),
-            SystemPage(services),
+            SystemPage(services, runner=self.runner),
         ]
         self.nav = QListWidget()
         self.nav.setAccessibleName("Navigation")
@@ -66,7 +79,14 @@ class MainWindow(QMainWindow):
         self.nav.currentRowChanged.connect(self._show_page)
         splitter = QSplitter()
         splitter.addWidget(self.nav)
-        splitter.addWidget(self.stack)
+        # Missing engine tools are announced above every page, before anyone tries what needs them.
+        self.tools_banner = EngineToolsBanner(services)
+        right = QWidget()
+        column = QVBoxLayout(right)
+        column.setContentsMargins(0, 0, 0, 0)
+        column.addWidget(self.tools_banner)
+        column.addWidget(self.stack, 1)
+        splitter.addWidget(right)
         splitter.setStretchFactor(0, 0)
         splitter.setStretchFactor(1, 1)
         splitter.setSizes([180, 920])
@@ -88,6 +108,11 @@ class MainWindow(QMainWindow):
         self._polling: asyncio.Future[None] | None = None
         self._poll = QTimer(self, interval=TASK_POLL_MS, timeout=self._poll_tasks)
         self._poll.start()
+        # Retention (old tasks, audit entries, log files): shortly after start-up, then every few hours.
+        self._maintenance = QTimer(self, interval=MAINTENANCE_FIRST_MS, singleShot=False,
+                                   timeout=self._run_maintenance)
+        self._maintenance.start()
+        self.tools_banner.check()
         self._restore()
         self.nav.setCurrentRow(min(max(self._saved_page, 0), len(self.pages) - 1))
 
@@ -105,6 +130,11 @@ class MainWindow(QMainWindow):
         self.stack.setCurrentIndex(row)
         self.pages[row].refresh()
 
+    def _run_maintenance(self) -> None:
+        self._maintenance.setInterval(MAINTENANCE_INTERVAL_HOURS * 3600 * 1000)
+        home, catalog, secrets = self.services.home, self.services.catalog, self.services.secrets
+        spawn(off_ui_thread(lambda: run_scheduled_maintenance(home, catalog, secrets)))
+
     def _poll_tasks(self) -> None:
         if self._polling is None or self._polling.done():
             self._polling = spawn(self._update_running())
@@ -115,7 +145,10 @@ class MainWindow(QMainWindow):
                 lambda: self.services.tasks.list_tasks(
                     states=[TaskState.PENDING, TaskState.RUNNING, TaskState.CANCELING]))
         except LayerDeskError as exc:
-            self.running.setText(f"Tasks unavailable: {exc}")
+            if isValid(self.running):
+                self.running.setText(f"Tasks unavailable: {exc}")
+            return
+        if not isValid(self.running):  # the window was closed while the catalog was asked
             return
         self.running.setText(f"{len(active)} task{'s' if len(active) != 1 else ''} running" if active
                              else "No task running")
@@ -138,6 +171,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self._poll.stop()
+        self._maintenance.stop()
         self.runner.shutdown(cancel=True)
         if not self._remember:
             super().closeEvent(event)

@@ -14,6 +14,7 @@ import PySide6
 from PySide6.QtCore import Qt, Signal, qVersion
 from PySide6.QtWidgets import (
     QCheckBox,
+    QDialog,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -253,6 +254,11 @@ class SystemPage(QWidget):
         self.bundle_button.setToolTip("Write a zip file for support: logs, task logs, versions and configurations, "
                                       "without passwords.")
         self.bundle_button.clicked.connect(self._ask_bundle)
+        self.transfer_button = QPushButton("&Export / Import…")
+        self.transfer_button.setToolTip("Move layers with all their versions to or from another LayerDesk "
+                                        "installation through a folder or share.")
+        self.transfer_button.clicked.connect(self._open_transfer)
+        guard(self.transfer_button, services, Operation.RUN_TASKS, enabled=runner is not None)
         guard(self.backup_button, services, Operation.BACKUP_RESTORE)
         guard(self.restore_button, services, Operation.BACKUP_RESTORE)
         guard(self.bundle_button, services, Operation.SUPPORT_BUNDLE)
@@ -287,7 +293,7 @@ class SystemPage(QWidget):
         self.tabs.currentChanged.connect(lambda _i: self._tab_shown())
         header = QHBoxLayout()
         header.addWidget(QLabel("<h2>System</h2>"), 1)
-        for button in (self.backup_button, self.restore_button, self.bundle_button):
+        for button in (self.transfer_button, self.backup_button, self.restore_button, self.bundle_button):
             header.addWidget(button)
         layout = QVBoxLayout(self)
         layout.addLayout(header)
@@ -366,6 +372,17 @@ class SystemPage(QWidget):
                                   (self.restore_button, Operation.BACKUP_RESTORE),
                                   (self.bundle_button, Operation.SUPPORT_BUNDLE)):
             guard(button, self.services, operation, enabled=not busy)
+
+    def _open_transfer(self) -> QDialog | None:
+        """The export / import dialog (its tasks run on the console's runner)."""
+        if self._runner is None:
+            return None
+        from ui.transfer_dialog import TransferDialog
+
+        dialog = TransferDialog(self.services, self._runner, self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.open()
+        return dialog
 
     def _ask_backup(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Back up LayerDesk into a folder")

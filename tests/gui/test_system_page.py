@@ -177,3 +177,27 @@ def test_backup_bundle_and_restore_run_as_tasks_and_say_how_they_ended(
         assert page.action_status.isHidden()
     finally:
         runner.shutdown()
+
+
+def test_export_import_opens_the_transfer_dialog_on_the_consoles_runner(
+        qtbot: QtBot, event_loop: asyncio.AbstractEventLoop, admin: Services) -> None:
+    from app.tasks.runner import TaskRunner
+    from ui.system_page import SystemPage
+    from ui.transfer_dialog import TransferDialog
+
+    runner = TaskRunner(admin.catalog, admin.caller)
+    try:
+        page = SystemPage(admin, runner=runner)
+        qtbot.addWidget(page)
+        assert page.transfer_button.isEnabled()
+        page.transfer_button.click()
+        qtbot.waitUntil(lambda: page.findChild(TransferDialog) is not None, timeout=3000)
+        dialog = page.findChild(TransferDialog)
+        assert dialog is not None and dialog.runner is runner
+        dialog.reject()
+        # Without a runner (nothing could run the export) the button says why it is off.
+        bare = SystemPage(admin)
+        qtbot.addWidget(bare)
+        assert not bare.transfer_button.isEnabled()
+    finally:
+        runner.shutdown()
