@@ -49,7 +49,9 @@ from ui.table_model import Column, ItemRole, RecordTableModel
 POLL_MS = 500
 ACTIVE_STATES = (TaskState.PENDING, TaskState.RUNNING, TaskState.CANCELING)
 #: Task kinds offered in the filter before any task of that kind was seen.
-KNOWN_KINDS = ("image.publish", "layer.import")
+KNOWN_KINDS = ("image.publish", "layer.import", "layer.package", "layer.finalize", "layer.export_disk",
+               "elastic.sync", "transfer.export", "transfer.import", "home.backup", "home.restore",
+               "support.bundle", "catalog.check")
 #: At most this many tasks are listed (newest first).
 TASK_LIMIT = 500
 

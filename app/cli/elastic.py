@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from app.catalog.models import PrincipalKind
-from app.cli.main import F, comment_option, emit, read_password, state, table
+from app.cli.main import F, comment_option, emit, read_password, show_progress, state, table
 
 
 @click.group("elastic")
@@ -115,24 +117,48 @@ def resolve(user: str, machine: str) -> None:
 @comment_option
 def sync(share: str, username: str, password_stdin: bool, fmt: str, comment: str) -> None:
     """Write the Elastic Layer repository (layer disks, Layers.json, ElasticLayerAssignment.json,
-    MachineAssociations.json) to an SMB share. Only disks the share lacks are copied; JSON files are
-    replaced atomically; an interrupted sync is finished by running it again."""
+    MachineAssociations.json) to an SMB share, as a task: its progress is shown on stderr until it ends,
+    and `layerctl task cancel ID` (or Ctrl-C) stops it, exiting with 130. Only disks the share lacks are
+    copied (an interrupted copy is resumed); JSON files are replaced atomically; an interrupted sync is
+    finished by running it again."""
+    from app.catalog.models import TaskState
+    from app.elastic.sync import SyncCanceled
+    from app.errors import Conflict, EnvironmentProblem
     from app.services.elastic import ElasticService
 
     password = read_password("Password", password_stdin)
-    last: list[tuple[int, str]] = []
-
-    def progress(percent: int, message: str) -> None:
-        if not state().json and (not last or last[-1] != (percent, message)):
-            last[:] = [(percent, message)]
-            click.echo(f"[{percent:3d}%] {message}", err=True)
-
-    result = ElasticService.for_services(state().services()).sync(
-        share, username, password, comment=comment, fmt="vhd-dynamic" if fmt == "vhd-dynamic" else "vhdx",
-        progress=progress)
-    emit(result, f"Synced {result.share}: {len(result.copied)} disk(s) copied ({result.bytes_copied} bytes), "
-                 f"{len(result.kept)} already there; replaced {', '.join(result.replaced) or 'no JSON file'}; "
-                 f"deleted {len(result.deleted)} old file(s).")
+    cli_state = state()
+    services = cli_state.services()
+    runner = cli_state.runner()
+    show_progress(runner)
+    task = ElasticService.for_services(services).start_sync(
+        runner, share, username, password, comment=comment, fmt="vhd-dynamic" if fmt == "vhd-dynamic" else "vhdx")
+    del password
+    assert task.task_id is not None
+    canceled = SyncCanceled(f"The sync was canceled (task {task.task_id}); the share keeps its previous "
+                            "repository. Run the sync again to finish it.")
+    try:
+        runner.wait(task.task_id)
+    except KeyboardInterrupt:
+        click.echo(f"Canceling task {task.task_id}…", err=True)
+        with contextlib.suppress(Conflict):  # it has just ended
+            services.tasks.cancel(task.task_id, comment="Ctrl-C in layerctl")
+        if runner.wait(task.task_id) is TaskState.CANCELED:
+            raise canceled from None
+    info = services.tasks.get_task(task.task_id)
+    if info.state is TaskState.CANCELED:
+        raise canceled
+    if info.state is not TaskState.COMPLETE:
+        # The sync's own error (its message and exit status), when it raised one.
+        raise task.failure or EnvironmentProblem(f"The sync failed (task {task.task_id}): {info.error or info.message}")
+    result = {k: v for k, v in (info.result or {}).items() if k not in ("type", "summary", "state")}
+    copied, resumed = result.get("copied", []), int(result.get("bytes_resumed", 0))
+    emit({"task": task.task_id, **result},
+         f"Synced {result.get('share')}: {len(copied)} disk(s) copied ({result.get('bytes_copied')} bytes"
+         + (f", {resumed} more resumed from an interrupted copy" if resumed else "")
+         + f"), {len(result.get('kept', []))} already there; replaced "
+           f"{', '.join(result.get('replaced', [])) or 'no JSON file'}; deleted {len(result.get('deleted', []))} "
+           f"old file(s) (task {task.task_id}).")
 
 
 @elastic_group.group("machine")

@@ -29,6 +29,8 @@ Resolving reads the catalog and the directory and changes nothing, so every role
 :meth:`ElasticService.sync` writes the Elastic Layer repository (every assigned deployable version's
 disk and the three JSON files of :mod:`app.elastic.repository`) to an SMB share, as
 :mod:`app.elastic.sync` describes; it needs the Manage Elastic Layer Assignments role and is audited.
+:meth:`ElasticService.start_sync` runs it as an :class:`ElasticSyncTask` (progress, cancel through the
+catalog, an :class:`ElasticSyncResult`); the share account's password stays in that task's memory only.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
@@ -52,18 +54,20 @@ from app.catalog.models import (
     PrincipalKind,
     VersionState,
 )
-from app.errors import PermissionDenied, ValidationError
+from app.errors import LayerDeskError, PermissionDenied, ValidationError
 from app.paths import Home
 from app.services.base import Service, ServiceContext
 from app.services.rbac import Operation
 from app.services.validation import validate_comment
+from app.tasks.base import LayerDeskTask, TaskCanceled, TaskContext, TaskResult
 
 if TYPE_CHECKING:
     from app.directory import DirectoryClient, DirectoryPrincipal
-    from app.elastic.sync import ProgressFn, SyncPlan, SyncResult
+    from app.elastic.sync import ProgressFn, ShareLocation, SyncPlan, SyncResult
     from app.engine.layer_disk import LayerDiskFormat
     from app.procs import Cancellable
     from app.services import Services
+    from app.tasks.runner import TaskRunner
 
 log = logging.getLogger(__name__)
 
@@ -356,25 +360,16 @@ class ElasticService(Service):
     def sync(self, share: str, username: str, password: str, *, comment: str = "", fmt: LayerDiskFormat = "vhdx",
              progress: ProgressFn | None = None, cancel: Cancellable | None = None) -> SyncResult:
         """Write the Elastic Layer repository to ``share`` (``\\\\HOST\\SHARE[\\folder]``) signed in as
-        ``username``: only disks the share lacks are copied, JSON files are replaced atomically (see
-        :mod:`app.elastic.sync`). Raises :class:`~app.elastic.sync.ShareAccessDenied` for a refused
-        account, :class:`~app.elastic.sync.ShareError` when the share cannot be reached or written, and
-        :class:`~app.elastic.sync.SyncCanceled` when ``cancel`` stops it; the share then keeps a
+        ``username``: only disks the share lacks are copied (an interrupted copy is resumed), JSON files are
+        replaced atomically (see :mod:`app.elastic.sync`). Raises :class:`~app.elastic.sync.ShareAccessDenied`
+        for a refused account, :class:`~app.elastic.sync.ShareError` when the share cannot be reached or
+        written, and :class:`~app.elastic.sync.SyncCanceled` when ``cancel`` stops it; the share then keeps a
         consistent repository, and running the sync again finishes it."""
-        from app.elastic.sync import ShareSession, parse_share, sync_repository
+        from app.elastic.sync import ShareSession, sync_repository
         from app.engine.repository import LayerRepository
 
-        text = validate_comment(comment)
-        try:
-            self.caller.require(Operation.EDIT_ELASTIC_ASSIGNMENTS)
-        except PermissionDenied as denied:
-            self._audit_denied("elastic.sync", "elastic layer repository", share, text, str(denied))
-            raise
-        location = parse_share(share)
-        if not (username or "").strip():
-            raise ValidationError("Give the account that writes to the share (--user DOMAIN\\user).", field="user")
-        if self._home is None:
-            raise ValidationError("This service has no LayerDesk home to keep its layer disk cache in.")
+        location, text = self.check_sync(share, username, password, comment)
+        assert self._home is not None  # check_sync refused a service without a home
         plan = self.sync_plan()
         cache = self._home.root / "cache" / "elastic"
         cache.mkdir(parents=True, exist_ok=True)
@@ -385,10 +380,41 @@ class ElasticService(Service):
                           location.unc, text) as change:
             change.details = {"user": username.strip(), "copied": list(result.copied),
                               "replaced": list(result.replaced), "deleted": list(result.deleted),
-                              "bytes_copied": result.bytes_copied}
+                              "bytes_copied": result.bytes_copied, "bytes_resumed": result.bytes_resumed}
         log.info("synced the elastic layer repository to %s: %d disks copied, %d kept", location.unc,
                  len(result.copied), len(result.kept))
         return result
+
+    def check_sync(self, share: str, username: str, password: str, comment: str = "") -> tuple[ShareLocation, str]:
+        """Refuse a sync before it starts: the caller's role (a refusal is audited), the share path, the
+        account and its password being given. Returns the share and the checked comment."""
+        from app.elastic.sync import parse_share
+
+        text = validate_comment(comment)
+        try:
+            self.caller.require(Operation.EDIT_ELASTIC_ASSIGNMENTS)
+        except PermissionDenied as denied:
+            self._audit_denied("elastic.sync", "elastic layer repository", share, text, str(denied))
+            raise
+        location = parse_share(share)
+        if not (username or "").strip():
+            raise ValidationError("Give the account that writes to the share (--user DOMAIN\\user).", field="user")
+        if not password:
+            raise ValidationError("Give the share account's password (on stdin).", field="password")
+        if self._home is None:
+            raise ValidationError("This service has no LayerDesk home to keep its layer disk cache in.")
+        return location, text
+
+    def start_sync(self, runner: TaskRunner, share: str, username: str, password: str, *, comment: str = "",
+                   fmt: LayerDiskFormat = "vhdx") -> ElasticSyncTask:
+        """Start :meth:`sync` as a task on ``runner`` and return it (``task_id`` set; follow it through the
+        runner and the catalog, cancel it with ``TaskService.cancel``). Refused before anything is recorded
+        as :meth:`check_sync` says. The password is handed to the task in memory only: not to the catalog,
+        the task's title or log."""
+        self.check_sync(share, username, password, comment)  # first: a refusal of the role is audited
+        task = ElasticSyncTask(self, share, username, password, comment=comment, fmt=fmt)
+        task.task_id = runner.submit(task)
+        return task
 
     def sync_plan(self) -> SyncPlan:
         """What a sync writes: every assignment of a deployable version (with the versions) and every
@@ -443,3 +469,71 @@ class ElasticService(Service):
             .outerjoin(os_layer, os_layer.id == Layer.os_layer_id)
         )
         return [AssignmentRow(*row) for row in session.execute(query)]
+
+
+@dataclass(frozen=True)
+class ElasticSyncResult(TaskResult):
+    """What a finished :class:`ElasticSyncTask` wrote (the fields of :class:`~app.elastic.sync.SyncResult`)."""
+
+    share: str = ""
+    copied: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    bytes_copied: int = 0
+    bytes_resumed: int = 0
+
+
+class ElasticSyncTask(LayerDeskTask):
+    """Writes the Elastic Layer repository to a share (:meth:`ElasticService.sync`) as a thread task.
+
+    The password lives in this object only while it is needed and is forgotten when the task ends (or is
+    canceled before it starts). ``failure`` keeps the error a failed sync raised, so a caller in the same
+    process can report it as that error (the catalog keeps its message only)."""
+
+    kind: ClassVar[str] = "elastic.sync"
+
+    def __init__(self, service: ElasticService, share: str, username: str, password: str, *, comment: str = "",
+                 fmt: LayerDiskFormat = "vhdx") -> None:
+        super().__init__(f"Sync the Elastic Layer repository to {(share or '').strip()}")
+        self._service = service
+        self.share = share
+        self.username = username
+        self._password = password
+        self.comment = comment
+        self.format: LayerDiskFormat = fmt
+        self.task_id: int | None = None
+        self.failure: LayerDeskError | None = None
+
+    def prepare(self) -> None:
+        self._service.check_sync(self.share, self.username, self._password, self.comment)
+
+    def discard(self) -> None:
+        self._password = ""
+
+    def run(self, ctx: TaskContext) -> TaskResult:
+        from app.elastic.sync import SyncCanceled
+
+        password, self._password = self._password, ""
+        try:
+            result = self._service.sync(self.share, self.username, password, comment=self.comment, fmt=self.format,
+                                        progress=ctx.progress, cancel=ctx.cancel)
+        except SyncCanceled as stopped:
+            ctx.log(str(stopped), "WARNING")
+            raise TaskCanceled() from None
+        except LayerDeskError as failed:
+            self.failure = failed
+            raise
+        finally:
+            del password
+        for disk in result.copied:
+            ctx.log(f"Copied {disk}.")
+        if result.bytes_resumed:
+            ctx.log(f"{result.bytes_resumed} bytes came from interrupted uploads; {result.bytes_copied} were sent.")
+        return ElasticSyncResult(
+            summary=f"Synced {result.share}: {len(result.copied)} disk(s) copied ({result.bytes_copied} bytes), "
+                    f"{len(result.kept)} already there.",
+            share=result.share, copied=result.copied, kept=result.kept, replaced=result.replaced,
+            unchanged=result.unchanged, deleted=result.deleted, bytes_copied=result.bytes_copied,
+            bytes_resumed=result.bytes_resumed)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from app.catalog.models import AuditOutcome, LayerType, PrincipalKind, Role
+from app.catalog.models import AuditOutcome, LayerType, PrincipalKind, Role, TaskState
 from app.elastic.repository import FILES, LAYERS_FILE, ElasticRepository, read_repository
 from app.elastic.sync import (
     ShareAccessDenied,
@@ -22,7 +25,8 @@ from app.elastic.sync import (
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind
 from app.errors import PermissionDenied
 from app.services import Services, open_catalog
-from app.services.elastic import ElasticService
+from app.services.elastic import ElasticService, ElasticSyncResult
+from app.tasks.runner import TaskEvent, TaskRunner
 from tests.conftest import ADMIN, ServicesFactory, make_deployable
 from tests.elastic.proxy import CuttableRelay
 from tests.support import samba_dc
@@ -184,6 +188,74 @@ def test_an_interrupted_sync_keeps_the_previous_repository_and_a_rerun_finishes(
     assert leftovers == [] and not any(n.endswith(".tmp") for n in _names(share, ""))
 
 
+def test_the_sync_task_reports_its_result_and_keeps_the_password_out_of_the_catalog(
+        elastic: Services, share: ShareSession) -> None:
+    runner = TaskRunner(elastic.catalog, elastic.caller, poll_s=0.05, progress_interval_s=0.0)
+    seen: list[TaskEvent] = []
+    runner.subscribe(seen.append)
+    try:
+        task = ElasticService.for_services(elastic).start_sync(runner, SHARE, ACCOUNT, samba_dc.ADMIN_PASSWORD,
+                                                               comment="as a task")
+        assert task.task_id is not None and runner.wait(task.task_id, timeout_s=120) is TaskState.COMPLETE
+    finally:
+        runner.shutdown()
+    info = elastic.tasks.get_task(task.task_id)
+    assert info.kind == "elastic.sync" and info.result is not None and info.result["type"] == ElasticSyncResult.__name__
+    assert len(info.result["copied"]) == 2 and set(info.result["replaced"]) == set(FILES)
+    assert info.result["bytes_copied"] > 0 and info.result["bytes_resumed"] == 0
+    assert any(e.message.startswith("copying Viewer") for e in seen)
+    lines = [line.text for line in elastic.tasks.log(task.task_id)]
+    assert lines[:2] == [f"Copied {disk}." for disk in info.result["copied"]]
+    (audit,) = elastic.audit.list_entries(operation="elastic.sync")
+    assert audit.comment == "as a task" and audit.change["copied"] == info.result["copied"]
+    _read_back(share)
+    catalog_bytes = b"".join(p.read_bytes() for p in elastic.home.root.glob("catalog.sqlite*"))
+    assert samba_dc.ADMIN_PASSWORD.encode() not in catalog_bytes
+    assert samba_dc.ADMIN_PASSWORD.encode("utf-16-le") not in catalog_bytes
+
+
+def test_canceling_the_sync_task_through_the_catalog_keeps_the_previous_repository(
+        elastic: Services, share: ShareSession) -> None:
+    service = ElasticService.for_services(elastic)
+    service.sync(SHARE, ACCOUNT, samba_dc.ADMIN_PASSWORD)
+    before = {name: share.read(name) for name in FILES}
+    elastic.assignments.assign("Viewer:2.0", PrincipalKind.AD_USER, USER_SID, r"LAB\alice")
+
+    # Progress is written (and heard) at every report; the first one of the copy asks the catalog to
+    # cancel the task, as `layerctl task cancel` in another process would, then holds the copy until the
+    # runner's watcher (polling every 50 ms) has had ample time to pass the request on.
+    runner = TaskRunner(elastic.catalog, elastic.caller, poll_s=0.05, progress_interval_s=0.0)
+    asked = threading.Event()
+
+    def cancel_mid_copy(event: TaskEvent) -> None:
+        if event.message.startswith("copying") and not asked.is_set():
+            asked.set()
+            elastic.tasks.cancel(event.task_id, comment="stop it")
+            threading.Event().wait(1.0)
+
+    runner.subscribe(cancel_mid_copy)
+    try:
+        task = service.start_sync(runner, SHARE, ACCOUNT, samba_dc.ADMIN_PASSWORD)
+        assert task.task_id is not None
+        assert runner.wait(task.task_id, timeout_s=120) is TaskState.CANCELED
+    finally:
+        runner.shutdown()
+    assert asked.is_set()
+    info = elastic.tasks.get_task(task.task_id)
+    assert info.state is TaskState.CANCELED and info.result is None
+    assert any("keeps its previous repository" in line.text for line in elastic.tasks.log(task.task_id))
+    assert {name: share.read(name) for name in FILES} == before
+    viewer = elastic.layers.get_layer("Viewer").layer.id
+    assert any(n.endswith(".partial") for n in _names(share, f"Layers\\{viewer}"))
+    assert len(elastic.audit.list_entries(operation="elastic.sync")) == 1  # the first sync only
+    _read_back(share)
+
+    # Running it again finishes it.
+    again = service.sync(SHARE, ACCOUNT, samba_dc.ADMIN_PASSWORD)
+    assert len(again.copied) == 1
+    assert {(e.layer, e.version) for e in _read_back(share).layers} == {("Viewer", "2.0"), ("Editor", "1.0")}
+
+
 def test_wrong_password_unreachable_host_and_missing_share_are_clear(elastic: Services, share: ShareSession) -> None:
     service = ElasticService.for_services(elastic)
     with pytest.raises(ShareAccessDenied, match=r"127\.0\.0\.1 refused the user name or password") as refused:
@@ -209,27 +281,53 @@ def test_sync_needs_the_elastic_role_and_refusals_are_audited(elastic: Services,
     denied = [e for e in elastic.audit.list_entries(operation="elastic.sync") if e.outcome is AuditOutcome.DENIED]
     assert len(denied) == len(Role) - 2
 
+    # As a task: refused before anything is recorded, and audited the same way.
+    reader = services_for(Role.READ_ONLY)
+    runner = TaskRunner(reader.catalog, reader.caller)
+    try:
+        with pytest.raises(PermissionDenied, match="change elastic layer assignments"):
+            ElasticService.for_services(reader).start_sync(runner, SHARE, ACCOUNT, samba_dc.ADMIN_PASSWORD)
+    finally:
+        runner.shutdown()
+    assert elastic.tasks.list_tasks(kind="elastic.sync") == []
+    denied = [e for e in elastic.audit.list_entries(operation="elastic.sync") if e.outcome is AuditOutcome.DENIED]
+    assert len(denied) == len(Role) - 1
 
-def test_layerctl_elastic_sync(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-                               memory_keyring: MemoryKeyring, share: ShareSession) -> None:
+
+def _ctl_with_an_assigned_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> Ctl:
+    """``layerctl`` on a new home where Viewer:1.0 (with content) is assigned to a user."""
     ctl = Ctl(tmp_path / "home", capsys, monkeypatch)
     ctl.json("init")
     ctl.json("layer", "create", "--type", "os", "Win11")
     ctl.json("layer", "create", "--type", "app", "Viewer", "--os-layer", "Win11")
+    with _services(ctl) as services:
+        _store(services, "Viewer:1.0", {"viewer.exe": b"MZ" * 1000}, tmp_path)
+    ctl.json("elastic", "assign", "Viewer:1.0", "--user", USER_SID, "--name", r"LAB\alice")
+    return ctl
+
+
+@contextlib.contextmanager
+def _services(ctl: Ctl) -> Iterator[Services]:
+    """The Administrator's services on ``ctl``'s home, as another process would open them."""
     from app.paths import Home
 
     home = Home(ctl.home)
     catalog, secrets = open_catalog(home)
     try:
-        _store(Services.for_caller(home, catalog, ADMIN, secrets), "Viewer:1.0",
-               {"viewer.exe": b"MZ" * 1000}, tmp_path)
+        yield Services.for_caller(home, catalog, ADMIN, secrets)
     finally:
         catalog.close()
-    ctl.json("elastic", "assign", "Viewer:1.0", "--user", USER_SID, "--name", r"LAB\alice")
+
+
+def test_layerctl_elastic_sync(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                               memory_keyring: MemoryKeyring, share: ShareSession) -> None:
+    ctl = _ctl_with_an_assigned_layer(tmp_path, capsys, monkeypatch)
 
     result = ctl.json("elastic", "sync", "--share", SHARE, "--user", ACCOUNT, "--password-stdin",
                       stdin=samba_dc.ADMIN_PASSWORD + "\n")
-    assert isinstance(result, dict) and len(result["copied"]) == 1
+    assert isinstance(result, dict) and len(result["copied"]) == 1 and isinstance(result["task"], int)
+    assert {"share", "copied", "kept", "replaced", "unchanged", "deleted", "bytes_copied"} <= set(result)
     status, out, err = ctl("elastic", "sync", "--share", SHARE, "--user", ACCOUNT, "--password-stdin",
                            stdin=samba_dc.ADMIN_PASSWORD + "\n")
     assert status == 0 and "0 disk(s) copied" in out and "1 already there" in out
@@ -238,3 +336,53 @@ def test_layerctl_elastic_sync(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert status == 4 and "refused the user name or password" in err
     assert "Wrong-Passw0rd!" not in out + err
     _read_back(share)
+    catalog_bytes = b"".join(p.read_bytes() for p in ctl.home.glob("catalog.sqlite*"))
+    for password in (samba_dc.ADMIN_PASSWORD, "Wrong-Passw0rd!"):
+        assert password.encode() not in catalog_bytes
+    tasks = ctl.json("task", "list")
+    assert isinstance(tasks, list) and [t["kind"] for t in tasks].count("elastic.sync") == 3
+
+
+def test_layerctl_elastic_sync_canceled_through_the_catalog_exits_130(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        memory_keyring: MemoryKeyring, share: ShareSession) -> None:
+    ctl = _ctl_with_an_assigned_layer(tmp_path, capsys, monkeypatch)
+    # The sync is held before its layer disk until the cancel has reached it, so the cancel (sent through
+    # the catalog, as `layerctl task cancel` from another shell would) always lands mid-sync.
+    from app.elastic import sync as sync_module
+
+    making_disk = sync_module.cached_disk
+
+    def held(*args: Any, cancel: Any = None, **kwargs: Any) -> Any:
+        for _ in range(200):
+            if cancel is not None and cancel.cancelled:
+                break
+            threading.Event().wait(0.05)
+        return making_disk(*args, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(sync_module, "cached_disk", held)
+    canceled: list[int] = []
+
+    def cancel_the_sync() -> None:
+        with _services(ctl) as services:
+            for _ in range(200):
+                running = services.tasks.list_tasks(kind="elastic.sync", states=(TaskState.RUNNING,))
+                if running:
+                    services.tasks.cancel(running[0].id, comment="from another shell")
+                    canceled.append(running[0].id)
+                    return
+                threading.Event().wait(0.05)
+
+    canceller = threading.Thread(target=cancel_the_sync)
+    canceller.start()
+    try:
+        status, _out, err = ctl("elastic", "sync", "--share", SHARE, "--user", ACCOUNT, "--password-stdin",
+                                stdin=samba_dc.ADMIN_PASSWORD + "\n")
+    finally:
+        canceller.join(timeout=30)
+    assert canceled and status == 130
+    assert f"The sync was canceled (task {canceled[0]}); the share keeps its previous repository" in err
+    assert [name for name in FILES if share.read(name) is not None] == []
+    with _services(ctl) as services:
+        assert services.tasks.get_task(canceled[0]).state is TaskState.CANCELED
+        assert services.audit.list_entries(operation="elastic.sync") == []
