@@ -1,0 +1,234 @@
+"""The Microsoft Azure connector against recorded Entra ID, Resource Manager and Blob exchanges
+(tests/connectors/recordings/azure/), played back by a local HTTPS server whose certificate a CA made for
+these tests issued: the connector's own HTTP client runs end to end with TLS verification on, and every
+request it sends (form, JSON bodies, page ranges and their bytes, headers present and absent) is compared
+with the recording. The fixed VHD it uploads is made by the real qemu-img."""
+
+from __future__ import annotations
+
+import subprocess
+from contextlib import AbstractContextManager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from app.connectors import connector_for
+from app.connectors.azure import AzureConnector, check_fixed_vhd_footer, fixed_vhd_for_azure
+from app.connectors.base import ConnectorSettings
+from app.errors import AuthenticationFailed, Conflict, NotFound, UserError, ValidationError
+from app.tasks.base import TaskCanceled
+from tests.connectors.conftest import Flag, MiB, sidecar_for
+from tests.support.recorded_https import RecordedServer, TestCA, make_test_ca, recorded_server
+
+RECORDINGS = Path(__file__).parent / "recordings" / "azure"
+SECRET = "Qx8~recorded.client-secret_value"
+TENANT = "8c1d4e7a-2b3f-4a96-b5d0-6e9c2a1f7b84"
+CLIENT = "a4e9c2d7-1b6f-4e38-9d05-7c3a8f2e1b69"
+SUBSCRIPTION = "3f2b7a9c-5e14-4d8b-a6c2-9e1f0d7b4a53"
+RAW_SIZE = 12 * MiB + 1024  # not a whole MiB: the connector pads it to 13 MiB
+VHD_SIZE = 13 * MiB + 512
+DISK_ID = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-vdi-images/providers/Microsoft.Compute/disks/"
+           "Gold-20250301-101500")
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return make_test_ca(tmp_path_factory.mktemp("azure-ca"))
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    """A GPT disk of 12 MiB + 1 KiB with a marker at 9 MiB and nothing between 4 and 8 MiB."""
+    path = tmp_path / "published" / "Gold_2025-03-01_10-15.raw"
+    path.parent.mkdir()
+    with path.open("wb") as file:
+        file.truncate(RAW_SIZE)
+    subprocess.run(["sgdisk", "-o", "-n", "1:2048:8191", "-t", "1:0700", str(path)], check=True, capture_output=True)
+    with path.open("r+b") as file:
+        file.seek(9 * MiB)
+        file.write(b"LayerDesk marker at 9 MiB")
+    return path
+
+
+def _settings(server: RecordedServer, ca: TestCA, **options: object) -> ConnectorSettings:
+    return ConnectorSettings("Azure", "azure", server.base_url, CLIENT, options={
+        "login_endpoint": server.base_url, "ca_file": str(ca.ca_file), "tenant": TENANT, "subscription": SUBSCRIPTION,
+        "resource_group": "rg-vdi-images", "location": "westeurope", **options})
+
+
+def _connector() -> AzureConnector:
+    connector = AzureConnector()
+    connector.poll_cap_s = 0.0
+    return connector
+
+
+def _play(ca: TestCA, name: str) -> AbstractContextManager[RecordedServer]:
+    return recorded_server(ca, RECORDINGS / name, {"secret": SECRET})
+
+
+def _never_leaks_the_secret(server: RecordedServer) -> None:
+    for seen in server.seen[1:]:  # the token request is the only one that carries it
+        assert SECRET not in seen.path and SECRET.encode() not in seen.body
+        assert SECRET not in str(seen.headers)
+
+
+def test_the_registry_names_the_azure_connector() -> None:
+    assert isinstance(connector_for("azure"), AzureConnector)
+
+
+def test_the_test_signs_in_and_reads_subscription_group_and_disks(ca: TestCA) -> None:
+    """Runs against a recording of Entra ID and Resource Manager answering the test's reads."""
+    with _play(ca, "test_ok.json") as server:
+        report = _connector().test(_settings(server, ca), SECRET)
+        server.assert_played()
+    assert report.ok, report
+    assert [s.name for s in report.steps] == ["sign in", "subscription", "resource group", "managed disks"]
+    assert "subscription VDI Production (Enabled)" in report.steps[1].detail
+    assert report.steps[2].detail == "resource group rg-vdi-images in westeurope"
+    _never_leaks_the_secret(server)
+
+
+def test_a_wrong_secret_is_invalid_client(ca: TestCA) -> None:
+    """Runs against a recording of Entra ID's 401 invalid_client error JSON."""
+    with _play(ca, "test_invalid_client.json") as server:
+        report = _connector().test(_settings(server, ca), SECRET)
+        server.assert_played()
+    assert [s.ok for s in report.steps] == [False, None, None, None]
+    failure = report.failure or ""
+    assert f"refused the application {CLIENT} in tenant {TENANT} (invalid_client: AADSTS7000215: Invalid client " \
+           "secret provided." in failure
+    assert "Trace ID" not in failure and SECRET not in failure
+
+
+
+def test_a_wrong_secret_stops_a_delivery_before_anything_is_made(ca: TestCA, disk: Path) -> None:
+    """Runs against the same recording: the token request is the only exchange."""
+    with _play(ca, "test_invalid_client.json") as server, pytest.raises(AuthenticationFailed, match="invalid_client"):
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), SECRET, lambda *_: None, Flag())
+    server.assert_played()
+
+
+def test_a_missing_role_is_authorization_failed(ca: TestCA) -> None:
+    """Runs against a recording of ARM's 403 AuthorizationFailed error JSON."""
+    with _play(ca, "test_forbidden.json") as server:
+        report = _connector().test(_settings(server, ca), SECRET)
+        server.assert_played()
+    assert [s.ok for s in report.steps] == [True, True, True, False]
+    assert f"Application {CLIENT} may not list the managed disks of the resource group (AuthorizationFailed: " \
+           "The client" in (report.failure or "")
+    assert "Give it a role on the resource group" in (report.failure or "")
+
+
+def test_an_untrusted_certificate_is_refused(ca: TestCA) -> None:
+    """Runs against the recording's server without its CA file: nothing is sent, the secret least of all."""
+    with _play(ca, "test_ok.json") as server:
+        settings = _settings(server, ca)
+        report = _connector().test(replace(settings, options={**settings.options, "ca_file": None}), SECRET)
+        assert server.seen == []
+    assert "could not be verified" in (report.failure or "")
+
+
+def test_delivery_uploads_the_fixed_vhd_without_its_zero_ranges(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording of a whole delivery. The page blob the server assembled from the ranges it
+    received is the disk padded to 13 MiB plus a fixed VHD footer; the zero range 4–8 MiB was never sent."""
+    messages: list[tuple[float, str]] = []
+    with _play(ca, "deliver_ok.json") as server:
+        result = _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), SECRET,
+                                      lambda p, m: messages.append((p, m)), Flag())
+        server.assert_played()
+    ranges = [s.headers["x-ms-range"] for s in server.seen if s.query.get("comp") == "page"]
+    assert ranges == [f"bytes=0-{4 * MiB - 1}", f"bytes={8 * MiB}-{12 * MiB - 1}", f"bytes={12 * MiB}-{VHD_SIZE - 1}"]
+    blob = bytearray(VHD_SIZE)
+    for offset, data in server.pages.items():
+        blob[offset:offset + len(data)] = data
+    assert bytes(blob[:RAW_SIZE]) == disk.read_bytes()
+    assert not any(blob[RAW_SIZE:13 * MiB])
+    assembled = disk.parent.parent / "blob.vhd"
+    assembled.write_bytes(bytes(blob))
+    assert check_fixed_vhd_footer(assembled) == 13 * MiB
+    assert result.ids == {"disk_id": DISK_ID, "disk": "Gold-20250301-101500", "hyper_v_generation": "V2",
+                          "resource_group": "rg-vdi-images"}
+    assert result.size_bytes == VHD_SIZE
+    assert messages[-1][0] == 100.0 and [p for p, _ in messages] == sorted(p for p, _ in messages)
+    assert list(disk.parent.iterdir()) == [disk]  # the converted VHD is gone
+    _never_leaks_the_secret(server)
+
+
+def test_a_missing_resource_group_is_named(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording of ARM's 404 ResourceGroupNotFound."""
+    with _play(ca, "deliver_resource_group_missing.json") as server, \
+            pytest.raises(NotFound, match=r"no resource group 'rg-vdi-images'.*Correct the connector's resource group"):
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), SECRET, lambda *_: None, Flag())
+    server.assert_played()
+
+
+def test_an_existing_disk_is_left_alone(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording where the disk's GET finds it: no PUT, no DELETE."""
+    with _play(ca, "deliver_disk_exists.json") as server, \
+            pytest.raises(Conflict, match="already has a managed disk 'Gold-20250301-101500'; it was left alone"):
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), SECRET, lambda *_: None, Flag())
+    server.assert_played()
+
+
+def test_a_409_from_the_put_deletes_nothing(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording of ARM's 409 Conflict for the disk's PUT: the disk is not ours, so the
+    recording ends there and any DELETE would go off it."""
+    with _play(ca, "deliver_conflict.json") as server, \
+            pytest.raises(Conflict, match=r"refused to create the managed disk 'Gold-20250301-101500': Conflict: "
+                                          r"Disk .* being created\. What exists there was left alone\.$"):
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), SECRET, lambda *_: None, Flag())
+    server.assert_played()
+
+
+def test_cancel_mid_upload_ends_access_and_deletes_the_disk(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording: one page is written, then the cancel ends the access and deletes the disk,
+    waiting for the deletion to succeed (the recording's final state: no disk)."""
+    flag = Flag()
+
+    def progress(_percent: float, message: str) -> None:
+        if message.startswith("Uploaded"):
+            flag.cancelled = True
+
+    with _play(ca, "deliver_cancel.json") as server, \
+            pytest.raises(TaskCanceled, match="the managed disk 'Gold-20250301-101500' was deleted"):
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), SECRET, progress, flag)
+    server.assert_played()
+    tail = [(s.method, s.path.rsplit("/", 1)[-1]) for s in server.seen[-4:]]
+    assert tail[0] == ("POST", "endGetAccess") and tail[2] == ("DELETE", "Gold-20250301-101500")
+    assert list(disk.parent.iterdir()) == [disk]
+
+
+def test_images_become_fixed_vhds_of_whole_mib(disk: Path, tmp_path: Path) -> None:
+    qcow = tmp_path / "Gold.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(qcow)], check=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    vhd = fixed_vhd_for_azure(qcow, scratch, Flag())
+    assert vhd.stat().st_size == VHD_SIZE and check_fixed_vhd_footer(vhd) == 13 * MiB
+    assert vhd.read_bytes()[:RAW_SIZE] == disk.read_bytes()
+    assert sorted(p.name for p in scratch.iterdir()) == ["Gold.vhd", "pad.raw"]  # the raw copy is gone
+    # A fixed VHD of whole MiB is taken as it is.
+    assert fixed_vhd_for_azure(vhd, scratch, Flag()) == vhd
+    dynamic = tmp_path / "dynamic.vhd"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", str(disk), str(dynamic)], check=True)
+    with pytest.raises(UserError, match=r"no VHD footer|not a fixed VHD"):
+        check_fixed_vhd_footer(dynamic)
+    odd = tmp_path / "odd.vhd"
+    odd.write_bytes(vhd.read_bytes()[:-4608] + vhd.read_bytes()[-512:])  # 4 KiB of disk missing
+    with pytest.raises(UserError, match=r"footer says .* but the file holds"):
+        check_fixed_vhd_footer(odd)
+
+
+def test_settings_are_checked_when_the_connector_is_added() -> None:
+    connector = AzureConnector()
+    options = {"tenant": TENANT, "subscription": SUBSCRIPTION, "resource_group": "rg", "location": "westeurope"}
+    assert connector.validate("https://management.azure.com", CLIENT, options) == options
+    with pytest.raises(ValidationError, match="Subscription ID 'prod' is not a GUID"):
+        connector.validate("https://management.azure.com", CLIENT, {**options, "subscription": "prod"})
+    with pytest.raises(ValidationError, match="client\\) ID 'svc-layerdesk' is not a GUID"):
+        connector.validate("https://management.azure.com", "svc-layerdesk", options)
+    with pytest.raises(ValidationError, match="not an https:// address"):
+        connector.validate("http://management.azure.com", CLIENT, options)
+    with pytest.raises(ValidationError, match="not a managed disk name"):
+        connector.validate("https://management.azure.com", CLIENT, {**options, "disk_name": "{template}/x"})
