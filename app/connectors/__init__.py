@@ -16,10 +16,19 @@ from app.errors import EnvironmentProblem, ValidationError
 REGISTRY: dict[str, str] = {
     "folder": "app.connectors.folder:FolderConnector",
     "libvirt": "app.connectors.libvirt:LibvirtConnector",
+    "pvs": "app.connectors.pvs:PvsConnector",
+    "nutanix": "app.connectors.nutanix:NutanixConnector",
+    "azure": "app.connectors.azure:AzureConnector",
+    "hyperv": "app.connectors.hyperv:HyperVConnector",
+    "xenserver": "app.connectors.xenserver:XenServerConnector",
+    "vsphere": "app.connectors.vsphere:VSphereConnector",
+    "mcs-vsphere": "app.connectors.vsphere:MCSVSphereConnector",
 }
 
 #: What to install when a type's module cannot be imported (by the missing module's name).
-_INSTALL_HINTS = {"libvirt": "libvirt-python (pip install libvirt-python; on Debian it needs libvirt-dev)"}
+_INSTALL_HINTS = {"libvirt": "libvirt-python (pip install libvirt-python; on Debian it needs libvirt-dev)",
+                  "winrm": "pywinrm (pip install pywinrm)",
+                  "pyVim": "pyvmomi (pip install pyvmomi)", "pyVmomi": "pyvmomi (pip install pyvmomi)"}
 
 
 def implemented(connector_type: str) -> bool:

@@ -26,7 +26,7 @@ from app.console.connector_form import (
 )
 from app.errors import Conflict, ValidationError
 from app.services import Services
-from app.services.connectors import check_settings
+from app.services.connectors import CONNECTOR_TYPES, check_settings
 from app.services.views import ConnectorInfo
 
 
@@ -38,17 +38,19 @@ def stored(**changes: object) -> ConnectorInfo:
     return ConnectorInfo(**base)  # type: ignore[arg-type]
 
 
-def test_each_declared_field_gets_its_editor_and_a_secret_is_always_masked() -> None:
+def test_each_declared_field_gets_its_editor_and_a_secret_is_always_masked(monkeypatch: pytest.MonkeyPatch) -> None:
     kinds = {f.key: editor_kind(f) for f in form_fields("libvirt")}
     assert kinds == {"endpoint": EditorKind.LINE, "username": EditorKind.LINE, "password": EditorKind.SECRET,
                      "verify_tls": EditorKind.FLAG, "pool": EditorKind.LINE, "network": EditorKind.LINE,
                      "disk_bus": EditorKind.CHOICE, "nic_model": EditorKind.CHOICE, "memory_mb": EditorKind.NUMBER,
                      "vcpus": EditorKind.NUMBER, "start": EditorKind.FLAG}
     assert editor_kind(form_fields("folder")[0]) is EditorKind.PATH
-    # A type without an implementation still gets a form: the settings every connector has.
-    assert form_fields("vsphere") == GENERIC_FIELDS
+    # A type without an implementation (as a catalog from a later LayerDesk may name) still gets a form:
+    # the settings every connector has.
+    monkeypatch.setitem(CONNECTOR_TYPES, "future-cloud", "Future cloud")
+    assert form_fields("future-cloud") == GENERIC_FIELDS
     assert [t for t, _text in type_choices()][:2] == ["folder", "libvirt"]
-    assert dict(type_choices())["vsphere"] == "VMware vSphere (cannot test or publish yet)"
+    assert dict(type_choices())["future-cloud"] == "Future cloud (cannot test or publish yet)"
 
 
 def test_the_form_starts_with_the_stored_values_or_the_defaults_and_never_a_password() -> None:
