@@ -75,8 +75,7 @@ def make_deployable(services: Services, ref: str, *, size: int = 1024, checksum:
     services.layers.set_version_state(ref, VersionState.DEPLOYABLE, size_bytes=size, checksum=checksum)
 
 
-@pytest.fixture
-def lab(admin: Services) -> Services:
+def build_lab(admin: Services) -> Services:
     """A small catalog: OS layer Win11 (1.0 deployable, 2.0 editing), Win10 (1.0), platform layer
     Citrix-VDA (1.0) on Win11, app layers Office (2024), Chrome (120), Notepad++ (8.6) on Win11,
     and Paint (1.0) on Win10; every version deployable unless said otherwise."""
@@ -99,6 +98,61 @@ def lab(admin: Services) -> Services:
     layers.add_version("Paint", "1.0")
     make_deployable(admin, "Paint:1.0")
     return admin
+
+
+def _template_home(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Services], object]) -> Path:
+    """A home made once per test session by ``build`` (run as the built-in ``admin``), for
+    :func:`copy_home` to give to tests: building it again for every test costs seconds on slow machines."""
+    root = tmp_path_factory.mktemp(name) / "layerdesk"
+    home = Home(root).ensure()
+    previous = keyring.get_keyring()
+    keyring.set_keyring(MemoryKeyring())
+    try:
+        catalog, secrets = open_catalog(home)
+        try:
+            build(Services.for_caller(home, catalog, ADMIN, secrets))
+        finally:
+            catalog.close()
+    finally:
+        keyring.set_keyring(previous)
+    return root
+
+
+def copy_home(services: Services, template: Path) -> Services:
+    """Give ``services``' home (open, with nothing in it yet) the template home's catalog and layer
+    repository. The catalog is copied with SQLite's backup API, which is safe while the catalog is open;
+    the home keeps its own installation id (its secrets are filed under it)."""
+    import shutil
+    import sqlite3
+
+    from app.services.settings import INSTALLATION_ID
+
+    target = sqlite3.connect(services.home.catalog)
+    try:
+        (own_id,) = target.execute("SELECT value FROM setting WHERE key = ?", (INSTALLATION_ID,)).fetchone()
+        source = sqlite3.connect(f"file:{template / 'catalog.sqlite'}?mode=ro", uri=True)
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+        with target:
+            target.execute("UPDATE setting SET value = ? WHERE key = ?", (own_id, INSTALLATION_ID))
+    finally:
+        target.close()
+    if (template / "repository").is_dir():
+        shutil.copytree(template / "repository", services.home.repository, dirs_exist_ok=True)
+    return services
+
+
+@pytest.fixture(scope="session")
+def lab_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _template_home(tmp_path_factory, "lab-template", build_lab)
+
+
+@pytest.fixture
+def lab(admin: Services, lab_template: Path) -> Services:
+    """The catalog :func:`build_lab` makes, in this test's home."""
+    return copy_home(admin, lab_template)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -137,3 +191,26 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         cold = f"provisioned the golden copy in {provision:.1f} s, " if provision is not None else ""
         terminalreporter.write_line(f"Samba AD DC test peer: {cold}started from the golden copy in "
                                     f"{_timings['start_s']:.2f} s")
+
+
+@pytest.fixture(scope="session")
+def demo_lab_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home holding the demo lab, imported for real once per test session (seconds of wimlib and
+    NTFS-3G work each time otherwise); :func:`demo_lab` copies it into a test's own home."""
+    from app.services.demo import create_demo_lab
+    from app.tasks.runner import TaskRunner
+
+    def build(services: Services) -> None:
+        runner = TaskRunner(services.catalog, services.caller)
+        try:
+            create_demo_lab(services, runner)
+        finally:
+            runner.shutdown()
+
+    return _template_home(tmp_path_factory, "demo-lab-template", build)
+
+
+def demo_lab(services: Services, template: Path) -> Services:
+    """The demo lab in ``services``' (empty, open) home: the same result as ``create_demo_lab``,
+    without importing its layers again."""
+    return copy_home(services, template)

@@ -26,10 +26,10 @@ from app.engine.registry.regf import parse_hive, write_hive
 from app.engine.repository import Deletion
 from app.secrets import SecretStore
 from app.services import Services
-from app.services.demo import create_demo_lab
 from app.services.packaging import PackagingService, packaging_service
 from app.services.views import TaskInfo
 from app.tasks.runner import TaskRunner
+from tests.conftest import demo_lab
 from tests.engine.test_wim import ntfs_cat, ntfs_tree, wimlib_imagex_dir
 from tests.support.repository_checks import listing, outcome_snapshot
 from tests.support.tools import run_ok
@@ -51,10 +51,10 @@ def runner(admin: Services) -> Iterator[TaskRunner]:
 
 
 @pytest.fixture
-def lab(admin: Services, runner: TaskRunner) -> PackagingService:
+def lab(admin: Services, demo_lab_template: Path) -> PackagingService:
     """The demo lab (Demo-Win11, Demo-Hypervisor, Demo-Office, Demo-Browser, Demo-Tools) and a new app layer
     ``Notes`` on Demo-Win11."""
-    create_demo_lab(admin, runner)
+    demo_lab(admin, demo_lab_template)
     admin.layers.create_layer("Notes", admin.layers.get_layer("Demo-Office").layer.type, os_layer="Demo-Win11")
     return packaging_service(admin)
 

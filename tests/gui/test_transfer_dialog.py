@@ -16,9 +16,9 @@ from pytestqt.qtbot import QtBot
 from app.catalog.models import LayerType, PrincipalKind, Role, TaskState
 from app.paths import Home
 from app.services import Services, open_catalog
-from app.services.demo import create_demo_lab
 from app.services.rbac import Caller
 from app.tasks.runner import TaskRunner
+from tests.conftest import demo_lab
 from tests.gui.test_tasks_page import settled  # noqa: F401 - an autouse fixture
 from tests.support.keyring_memory import MemoryKeyring
 from ui.transfer_dialog import COL_ACTION, COL_LAYER, COL_VERSION, TransferDialog
@@ -32,8 +32,8 @@ def runner(admin: Services) -> Iterator[TaskRunner]:
 
 
 @pytest.fixture
-def demo(admin: Services, runner: TaskRunner) -> Services:
-    create_demo_lab(admin, runner)
+def demo(admin: Services, demo_lab_template: Path) -> Services:
+    demo_lab(admin, demo_lab_template)
     return admin
 
 

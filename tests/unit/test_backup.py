@@ -32,10 +32,9 @@ from app.services.backup import (
     read_manifest,
     seal_manifest,
 )
-from app.services.demo import create_demo_lab
 from app.tasks.base import CancelToken, LayerDeskTask, TaskCanceled, TaskContext, TaskResult
 from app.tasks.runner import TaskRunner
-from tests.conftest import ADMIN, ServicesFactory
+from tests.conftest import ADMIN, ServicesFactory, demo_lab
 from tests.support.repository_checks import make_tree
 from tests.unit.test_cli import Ctl
 
@@ -51,9 +50,8 @@ def runner(admin: Services) -> Iterator[TaskRunner]:
 
 
 @pytest.fixture
-def demo(admin: Services, runner: TaskRunner) -> Services:
-    create_demo_lab(admin, runner)
-    return admin
+def demo(admin: Services, demo_lab_template: Path) -> Services:
+    return demo_lab(admin, demo_lab_template)
 
 
 def rows(catalog: Path, table: str) -> list[tuple[Any, ...]]:

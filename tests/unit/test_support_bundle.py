@@ -17,6 +17,7 @@ from app.errors import ValidationError
 from app.logs import setup_logging
 from app.services import Services
 from app.services.access import sign_in
+from app.services.connectors import CONNECTOR_TYPES
 from app.services.directory import JunctionSpec
 from app.services.support import REMOVED, scrub, scrub_text, write_log_bundle
 from tests.unit.test_cli import Ctl
@@ -40,12 +41,14 @@ def _assert_no_secret(data: bytes, where: str, known: tuple[str, ...]) -> None:
 
 
 @pytest.fixture
-def secret_home(lab: Services) -> Services:
+def secret_home(lab: Services, monkeypatch: pytest.MonkeyPatch) -> Services:
+    # A connector type of a later LayerDesk keeps whatever options it was given, a secret-looking one too.
+    monkeypatch.setitem(CONNECTOR_TYPES, "future-cloud", "A platform a later LayerDesk publishes to")
     lab.access.create_account("helpdesk", ACCOUNT_PASSWORD, [Role.ADMINISTRATOR])
     lab.directory.add_junction("corp", JunctionSpec(server="dc1.corp.example", base_dn="DC=corp,DC=example",
                                                     bind_account="CORP\\svc-layerdesk",
                                                     security=DirectorySecurity.LDAPS), password=JUNCTION_PASSWORD)
-    lab.connectors.add_connector("vcenter", "vsphere", endpoint="https://vc.corp.example", username="svc",
+    lab.connectors.add_connector("vcenter", "future-cloud", endpoint="https://vc.corp.example", username="svc",
                                  password=CONNECTOR_PASSWORD, options={"datastore": "ds1", "api_token": OPTION_TOKEN})
     token, _caller = sign_in(lab.catalog, "helpdesk", ACCOUNT_PASSWORD, secrets=lab.secrets)
     lab.secrets.set("session", token)  # as `layerctl login` keeps it
