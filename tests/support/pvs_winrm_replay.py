@@ -77,8 +77,8 @@ def _clixml(message: str) -> bytes:
 
 def fetch_like_bits(url: str, context: ssl.SSLContext | None = None) -> str:
     """Download ``url`` the way BITS does (HEAD, then ranges, the later ones with ``If-Range``); its sha256."""
-    head = urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), context=context, timeout=10)
-    size, etag = int(head.headers["Content-Length"]), head.headers["ETag"]
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), context=context, timeout=10) as head:
+        size, etag = int(head.headers["Content-Length"]), head.headers["ETag"]
     digest, offset, step = hashlib.sha256(), 0, max(1, size // 3)
     while offset < size:
         last = min(size, offset + step) - 1
