@@ -45,6 +45,12 @@ class Home:
         """The layer disk cache: ready-to-merge layer volumes (bounded by the ``layer_cache_gb`` setting)."""
         return self.root / "cache" / "layers"
 
+    @property
+    def work(self) -> Path:
+        """Files a task makes and removes again: a packaging disk on its way to a connector, a disk fetched
+        back from one to be finalized."""
+        return self.root / "work"
+
     def ensure(self) -> Home:
         """Create the home's folders (idempotent) and return self."""
         try:

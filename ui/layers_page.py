@@ -34,6 +34,7 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QRadioButton,
     QSpinBox,
     QSplitter,
     QTabBar,
@@ -338,7 +339,8 @@ class ImportDialog(QDialog):
 
 class PackagingDialog(QDialog):
     """Create a packaging disk for a new version of an app or platform layer: version name, previous version,
-    prerequisites, output folder, format, layer script and comment. Starts the packaging task and keeps its id."""
+    prerequisites, where the disk goes (an output folder or a connector), format, layer script and comment.
+    Starts the packaging task and keeps its id."""
 
     def __init__(self, services: Services, runner: TaskRunner, layer: LayerInfo, versions: Sequence[str],
                  prerequisites: Sequence[str], parent: QWidget | None = None) -> None:
@@ -370,13 +372,19 @@ class PackagingDialog(QDialog):
         if layer.type is not LayerType.APP:
             self.prerequisites.setEnabled(False)
             self.prerequisites.setToolTip("Only app layers have prerequisites.")
+        self.deliver_to = QComboBox()
+        self.deliver_to.setAccessibleName("Deliver to")
+        self.deliver_to.addItem("An output folder on this computer", None)
+        self.deliver_to.setToolTip("A connector delivers the disk where the packaging machine runs (a folder or "
+                                   "share, a libvirt or vSphere VM…); Finalize then fetches it back from there.")
+        self.deliver_to.currentIndexChanged.connect(self._deliver_to_changed)
         self.output = QLineEdit(str(services.home.root / "packaging"))
         self.output.setAccessibleName("Output folder")
-        browse = QPushButton("&Browse…")
-        browse.clicked.connect(self._browse_output)
+        self.browse_output = QPushButton("&Browse…")
+        self.browse_output.clicked.connect(self._browse_output)
         output_row = QHBoxLayout()
         output_row.addWidget(self.output, 1)
-        output_row.addWidget(browse)
+        output_row.addWidget(self.browse_output)
         self.format = QComboBox()
         self.format.setAccessibleName("Disk format")
         for disk_format in PACKAGING_FORMATS:
@@ -407,6 +415,7 @@ class PackagingDialog(QDialog):
         form.addRow("&Version name:", self.version)
         form.addRow("&Previous version:", self.previous)
         form.addRow("P&rerequisites:", self.prerequisites)
+        form.addRow("&Deliver to:", self.deliver_to)
         form.addRow("Output folder:", output_row)
         form.addRow("&Format:", self.format)
         form.addRow("Layer script:", script_row)
@@ -414,6 +423,23 @@ class PackagingDialog(QDialog):
         form.addRow(self.message)
         form.addRow(self.buttons)
         self.resize(640, self.sizeHint().height())
+        spawn(self._load_connectors())
+
+    async def _load_connectors(self) -> None:
+        """Offer the configured connectors (read off the UI thread; a failure leaves the output folder only)."""
+        try:
+            connectors = await off_ui_thread(self.services.connectors.list_connectors)
+        except LayerDeskError:
+            return
+        if not isValid(self):
+            return
+        for connector in connectors:
+            self.deliver_to.addItem(f"Connector {connector.name} ({connector.type})", connector.name)
+
+    def _deliver_to_changed(self) -> None:
+        to_folder = self.deliver_to.currentData() is None
+        self.output.setEnabled(to_folder)
+        self.browse_output.setEnabled(to_folder)
 
     def _browse_output(self) -> None:
         dialog = QFileDialog(self, "Choose the folder the packaging disk goes to")
@@ -437,7 +463,8 @@ class PackagingDialog(QDialog):
 
     async def _start(self) -> None:
         version = self.version.text().strip()
-        output = Path(self.output.text().strip() or ".")
+        connector = self.deliver_to.currentData()
+        output = None if connector else Path(self.output.text().strip() or ".")
         script = self.script.text().strip()
         previous = self.previous.currentData()
         prerequisites = self.chosen_prerequisites()
@@ -447,10 +474,12 @@ class PackagingDialog(QDialog):
         self.message.setText("Checking…")
 
         def start() -> int:
-            output.mkdir(parents=True, exist_ok=True)
+            if output is not None:
+                output.mkdir(parents=True, exist_ok=True)
             return packaging_service(self.services).start_packaging(
-                self.runner, self.layer.name, version, output, fmt=disk_format, previous=previous,
-                prerequisites=prerequisites, script=Path(script) if script else None, comment=comment)
+                self.runner, self.layer.name, version, output, connector=connector, fmt=disk_format,
+                previous=previous, prerequisites=prerequisites, script=Path(script) if script else None,
+                comment=comment)
 
         try:
             self.task_id = await off_ui_thread(start)
@@ -465,10 +494,11 @@ class PackagingDialog(QDialog):
 
 
 class FinalizeDialog(QDialog):
-    """Finalize a version being edited: pick the packaging machine's disk file. Starts the finalize task."""
+    """Finalize a version being edited: from the connector its packaging disk went through, or from a disk file
+    picked here. Starts the finalize task."""
 
     def __init__(self, services: Services, runner: TaskRunner, ref: str, disk: str,
-                 parent: QWidget | None = None) -> None:
+                 parent: QWidget | None = None, *, connector: str | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle(f"Finalize {ref}")
         self.setObjectName("finalize_version")
@@ -483,6 +513,15 @@ class FinalizeDialog(QDialog):
         disk_row = QHBoxLayout()
         disk_row.addWidget(self.disk, 1)
         disk_row.addWidget(browse)
+        #: With a connector: fetch the disk from it (the default) or read a file named here.
+        self.from_connector = QRadioButton(f"&Fetch it from connector {connector}")
+        self.delivered_to = QLabel(disk)
+        self.delivered_to.setWordWrap(True)
+        self.delivered_to.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.delivered_to.setStyleSheet("color: palette(placeholder-text); margin-left: 22px")
+        self.from_file = QRadioButton("From a disk &file:")
+        self.from_file.toggled.connect(self.disk.setEnabled)
+        self.from_file.toggled.connect(browse.setEnabled)
         self.comment = QLineEdit(placeholderText="Why (kept in the audit log)")
         self.comment.setAccessibleName("Comment")
         self.message = QLabel()
@@ -498,7 +537,20 @@ class FinalizeDialog(QDialog):
                        "first; a pending reboot or pending file operations are refused.")
         intro.setWordWrap(True)
         form.addRow(intro)
-        form.addRow("Disk:", disk_row)
+        if connector:
+            self.disk.setText("")
+            form.addRow(self.from_connector)
+            form.addRow(self.delivered_to)
+            form.addRow(self.from_file, disk_row)
+            self.from_connector.setChecked(True)
+            self.disk.setEnabled(False)
+            browse.setEnabled(False)
+        else:
+            self.from_connector.hide()
+            self.delivered_to.hide()
+            self.from_file.hide()
+            self.from_file.setChecked(True)
+            form.addRow("Disk:", disk_row)
         form.addRow("&Comment:", self.comment)
         form.addRow(self.message)
         form.addRow(self.buttons)
@@ -513,7 +565,7 @@ class FinalizeDialog(QDialog):
         dialog.open()
 
     async def _start(self) -> None:
-        disk = Path(self.disk.text().strip())
+        disk = Path(self.disk.text().strip()) if self.from_file.isChecked() else None
         comment = self.comment.text().strip()
         self.buttons.setEnabled(False)
         self.message.setText("Checking…")
@@ -1074,7 +1126,9 @@ class LayersPage(QWidget):
         except LayerDeskError as exc:
             show_message(self, "Cannot finalize", str(exc))
             return None
-        dialog = FinalizeDialog(self.services, self.runner, ref, record.disk.path if record.disk else "", self)
+        delivery = record.disk.delivery if record.disk else None
+        dialog = FinalizeDialog(self.services, self.runner, ref, record.disk.path if record.disk else "", self,
+                                connector=str(delivery["connector"]) if delivery else None)
         dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         dialog.accepted.connect(lambda: self._task_started(dialog.task_id, f"Finalize of {ref}"))
         dialog.open()

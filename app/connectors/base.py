@@ -4,7 +4,9 @@ A connector type hands a published image to a hypervisor or provisioning system.
 the fields of its configuration (:class:`ConfigField`: the console renders its form from them and
 ``layerctl connector add`` checks ``--option`` against them), tests a configuration step by step
 (:meth:`Connector.test`) and delivers an image (:meth:`Connector.deliver`), leaving nothing half-made
-at the destination when the delivery fails or is cancelled.
+at the destination when the delivery fails or is cancelled. Types that can also hand a delivered disk
+back (:attr:`Connector.can_retrieve`) implement :meth:`Connector.retrieve`: a packaging machine's disk is
+delivered like an image and, once the machine is shut down, fetched again to be finalized.
 
 The common settings live in the catalog row's own columns (``endpoint``, ``username``, ``verify_tls``;
 the password in the OS keyring); every other field is kept in the row's ``options``.
@@ -21,10 +23,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from app.errors import ValidationError
+from app.errors import UserError, ValidationError
 from app.procs import Cancellable
 
-#: ``progress(percent 0–100 of the delivery, message)``.
+#: ``progress(percent 0–100 of the delivery, or of fetching a disk back, message)``.
 DeliveryProgress = Callable[[float, str], None]
 
 #: Fields kept in the catalog row's own columns rather than in ``options``.
@@ -224,6 +226,8 @@ class Connector(abc.ABC):
     type: ClassVar[str]
     title: ClassVar[str]
     fields: ClassVar[tuple[ConfigField, ...]]
+    #: Whether :meth:`retrieve` can fetch a delivered disk back.
+    can_retrieve: ClassVar[bool] = False
 
     def field(self, key: str) -> ConfigField:
         for candidate in self.fields:
@@ -273,3 +277,17 @@ class Connector(abc.ABC):
         set and a :class:`app.errors.UserError`/:class:`app.errors.EnvironmentProblem` with a clear message
         otherwise; either way nothing it started to create is left at the destination."""
 
+    def retrieve(self, ids: Mapping[str, str], settings: ConnectorSettings, password: str | None, target: Path,
+                 progress: DeliveryProgress, cancel: Cancellable) -> Path:
+        """Fetch the disk that a delivery of this connector made (``ids``: its :attr:`DeliveryResult.ids`) into
+        the new file ``target`` and return ``target``, in the disk's own format (the same as delivered); a type
+        whose disk is already a file on this machine may return that file's path instead (the caller only reads
+        it). Used to
+        finalize a packaging machine: the disk is read as it is now, after the machine changed it. Raises
+        :class:`app.errors.NotFound` when the disk is gone, :class:`app.tasks.base.TaskCanceled` when ``cancel``
+        is set, and clear :class:`app.errors.UserError`/:class:`app.errors.EnvironmentProblem` otherwise. A
+        ``target`` that exists already is refused (:class:`app.errors.Conflict`) and left alone; after any other
+        failure ``target`` does not exist. Nothing at the destination is ever changed. ``progress`` reports the
+        percent of the copy done."""
+        raise UserError(f"A {self.title} connector cannot hand a disk back; copy the packaging machine's disk to "
+                        "this computer and finalize from that file.")

@@ -8,6 +8,9 @@ overwritten: a clash is an error. A delivery that fails or is cancelled removes 
 
 The endpoint is a folder (``/srv/images``, ``D:\Images``) or a share path (``\\HOST\SHARE\folder``); a
 share is written over SMB with the connector's user name and password (never logged).
+
+A delivered disk can be fetched back (:meth:`FolderConnector.retrieve`, for finalizing a packaging
+machine): one in a local folder is read where it is; one on a share is downloaded.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Mapping
 from datetime import UTC
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import BinaryIO, ClassVar
 
 from smbprotocol.exceptions import SMBOSError  # type: ignore[import-untyped]
@@ -190,6 +194,52 @@ class FolderConnector(Connector):
             raise
         return DeliveryResult(settings.name, self.type, str(target), {"image": str(target), "sidecar": str(note)},
                               size, time.monotonic() - started)
+
+    # --- retrieve -------------------------------------------------------------------------------------
+
+    can_retrieve: ClassVar[bool] = True
+
+    def retrieve(self, ids: Mapping[str, str], settings: ConnectorSettings, password: str | None, target: Path,
+                 progress: DeliveryProgress, cancel: Cancellable) -> Path:
+        where = str(ids.get("image") or "")
+        if not where:
+            raise UserError(f"The delivery through connector {settings.name!r} names no disk file; copy the disk "
+                            "to this computer and finalize from that file.")
+        if not _is_share(where):
+            disk = Path(where)
+            if not disk.is_file():
+                raise NotFound(f"The disk {disk} is no longer there; it was moved or deleted. Finalize from the "
+                               "disk file where it is now.")
+            progress(100.0, f"Reading {disk} where it is")
+            return disk
+        endpoint = settings.endpoint.strip()
+        if not _is_share(endpoint):
+            raise UserError(f"The disk was delivered to {where}, but connector {settings.name!r} now writes to the "
+                            f"folder {endpoint}; copy the disk to this computer and finalize from that file.")
+        name = PureWindowsPath(_share_text(where)).name
+        with self._open_share(settings, password) as session:
+            if session.location.path(name).casefold() != _share_text(where).casefold():
+                raise UserError(f"The disk was delivered to {where}, but connector {settings.name!r} now writes to "
+                                f"{session.location.unc}; copy the disk to this computer and finalize from that "
+                                "file.")
+            size = session.size(name)
+            if size is None:
+                raise NotFound(f"The disk {where} is no longer there; it was moved or deleted. Finalize from the "
+                               "disk file where it is now.")
+            partial = target.with_name(target.name + ".partial")
+            try:
+                session.download(name, partial, cancel=cancel, progress=lambda done: progress(
+                    100.0 * done / max(size, 1), f"Copied {done // 1024**2} of {size // 1024**2} MiB"))
+                _rename_new(partial, target)
+            except BaseException as exc:
+                partial.unlink(missing_ok=True)
+                if isinstance(exc, TaskCanceled):
+                    raise TaskCanceled("The copy of the disk was cancelled; nothing was kept.") from None
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise UserError(f"{target.parent} ran out of space while {where} was copied; nothing was "
+                                    "kept. Free some space and finalize again.") from None
+                raise
+        return target
 
     @staticmethod
     def _open_share(settings: ConnectorSettings, password: str | None) -> ConnectorShare:

@@ -6,6 +6,9 @@ pool, as a volume named like the image file; then a VM named like the image is d
 chosen by the disk's partition table (GPT: UEFI, MBR: BIOS), with the chosen disk bus, a NIC on the
 chosen network (or user-mode networking when none is named) and, optionally, started.
 
+A delivered volume can be fetched back (:meth:`LibvirtConnector.retrieve`, for a packaging machine) through a
+volume download stream, as the file it is (raw stays raw, qcow2 stays qcow2), once its VM is shut down.
+
 A delivery that fails or is cancelled deletes the volume it created and undefines the VM it defined.
 TLS certificates are verified unless the connector says otherwise (``no_verify=1`` is then added to a
 ``+tls`` URI). The password is handed to libvirt's authentication callback only.
@@ -17,7 +20,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -137,6 +140,7 @@ def domain_xml(name: str, *, domain_type: str, firmware: str, pool: str, volume:
 class LibvirtConnector(Connector):
     type: ClassVar[str] = "libvirt"
     title: ClassVar[str] = "libvirt / QEMU"
+    can_retrieve: ClassVar[bool] = True
     fields: ClassVar[tuple[ConfigField, ...]] = (
         ConfigField("endpoint", "libvirt URI", required=True, default="qemu:///system",
                     help="qemu:///system, qemu+ssh://root@host/system or qemu+tls://host/system"),
@@ -366,6 +370,106 @@ class LibvirtConnector(Connector):
                 volume.delete(0)
             raise
         return volume
+
+    # --- retrieve -------------------------------------------------------------------------------------
+
+    def retrieve(self, ids: Mapping[str, str], settings: ConnectorSettings, password: str | None, target: Path,
+                 progress: DeliveryProgress, cancel: Cancellable) -> Path:
+        """Download the delivered volume (``ids``: ``pool``, ``volume``, ``volume_key``, ``domain``,
+        ``domain_uuid``) into ``target``, refusing while its VM runs; the VM and the volume are only read."""
+        partial = target.with_name(target.name + ".partial")
+        if target.exists():
+            raise Conflict(f"{target} already exists; choose another file to receive the disk.")
+        with self._connect(settings, password) as connection:
+            volume = self._delivered_volume(connection, ids)
+            self._refuse_running(connection, ids)
+            total = _download_size(volume)
+            stream = connection.newStream(0)
+            try:
+                try:
+                    volume.download(stream, 0, 0, 0)
+                    with partial.open("wb") as file:  # a stale one from a crash is ours to replace
+                        done = reported = 0
+                        while True:
+                            if cancel.cancelled:
+                                raise TaskCanceled("The disk's download was cancelled; nothing was kept.")
+                            # libvirt hands the stream over in pieces of up to 256 KiB.
+                            chunk = stream.recv(CHUNK)
+                            if not chunk:
+                                break
+                            file.write(chunk)
+                            done += len(chunk)
+                            if done - reported >= CHUNK:  # a report every CHUNK, not every piece
+                                reported = done
+                                progress(min(100.0, 100.0 * done / max(total, 1)),
+                                         f"Downloaded {done // 1024**2} of {total // 1024**2} MiB")
+                    stream.finish()
+                except BaseException:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        stream.abort()
+                    raise
+            except libvirt.libvirtError as exc:
+                partial.unlink(missing_ok=True)
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+                    raise UserError(f"{connection.getURI()} cannot download a storage volume (its driver has no "
+                                    "volume download); copy the disk's file from the host to this computer and "
+                                    "finalize from that file.") from None
+                raise EnvironmentProblem(f"The download of volume {volume.name()!r} failed: "
+                                         f"{exc.get_error_message()}; nothing was kept.") from None
+            except OSError as exc:
+                partial.unlink(missing_ok=True)
+                raise EnvironmentProblem(f"Cannot write the disk to {partial.parent}: {exc.strerror or exc}; nothing "
+                                         "was kept.") from None
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+        partial.replace(target)
+        progress(100.0, f"Downloaded {done // 1024**2} of {total // 1024**2} MiB")
+        return target
+
+    @staticmethod
+    def _delivered_volume(connection: libvirt.virConnect, ids: Mapping[str, str]) -> libvirt.virStorageVol:
+        """The volume by its key, else by pool and name; NotFound when it is gone."""
+        pool_name, name = ids.get("pool", ""), ids.get("volume", "")
+        if ids.get("volume_key"):
+            with contextlib.suppress(libvirt.libvirtError):
+                return connection.storageVolLookupByKey(ids["volume_key"])
+        try:
+            pool = connection.storagePoolLookupByName(pool_name)
+            if not pool.isActive():
+                raise UserError(f"The storage pool {pool_name!r} is not active, so the packaging machine's disk cannot "
+                                f"be read; start it (virsh pool-start {pool_name}) and finalize again.")
+            # What is really in the pool's folder now (a refresh only rereads it).
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.refresh(0)
+            return pool.storageVolLookupByName(name)
+        except libvirt.libvirtError:
+            raise NotFound(f"The volume {pool_name}/{name} is no longer on {connection.getURI()}: the packaging "
+                           "machine's disk is gone, so there is nothing to finalize from; abandon the version and "
+                           "create a new packaging disk.") from None
+
+    @staticmethod
+    def _refuse_running(connection: libvirt.virConnect, ids: Mapping[str, str]) -> None:
+        """Conflict while the delivered VM runs (or is paused): its disk is not consistent then."""
+        domain = None
+        if ids.get("domain_uuid"):
+            with contextlib.suppress(libvirt.libvirtError):
+                domain = connection.lookupByUUIDString(ids["domain_uuid"])
+        if domain is None and ids.get("domain"):
+            with contextlib.suppress(libvirt.libvirtError):
+                domain = connection.lookupByName(ids["domain"])
+        if domain is not None and domain.isActive():
+            raise Conflict(f"VM {domain.name()} is still running on {connection.getURI()}, so its disk is not "
+                           f"consistent; shut VM {domain.name()} down first, then finalize again.")
+
+
+def _download_size(volume: libvirt.virStorageVol) -> int:
+    """How many bytes a download of ``volume`` yields (its file's size), for progress."""
+    try:
+        _kind, capacity, physical = volume.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)
+    except libvirt.libvirtError:
+        _kind, capacity, physical = volume.info()
+    return int(physical or capacity)
 
 
 def _version(number: int) -> str:

@@ -18,6 +18,12 @@ connector names another port. A delivery:
 5. takes a snapshot (``mcs-vsphere``: first powers the VM on and waits, up to the shutdown timeout, for
    the guest to shut itself down once its scripts ran).
 
+A delivered VM's disk can be fetched back (:meth:`VSphereConnector.retrieve`, for a packaging machine) once the
+VM is powered off: every file of the disk's current chain (descriptors and extents, snapshot deltas included)
+is downloaded through vCenter's datastore ``/folder`` HTTP access with the session's cookie, and qemu-img
+writes the chain as one streamOptimized VMDK, the format delivered. Not an export lease (``ExportVm``), which
+would hand over a streamOptimized VMDK directly: govmomi's simulator the tests run does not implement it.
+
 A delivery that fails or is cancelled aborts the lease and destroys the helper VM, the uploaded disk and
 the new VM. TLS certificates are verified (against the connector's CA file, or the system's CAs) unless
 the connector turns verification off, which is logged as a warning on every connection. The password is
@@ -30,14 +36,15 @@ import contextlib
 import http.client
 import json
 import logging
+import re
 import socket
 import ssl
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 from xml.parsers.expat import ExpatError
 from xml.sax.saxutils import escape, quoteattr
 
@@ -84,6 +91,8 @@ LEASE_REPORT_S = 10.0
 CONNECT_TIMEOUT_S = 30
 STREAM_VMDK = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
 NAME_FIELDS = ("image", "template", "revision", "date")
+#: ``[datastore] folder/file.vmdk``
+DATASTORE_PATH = re.compile(r"^\[(?P<datastore>[^\]]+)\] ?(?P<path>.*)$")
 
 
 # --- failures as the administrator reads them ---------------------------------------------------------
@@ -245,6 +254,12 @@ class _Session:
     def find(self, path: str) -> Any:
         return self.content.searchIndex.FindByInventoryPath(path)
 
+    @property
+    def cookie(self) -> str | None:
+        """The session's cookie (``vmware_soap_session=…``) for vCenter's HTTP transfers, or ``None``."""
+        cookie: str | None = self.instance._stub.cookie
+        return cookie.split(";")[0] if cookie else None
+
     def find_path(self, entity: Any) -> str:
         """The inventory path of ``entity`` (``Region/DC1``), as :meth:`find` takes it."""
         parts: list[str] = []
@@ -320,6 +335,7 @@ class VSphereConnector(Connector):
     title: ClassVar[str] = "VMware vSphere"
     #: Whether a delivery starts the VM and waits for it to shut down before the snapshot (MCS).
     runs_master_image: ClassVar[bool] = False
+    can_retrieve: ClassVar[bool] = True
 
     _COMMON: ClassVar[tuple[ConfigField, ...]] = (
         ConfigField("endpoint", "vCenter host", required=True,
@@ -758,14 +774,14 @@ class VSphereConnector(Connector):
         size = vmdk.stat().st_size
         connection = http.client.HTTPSConnection(parts.hostname or session.host, parts.port or 443,
                                                  context=session.context, timeout=CONNECT_TIMEOUT_S)
-        cookie = session.instance._stub.cookie
+        cookie = session.cookie
         try:
             connection.putrequest("POST", parts.path + (f"?{parts.query}" if parts.query else ""))
             connection.putheader("Content-Type", "application/x-vnd.vmware-streamVmdk")
             connection.putheader("Content-Length", str(size))
             connection.putheader("Overwrite", "t")
             if cookie:
-                connection.putheader("Cookie", cookie.split(";")[0])
+                connection.putheader("Cookie", cookie)
             connection.endheaders()
             sent, reported = 0, time.monotonic()
             with vmdk.open("rb") as file:
@@ -797,6 +813,108 @@ class VSphereConnector(Connector):
             raise EnvironmentProblem(f"{parts.hostname} refused the disk upload (HTTP {response.status} "
                                      f"{response.reason}: {body.strip()[:300]}); what was created was removed again.")
         lease.HttpNfcLeaseProgress(percent=100)
+
+    # --- retrieve -------------------------------------------------------------------------------------
+
+    def retrieve(self, ids: Mapping[str, str], settings: ConnectorSettings, password: str | None, target: Path,
+                 progress: DeliveryProgress, cancel: Cancellable) -> Path:
+        """Download the delivered VM's disk (``ids``: ``vm``, ``vm_uuid``, ``vm_moref``, ``disk``) as it is now
+        into ``target``, a streamOptimized VMDK; refused while the VM is not powered off. The VM is only read."""
+        if target.exists():
+            raise Conflict(f"{target} already exists; choose another file to receive the disk.")
+        partial = target.with_name(target.name + ".partial")
+        # The chain's files are as large as the disk: beside the target, not in the system's temp folder.
+        with tempfile.TemporaryDirectory(prefix=".layerdesk-retrieve-", dir=target.parent) as work, \
+                self._login(settings, password) as session:
+            try:
+                vm = self._delivered_vm(session, ids)
+                state = vm.runtime.powerState
+                if state != vim.VirtualMachinePowerState.poweredOff:
+                    how = "suspended" if state == vim.VirtualMachinePowerState.suspended else "powered on"
+                    raise Conflict(f"VM {vm.name} is {how}, so its disk is not consistent; shut VM {vm.name} down "
+                                   "first, then finalize again.")
+                top, files = _disk_chain(vm, ids)
+                dc_path = session.find_path(_datacenter_of(vm))
+                expected = sum(size for _name, size in files)
+                done = 0
+                for name, _size in files:
+                    done = self._download(session, name, dc_path, Path(work), done, expected, progress, cancel)
+                progress(90.0, f"Writing the disk of {vm.name} as a streamOptimized VMDK")
+                outcome = procs.stream(
+                    ["qemu-img", "convert", "-f", "vmdk", "-O", "vmdk", "-o", "subformat=streamOptimized",
+                     str(Path(work) / _file_name(top)), str(partial)], lambda _line: None, cancel)
+                if outcome.cancelled:
+                    raise TaskCanceled("The disk's download was cancelled; nothing was kept.")
+                if not outcome.ok:
+                    raise EnvironmentProblem(f"qemu-img could not read the disk of {vm.name} as downloaded "
+                                             f"({outcome.stderr.strip()[-400:]}); nothing was kept.")
+                partial.replace(target)
+            except BaseException as exc:
+                partial.unlink(missing_ok=True)
+                if isinstance(exc, vmodl.MethodFault):
+                    raise EnvironmentProblem(f"vCenter {session.where} refused a step of the disk's download: "
+                                             f"{_fault_text(exc)}; nothing was kept.") from None
+                raise
+        progress(100.0, f"Downloaded the disk of {ids.get('vm', target.stem)}")
+        return target
+
+    @staticmethod
+    def _delivered_vm(session: _Session, ids: Mapping[str, str]) -> Any:
+        """The VM by its instance UUID, else by its managed object id; NotFound when it is gone."""
+        vm = None
+        if ids.get("vm_uuid"):
+            vm = session.content.searchIndex.FindByUuid(None, ids["vm_uuid"], True, True)
+        if vm is None and ids.get("vm_moref"):
+            candidate = vim.VirtualMachine(ids["vm_moref"], session.instance._stub)
+            with contextlib.suppress(vmodl.fault.ManagedObjectNotFound):
+                if candidate.name == ids.get("vm", candidate.name):
+                    vm = candidate
+        if vm is None:
+            raise NotFound(f"VM {ids.get('vm', '?')} is no longer in vCenter {session.where}: the packaging "
+                           "machine and its disk are gone, so there is nothing to finalize from; abandon the "
+                           "version and create a new packaging disk.")
+        return vm
+
+    @staticmethod
+    def _download(session: _Session, name: str, dc_path: str, work: Path, done: int, expected: int,
+                  progress: DeliveryProgress, cancel: Cancellable) -> int:
+        """GET the datastore file ``name`` (``[datastore] path``) into ``work``; the bytes downloaded so far."""
+        match = DATASTORE_PATH.match(name)
+        if match is None:
+            raise EnvironmentProblem(f"vCenter {session.where} names a disk file {name!r} LayerDesk cannot read.")
+        datastore, path = match["datastore"], match["path"]
+        query = urlencode({"dcPath": dc_path, "dsName": datastore})
+        connection = http.client.HTTPSConnection(session.host, session.port, context=session.context,
+                                                 timeout=CONNECT_TIMEOUT_S)
+        try:
+            connection.putrequest("GET", f"/folder/{quote(path)}?{query}")
+            if session.cookie:
+                connection.putheader("Cookie", session.cookie)
+            connection.endheaders()
+            response = connection.getresponse()
+            if response.status == 404:
+                raise NotFound(f"The disk file {name} is gone from the datastore {datastore!r}, so the packaging "
+                               "machine's disk cannot be read; deliver it again.")
+            if response.status >= 300:
+                body = response.read(4096).decode("utf-8", "replace")
+                raise EnvironmentProblem(f"vCenter {session.where} refused the download of {name} (HTTP "
+                                         f"{response.status} {response.reason}: {body.strip()[:300]}).")
+            length = int(response.getheader("Content-Length") or 0)
+            expected = max(expected, done + length)
+            with (work / _file_name(name)).open("wb") as file:
+                while chunk := response.read(CHUNK):
+                    if cancel.cancelled:
+                        raise TaskCanceled("The disk's download was cancelled; nothing was kept.")
+                    file.write(chunk)
+                    done += len(chunk)
+                    progress(90.0 * done / max(expected, 1), f"Downloaded {done // 1024**2} of "
+                                                             f"{expected // 1024**2} MiB")
+        except (OSError, http.client.HTTPException) as exc:
+            raise EnvironmentProblem(f"The download of {name} from vCenter {session.where} failed: {exc}; nothing "
+                                     "was kept.") from None
+        finally:
+            connection.close()
+        return done
 
     def _run_master_image(self, session: _Session, vm: Any, settings: ConnectorSettings, progress: DeliveryProgress,
                           cancel: Cancellable) -> None:
@@ -840,6 +958,48 @@ def _lease_entity(lease: Any) -> Any:
     with contextlib.suppress(vmodl.MethodFault, AttributeError):
         return lease.info.entity if lease.info is not None else None
     return None
+
+
+def _file_name(datastore_path: str) -> str:
+    """The file name of ``[datastore] folder/file.vmdk`` (the chain's descriptors name each other so)."""
+    return datastore_path.rpartition("/")[2].rpartition("] ")[2]
+
+
+def _datacenter_of(entity: Any) -> Any:
+    while entity is not None and not isinstance(entity, vim.Datacenter):
+        entity = entity.parent
+    if entity is None:
+        raise EnvironmentProblem("vCenter places the VM in no datacenter.")
+    return entity
+
+
+def _disk_chain(vm: Any, ids: Mapping[str, str]) -> tuple[str, list[tuple[str, int]]]:
+    """The delivered disk's current descriptor (a snapshot's delta when there is one) and every file of its chain,
+    descriptors and extents with their sizes, as ``[datastore] path``. The disk is the VM's one whose chain holds
+    the delivered file (``ids["disk"]``), else its first; NotFound when it has none."""
+    disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+
+    def chain(disk: Any) -> list[str]:
+        names, backing = [], disk.backing
+        while backing is not None:
+            names.append(str(getattr(backing, "fileName", "")))
+            backing = getattr(backing, "parent", None)
+        return names
+
+    delivered = ids.get("disk")
+    matches = [d for d in disks if delivered in chain(d)] if delivered else disks[:1]
+    if not matches:
+        raise NotFound(f"VM {vm.name} no longer has the delivered disk {delivered or ''}; its disks were changed, so "
+                       "there is nothing to finalize from; abandon the version and create a new packaging disk.")
+    disk = matches[0]
+    layout = vm.layoutEx
+    files = {f.key: f for f in (layout.file if layout is not None else [])}
+    units = [u for d in (layout.disk if layout is not None else []) if d.key == disk.key for u in d.chain]
+    names = [(files[key].name, int(files[key].size or 0)) for unit in units for key in unit.fileKey if key in files]
+    if not names:
+        raise EnvironmentProblem(f"vCenter does not list the files of the disk of VM {vm.name}; try again in a "
+                                 "minute (its file layout is refreshed after a change).")
+    return str(disk.backing.fileName), list(dict.fromkeys(names))
 
 
 def _destroy(session: _Session, vm: Any) -> None:

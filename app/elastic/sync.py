@@ -29,6 +29,7 @@ The password is given to the SMB session only: it is never logged or placed in a
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -72,13 +73,15 @@ from app.elastic.repository import (
 )
 from app.engine.layer_disk import LayerDiskFormat, write_layer_disk
 from app.engine.repository import LayerRepository
-from app.errors import AuthenticationFailed, EnvironmentProblem, UserError, ValidationError
+from app.errors import AuthenticationFailed, EnvironmentProblem, NotFound, UserError, ValidationError
 from app.procs import Cancellable
 from app.tasks.base import TaskCanceled
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+#: What one read of a download asks for (smbprotocol splits it into the reads the server allows).
+DOWNLOAD_CHUNK = 4 * 1024 * 1024
 #: The most a single write request carries: SMB 3's usual maximum (the negotiated one may be lower).
 WRITE_SIZE = 8 * 1024 * 1024
 #: The most bytes of one upload that are ever in flight (sent, not yet acknowledged): four writes keep
@@ -503,6 +506,36 @@ class ShareSession:
                 if exc.errno == 2:
                     return None
                 raise
+
+    def download(self, relative: str, target: Path, *, progress: Callable[[int], None] | None = None,
+                 cancel: Cancellable | None = None) -> None:
+        """Copy the share's file ``relative`` into the local file ``target``, reporting the bytes done.
+        :class:`NotFound` when the share has no such file; a cancel raises :class:`TaskCanceled`. On any
+        failure ``target`` is removed again."""
+        canceled = False
+        try:
+            with self._errors(f"read {relative}"):
+                try:
+                    remote = self._smb.open_file(self.location.path(relative), mode="rb", **self._kw())
+                except SMBOSError as exc:
+                    if exc.errno == errno.ENOENT:
+                        raise NotFound(f"{self.location.path(relative)} does not exist.") from None
+                    raise
+                with remote, target.open("wb") as local:
+                    done = 0
+                    while chunk := remote.read(DOWNLOAD_CHUNK):
+                        if cancel is not None and cancel.cancelled:
+                            canceled = True
+                            break
+                        local.write(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done)
+            if canceled:  # outside the SMB error mapping, which would report it as a share failure
+                raise TaskCanceled()
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
 
     def size(self, relative: str) -> int | None:
         with self._errors(f"look at {relative}"):

@@ -5,14 +5,19 @@ output folder, the layer script), adds the version in state ``editing`` with its
 layer version, the prerequisites and the previous version, each with its checksum; audited) and submits a
 :class:`PackagingTask`: the compositing engine builds the packaging disk in a child process
 (:func:`app.engine.packaging.package_worker`), it is delivered as ``<layer>_<version>_packaging.<ext>``, and the
-disk (path, format, size, checksum, manifest digest, volume serial) is added to the record (audited). A failed or
-cancelled packaging deletes the version again and leaves no file.
+disk (path, format, size, checksum, manifest digest, volume serial) is added to the record (audited). Instead of an
+output folder the disk can go through a connector (``connector``): it is built in the home's work folder, handed to
+the connector like a published image (a folder, a libvirt volume and VM, a vSphere VM…), and the delivery (the
+connector, where the disk went and the destination's ids) is kept in the record. A failed or cancelled packaging
+deletes the version again and leaves no file.
 
 :meth:`PackagingService.start_finalize` moves the version ``editing`` → ``finalizing`` (audited) and submits a
 :class:`FinalizeTask` (:func:`app.engine.packaging.finalize_worker`): the version becomes ``deployable`` with
 what changed on the disk; a disk that is refused (not this version's packaging disk, a pending reboot or pending
 file operations) puts it back to ``editing`` with the reason; any other failure marks it ``broken`` with the
-reason. A cancel puts it back to ``editing``.
+reason. A cancel puts it back to ``editing``. A disk delivered through a connector that can hand it back
+(:attr:`app.connectors.base.Connector.can_retrieve`) is finalized without naming a file: the task fetches it from
+the connector first (into the work folder, removed afterwards).
 
 Only one version of a layer is edited at a time: another packaging disk is refused while one is ``editing`` or
 ``finalizing``. :meth:`PackagingService.abandon` deletes an editing (or broken) packaged version; the disk file
@@ -25,27 +30,31 @@ import logging
 import math
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy.orm import Session
 
 from app.catalog.models import DiskFormat, Layer, LayerType, LayerVersion, VersionState
+from app.connectors import connector_for
+from app.connectors.base import ImageSidecar
 from app.engine.compose import EXTENSIONS, StackLayer
 from app.engine.packaging import disk_file_name
 from app.engine.repository import LayerRepository
-from app.errors import Conflict, NotFound, PermissionDenied, UserError, ValidationError
+from app.errors import Conflict, EnvironmentProblem, NotFound, PermissionDenied, UserError, ValidationError
 from app.paths import Home
 from app.services.base import Service, ServiceContext, find_layer, find_version, split_qualified
+from app.services.connectors import ConnectorDelivery, ConnectorService
 from app.services.layers import LayerService, change_comment
 from app.services.publishing import ENGINE_FORMATS
 from app.services.rbac import LAYER_OPERATION, Operation
 from app.services.settings import read_setting
 from app.services.validation import COMMENT_LENGTH, validate_comment, validate_name
 from app.services.views import LayerVersionInfo
-from app.tasks.base import TaskCanceled, TaskContext, TaskResult
+from app.tasks.base import ProgressSpan, TaskCanceled, TaskContext, TaskResult
 from app.tasks.worker import SubprocessTask
 
 if TYPE_CHECKING:  # app.tasks.runner imports app.services: a module-level import here would be circular
@@ -140,6 +149,8 @@ class PackagingDisk:
     volume_serial: str
     delivered_at: str
     task_id: int | None = None
+    #: When it went through a connector: ``connector``, ``type``, ``location`` and the destination's ``ids``.
+    delivery: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -288,9 +299,10 @@ class PackagingService(Service):
 
     def record_packaging_disk(
         self, ref: str, *, path: str, size_bytes: int, checksum: str, manifest_digest: str, volume_serial: str,
-        task_id: int | None = None, comment: str = "",
+        task_id: int | None = None, delivery: Mapping[str, Any] | None = None, comment: str = "",
     ) -> PackagingInfo:
-        """Record the packaging disk delivered for the editing version ``ref`` (once)."""
+        """Record the packaging disk delivered for the editing version ``ref`` (once); ``delivery`` when it went
+        through a connector (see :attr:`PackagingDisk.delivery`)."""
         with self._change(Operation.EDIT_ANY_LAYERS, "layer.package.disk", "layer version", ref, comment) as change:
             session = change.session
             version = find_version(session, ref, default_latest=False)
@@ -308,10 +320,14 @@ class PackagingService(Service):
                 "path": path, "format": record["format"], "size_gb": record["size_gb"], "size_bytes": size_bytes,
                 "checksum": checksum, "manifest_digest": manifest_digest, "volume_serial": volume_serial,
                 "delivered_at": self._now().isoformat(timespec="seconds"), "task_id": task_id,
+                "delivery": dict(delivery) if delivery is not None else None,
             }
             version.packaging = record  # a new dict: SQLAlchemy sees the change
             change.object_name = version.qualified_name
             change.details = {"disk": path, "checksum": checksum, "volume_serial": volume_serial}
+            if delivery is not None:
+                change.details["connector"] = delivery.get("connector")
+                change.details["ids"] = dict(delivery.get("ids") or {})
             return _record_info(version)
 
     def begin_finalize(self, ref: str, disk: Path | str, *, comment: str = "") -> LayerVersionInfo:
@@ -390,35 +406,53 @@ class PackagingService(Service):
     # --- tasks ---------------------------------------------------------------------------------
 
     def start_packaging(
-        self, runner: TaskRunner, layer: str, version: str, output_dir: Path | str, *,
-        fmt: DiskFormat | str = DiskFormat.VHDX, previous: str | None = None, prerequisites: Sequence[str] = (),
-        os_version: str | None = None, script: Path | str | None = None, size_gb: float | None = None,
-        comment: str = "",
+        self, runner: TaskRunner, layer: str, version: str, output_dir: Path | str | None, *,
+        connector: str | None = None, fmt: DiskFormat | str = DiskFormat.VHDX, previous: str | None = None,
+        prerequisites: Sequence[str] = (), os_version: str | None = None, script: Path | str | None = None,
+        size_gb: float | None = None, comment: str = "",
     ) -> int:
         """Check the request, add version ``version`` of ``layer`` (``editing``, with its packaging record) and
-        start the task that makes its packaging disk in ``output_dir``; returns the task id. Nothing is created
-        when a check fails; a failed or cancelled task deletes the version again and leaves no file."""
+        start the task that makes its packaging disk in ``output_dir``, or delivers it through the connector
+        named ``connector`` (one of the two); returns the task id. Nothing is created when a check fails; a
+        failed or cancelled task deletes the version again and leaves no file."""
         comment = validate_comment(comment)
         self._require_layer_roles("layer.package", layer, comment)
         disk_format = _packaging_format(fmt)
-        folder = Path(output_dir)
-        if not folder.is_dir():
-            raise ValidationError(f"The output folder {folder} does not exist (or is not a folder); create it first.",
-                                  field="output")
+        if (output_dir is None) == (connector is None):
+            raise ValidationError("Deliver the packaging disk either to an output folder or through a connector "
+                                  "(one of the two).", field="output")
+        delivery = ConnectorService(self._ctx).delivery(connector) if connector is not None else None
+        if output_dir is not None:
+            folder = Path(output_dir)
+            if not folder.is_dir():
+                raise ValidationError(f"The output folder {folder} does not exist (or is not a folder); create it "
+                                      "first.", field="output")
         layer_script = read_layer_script(script) if script is not None else None
         with self._read() as session:
             row = find_layer(session, layer)
             name = disk_file_name(row.name, validate_name(version, "version name"))
         engine_format = ENGINE_FORMATS[disk_format]
+        if output_dir is None:
+            folder = self.home.work / f"packaging-{secrets.token_hex(6)}"
         target = folder / f"{name}.{EXTENSIONS[engine_format]}"
         if target.exists():
             raise Conflict(f"{target} already exists; move it away or choose another output folder.")
-        info = self.add_packaging_version(layer, version, previous=previous, prerequisites=prerequisites,
-                                          os_version=os_version, script=layer_script, fmt=disk_format,
-                                          size_gb=size_gb, comment=comment)
+        if delivery is not None:
+            try:
+                folder.mkdir(parents=True)
+            except OSError as exc:
+                raise EnvironmentProblem(f"Cannot create the work folder {folder}: {exc.strerror or exc}.") from None
+        try:
+            info = self.add_packaging_version(layer, version, previous=previous, prerequisites=prerequisites,
+                                              os_version=os_version, script=layer_script, fmt=disk_format,
+                                              size_gb=size_gb, comment=comment)
+        except BaseException:
+            if delivery is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         record = self.get_packaging(f"{info.layer}:{info.name}")
         task = PackagingTask(self, record, version_id=info.id, output_dir=folder.absolute(),
-                             engine_format=engine_format, name=name, comment=comment)
+                             engine_format=engine_format, name=name, delivery=delivery, comment=comment)
         try:
             task.check_content()
             return runner.submit(task)
@@ -426,26 +460,35 @@ class PackagingService(Service):
             task.undo(exc)
             raise
 
-    def start_finalize(self, runner: TaskRunner, ref: str, disk: Path | str, *, comment: str = "") -> int:
+    def start_finalize(self, runner: TaskRunner, ref: str, disk: Path | str | None = None, *,
+                       comment: str = "") -> int:
         """Check the request, move the packaged version ``ref`` to ``finalizing`` and start the task that captures
-        it from ``disk`` (the packaging machine's disk, shut down); returns the task id."""
+        it from ``disk`` (the packaging machine's disk, shut down) or, without ``disk``, from the connector its
+        packaging disk was delivered through; returns the task id."""
         comment = validate_comment(comment)
         name, version_name = split_qualified(ref)
         if version_name is None:
             raise ValidationError(f"Name the version to finalize: {name}:VERSION.")
         self._require_layer_roles("layer.finalize", name, comment)
-        disk = Path(disk)
-        if not disk.is_file():
-            raise ValidationError(f"The disk {disk} does not exist (or is not a file); name the packaging machine's "
-                                  "disk file.", field="disk")
+        if disk is not None:
+            disk = Path(disk).absolute()
+            if not disk.is_file():
+                raise ValidationError(f"The disk {disk} does not exist (or is not a file); name the packaging "
+                                      "machine's disk file.", field="disk")
         with self._read() as session:
             row = find_version(session, ref, default_latest=False)
             record = _record_info(row)
             version_id, layer_id = row.id, row.layer_id
         if record.disk is None:
             raise Conflict(f"{ref} has no packaging disk yet (its packaging task has not finished).")
-        self.begin_finalize(ref, disk.absolute(), comment=comment)
-        task = FinalizeTask(self, record, version_id=version_id, layer_id=layer_id, disk=disk.absolute(),
+        fetch: _Fetch | None = None
+        if disk is None:
+            fetch = self._fetch_plan(ref, record)
+            source = f"{record.disk.path} (connector {fetch.delivery.name})"
+        else:
+            source = str(disk)
+        self.begin_finalize(ref, source, comment=comment)
+        task = FinalizeTask(self, record, version_id=version_id, layer_id=layer_id, disk=disk, fetch=fetch,
                             comment=comment)
         try:
             return runner.submit(task)
@@ -454,6 +497,25 @@ class PackagingService(Service):
             raise
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _fetch_plan(self, ref: str, record: PackagingInfo) -> _Fetch:
+        """How to fetch ``ref``'s packaging disk back from the connector it was delivered through."""
+        assert record.disk is not None
+        delivered = record.disk.delivery
+        if not delivered:
+            raise ValidationError(f"The packaging disk of {ref} was delivered to {record.disk.path}, not through a "
+                                  "connector: name the disk to finalize from (the packaging machine's disk, shut "
+                                  "down).", field="disk")
+        delivery = ConnectorService(self._ctx).delivery(str(delivered["connector"]))
+        if delivery.settings.type != delivered.get("type"):
+            raise UserError(f"Connector {delivery.name!r} is now of another type than the one the packaging disk of "
+                            f"{ref} went through; name the disk to finalize from.")
+        connector = connector_for(delivery.settings.type)
+        if not connector.can_retrieve:
+            raise UserError(f"A {connector.title} connector cannot hand the disk back: copy the packaging machine's "
+                            f"disk ({record.disk.path}) to this computer and finalize from that file.")
+        extension = EXTENSIONS[ENGINE_FORMATS[record.format]]
+        return _Fetch(delivery, dict(delivered.get("ids") or {}), str(record.disk.path), extension)
 
     def _require_layer_roles(self, action: str, layer: str, comment: str) -> LayerType:
         """The roles a packaging task needs (audited when refused): a layer role for the layer's type, and
@@ -502,6 +564,16 @@ class PackagingService(Service):
         with self._read() as session:
             cache_gb = int(read_setting(session, "layer_cache_gb"))
         return self.home.layer_cache, cache_gb * _GiB
+
+
+@dataclass(frozen=True)
+class _Fetch:
+    """A packaging disk to fetch back from the connector it was delivered through."""
+
+    delivery: ConnectorDelivery
+    ids: dict[str, str]
+    location: str
+    extension: str
 
 
 def _busy_version(layer: Layer) -> LayerVersion | None:
@@ -577,14 +649,17 @@ class PackagingTask(SubprocessTask):
     function: ClassVar[str] = "app.engine.packaging:package_worker"
 
     def __init__(self, service: PackagingService, record: PackagingInfo, *, version_id: int, output_dir: Path,
-                 engine_format: str, name: str, comment: str = "") -> None:
+                 engine_format: str, name: str, delivery: ConnectorDelivery | None = None,
+                 comment: str = "") -> None:
         super().__init__(f"Create the packaging disk of {record.layer}:{record.version}")
         self._service = service
         self.record = record
         self.version_id = version_id
+        #: With a connector: a work folder of the task's own, removed at the end.
         self.output_dir = output_dir
         self.engine_format = engine_format
         self.name = name
+        self.delivery = delivery
         self.comment = comment
         self.staging = output_dir / f".{name}.{secrets.token_hex(4)}.staging"
         self._delivered: Path | None = None
@@ -609,8 +684,9 @@ class PackagingTask(SubprocessTask):
         }
 
     def run(self, ctx: TaskContext) -> TaskResult:
+        delivered: dict[str, Any] | None = None
         try:
-            data = self.run_worker(ctx)
+            data = self.run_worker(ctx if self.delivery is None else ProgressSpan(ctx, 0.0, 60.0))
             self._delivered = Path(str(data["path"]))
             if self._delivered != self.output_path or not self._delivered.is_file():
                 raise RuntimeError(f"the packaging worker reported {self._delivered}, expected {self.output_path}")
@@ -618,29 +694,62 @@ class PackagingTask(SubprocessTask):
             if ref is None:
                 raise NotFound(f"Version {self.record.layer}:{self.record.version} was deleted while its packaging "
                                "disk was being made.")
+            where = str(self._delivered)
+            if self.delivery is not None:
+                delivered = self._deliver(ProgressSpan(ctx, 60.0, 100.0), self._delivered, data)
+                where = str(delivered["location"])
             self._service.record_packaging_disk(
-                ref, path=str(self._delivered), size_bytes=int(data["size_bytes"]), checksum=str(data["checksum"]),
+                ref, path=where, size_bytes=int(data["size_bytes"]), checksum=str(data["checksum"]),
                 manifest_digest=str(data["manifest_digest"]), volume_serial=str(data["volume_serial"]),
-                task_id=ctx.task_id, comment=self.comment,
+                task_id=ctx.task_id, delivery=delivered, comment=self.comment,
             )
         except BaseException as exc:
+            if delivered is not None:
+                ctx.log(f"The packaging disk was delivered to {delivered['location']} but could not be recorded; "
+                        "remove it there.", "ERROR")
             self.undo(exc, ctx)
             raise
-        ctx.log(f"Packaging disk of {ref}: {self._delivered}")
+        if self.delivery is not None:
+            shutil.rmtree(self.output_dir, ignore_errors=True)  # the connector has the disk now
+        ctx.log(f"Packaging disk of {ref}: {where}")
         return PackagingResult(
-            summary=f"Packaging disk of {ref} delivered: {self._delivered}.", layer=self.record.layer,
-            version=self.record.version, path=str(self._delivered), format=self.record.format.value,
+            summary=f"Packaging disk of {ref} delivered: {where}.", layer=self.record.layer,
+            version=self.record.version, path=where, format=self.record.format.value,
             size_bytes=int(data["size_bytes"]), checksum=str(data["checksum"]),
             manifest_digest=str(data["manifest_digest"]), volume_serial=str(data["volume_serial"]),
         )
+
+    def _deliver(self, ctx: TaskContext, disk: Path, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Hand the packaging disk to the connector (which leaves nothing behind when it fails or is cancelled)."""
+        assert self.delivery is not None
+        settings = self.delivery.settings
+        connector = connector_for(settings.type)
+        inputs = (self.record.os, *self.record.prerequisites,
+                  *((self.record.previous,) if self.record.previous is not None else ()))
+        layers = tuple({"role": i.role, "layer": i.layer, "version": i.version, "checksum": i.checksum}
+                       for i in inputs)
+        sidecar = ImageSidecar(
+            image=self.name, template=self.name, template_revision=0, format=disk.suffix.lstrip(".").lower(),
+            size_bytes=int(data["size_bytes"]), checksum=str(data["checksum"]), layers=layers,
+            created_at=datetime.now(UTC), created_by=self._service.caller.username,
+        )
+        ctx.log(f"Delivering {disk.name} to connector {settings.name} ({connector.title}).")
+        result = connector.deliver(disk, sidecar, settings, self.delivery.password,
+                                   lambda percent, message: ctx.progress(percent, message), ctx.cancel)
+        ctx.log(f"Delivered to {result.location}.")
+        return {"connector": settings.name, "type": settings.type, "location": result.location,
+                "ids": dict(result.ids)}
 
     def discard(self) -> None:
         self.undo(TaskCanceled())
 
     def undo(self, failure: BaseException, ctx: TaskContext | None = None) -> None:
-        """Remove what the packaging left (its staging folder, the disk if it was delivered) and delete the
-        version again (audited, with the reason as the comment)."""
+        """Remove what the packaging left (its staging folder, the disk if it was delivered, the work folder of
+        a delivery through a connector) and delete the version again (audited, with the reason as the
+        comment)."""
         shutil.rmtree(self.staging, ignore_errors=True)
+        if self.delivery is not None:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
         if self._delivered is not None:
             try:
                 self._delivered.unlink(missing_ok=True)
@@ -668,14 +777,18 @@ class FinalizeTask(SubprocessTask):
     function: ClassVar[str] = "app.engine.packaging:finalize_worker"
 
     def __init__(self, service: PackagingService, record: PackagingInfo, *, version_id: int, layer_id: int,
-                 disk: Path, comment: str = "") -> None:
-        super().__init__(f"Finalize {record.layer}:{record.version} from {disk}")
+                 disk: Path | None, fetch: _Fetch | None = None, comment: str = "") -> None:
+        source = disk if fetch is None else f"connector {fetch.delivery.name}"
+        super().__init__(f"Finalize {record.layer}:{record.version} from {source}")
         self._service = service
         self.record = record
         self.version_id = version_id
         self.layer_id = layer_id
+        #: The disk read; with ``fetch``, set once it was fetched from the connector.
         self.disk = disk
+        self.fetch = fetch
         self.comment = comment
+        self._fetched: Path | None = None
 
     @property
     def work_dir(self) -> Path:
@@ -683,7 +796,7 @@ class FinalizeTask(SubprocessTask):
         return self._service.repository.layers / f".finalize-{self.layer_id}-v{self.version_id}"
 
     def arguments(self) -> dict[str, Any]:
-        assert self.record.disk is not None
+        assert self.record.disk is not None and self.disk is not None
         cache_dir, cache_bytes = self._service._cache()
         return {
             "repository": str(self._service.repository.root), "layer_id": self.layer_id,
@@ -697,19 +810,50 @@ class FinalizeTask(SubprocessTask):
 
     def run(self, ctx: TaskContext) -> TaskResult:
         try:
-            data = self.run_worker(ctx)
+            worker_ctx = ctx
+            if self.fetch is not None:
+                self.disk = self._fetch(ProgressSpan(ctx, 0.0, 30.0), self.fetch)
+                worker_ctx = ProgressSpan(ctx, 30.0, 100.0)
+            data = self.run_worker(worker_ctx)
             info = self._service._end_finalize(
                 self.version_id, VersionState.DEPLOYABLE, size_bytes=int(data["data_bytes"]),
                 checksum=str(data["checksum"]), comment=self.comment)
         except BaseException as exc:
             self.finish_failed(exc, ctx)
             raise
+        finally:
+            self._remove_fetched()
         return FinalizeResult(
             summary=str(data["summary"]), layer=info.layer, version=info.name, checksum=str(data["checksum"]),
             files=int(data["files"]), data_bytes=int(data["data_bytes"]), added=int(data["added"]),
             changed=int(data["changed"]), deletions=int(data["deletions"]),
             registry_operations=int(data["registry_operations"]),
         )
+
+    def _fetch(self, ctx: TaskContext, fetch: _Fetch) -> Path:
+        """The packaging disk from the connector: a file in the work folder (removed at the end), or the disk
+        itself where the connector keeps it on this machine."""
+        settings = fetch.delivery.settings
+        work = self._service.home.work
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EnvironmentProblem(f"Cannot create the work folder {work}: {exc.strerror or exc}.") from None
+        target = work / f"finalize-{self.version_id}-{secrets.token_hex(4)}.{fetch.extension}"
+        self._fetched = target
+        ctx.log(f"Fetching the packaging disk from connector {settings.name}: {fetch.location}")
+        disk = connector_for(settings.type).retrieve(fetch.ids, settings, fetch.delivery.password, target,
+                                                     lambda percent, message: ctx.progress(percent, message),
+                                                     ctx.cancel)
+        ctx.log(f"Reading the packaging disk {disk}" + (" (fetched)" if disk == target else " where it is"))
+        return disk
+
+    def _remove_fetched(self) -> None:
+        if self._fetched is not None:
+            try:
+                self._fetched.unlink(missing_ok=True)
+            except OSError:
+                log.exception("cannot remove the fetched disk %s", self._fetched)
 
     def discard(self) -> None:
         self.finish_failed(TaskCanceled())

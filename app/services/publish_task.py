@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from app.engine.compose import EXTENSIONS, StackLayer
 from app.engine.repository import LayerRepository
 from app.errors import LayerDeskError
-from app.tasks.base import CancelToken, TaskContext, TaskResult
+from app.tasks.base import ProgressSpan, TaskContext, TaskResult
 from app.tasks.worker import SubprocessTask
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class PublishTask(SubprocessTask):
     def run(self, ctx: TaskContext) -> TaskResult:
         try:
             # With a delivery to follow, compositing is the first 70 % of the task's progress.
-            data = self.run_worker(ctx if self.delivery is None else _Span(ctx, 0.0, 70.0))
+            data = self.run_worker(ctx if self.delivery is None else ProgressSpan(ctx, 0.0, 70.0))
             self._produced = True
             path = Path(str(data["path"]))
             if path != self.output_path or not path.is_file():
@@ -118,7 +118,8 @@ class PublishTask(SubprocessTask):
         delivered = None
         if self.delivery is not None:
             try:
-                delivered = self.delivery.deliver(_Span(ctx, 70.0, 100.0), path, self.plan, info, comment=self.comment)
+                delivered = self.delivery.deliver(ProgressSpan(ctx, 70.0, 100.0), path, self.plan, info,
+                                                  comment=self.comment)
             except LayerDeskError as exc:
                 raise type(exc)(f"{info.name} was published to {path}, but not delivered to connector "
                                 f"{self.delivery.name}: {exc}") from None
@@ -141,20 +142,3 @@ class PublishTask(SubprocessTask):
                 self.output_path.unlink(missing_ok=True)
             except OSError:
                 log.exception("cannot remove %s after a failed publish", self.output_path)
-
-
-class _Span(TaskContext):
-    """``ctx`` with its progress mapped into ``start``–``end`` % (compositing, then the delivery)."""
-
-    def __init__(self, ctx: TaskContext, start: float, end: float) -> None:
-        self._ctx = ctx
-        self._start = start
-        self._end = end
-        self.cancel: CancelToken = ctx.cancel
-        self.task_id = ctx.task_id
-
-    def progress(self, percent: float, message: str = "") -> None:
-        self._ctx.progress(self._start + (self._end - self._start) * max(0.0, min(percent, 100.0)) / 100.0, message)
-
-    def log(self, text: str, level: str = "INFO") -> None:
-        self._ctx.log(text, level)

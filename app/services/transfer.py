@@ -103,23 +103,11 @@ class _ShareTarget(ShareSession):
 
     def get(self, relative: str, target: Path, *, progress: Callable[[int], None] | None = None,
             cancel: Cancellable | None = None) -> None:
-        with self._errors(f"read {relative}"):
-            try:
-                remote = self._smb.open_file(self.location.path(self._remote(relative)), mode="rb", **self._kw())
-            except Exception as exc:
-                if getattr(exc, "errno", None) == 2:
-                    raise TransferError(f"The export folder {self.description} lacks {relative}: the export is "
-                                        "incomplete. Export again.") from None
-                raise
-            with remote, target.open("wb") as local:
-                done = 0
-                while chunk := remote.read(engine.CHUNK):
-                    if cancel is not None and cancel.cancelled:
-                        raise TaskCanceled()
-                    local.write(chunk)
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done)
+        try:
+            self.download(self._remote(relative), target, progress=progress, cancel=cancel)
+        except NotFound:
+            raise TransferError(f"The export folder {self.description} lacks {relative}: the export is "
+                                "incomplete. Export again.") from None
 
     def replace(self, relative: str, data: bytes) -> None:
         self.write_atomic(self._remote(relative), data)

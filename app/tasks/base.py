@@ -63,6 +63,24 @@ class TaskContext(abc.ABC):
         """Append a line to the task's log."""
 
 
+class ProgressSpan(TaskContext):
+    """``ctx`` with its progress mapped into ``start``–``end`` % (for a task made of steps, such as
+    compositing and then a delivery)."""
+
+    def __init__(self, ctx: TaskContext, start: float, end: float) -> None:
+        self._ctx = ctx
+        self._start = start
+        self._end = end
+        self.cancel: CancelToken = ctx.cancel
+        self.task_id = ctx.task_id
+
+    def progress(self, percent: float, message: str = "") -> None:
+        self._ctx.progress(self._start + (self._end - self._start) * max(0.0, min(percent, 100.0)) / 100.0, message)
+
+    def log(self, text: str, level: str = "INFO") -> None:
+        self._ctx.log(text, level)
+
+
 class LayerDeskTask(abc.ABC):
     """A unit of long work. Subclasses set :attr:`kind` and implement :meth:`run`."""
 

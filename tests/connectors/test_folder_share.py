@@ -15,7 +15,7 @@ import pytest
 from app.connectors.base import ConnectorSettings
 from app.connectors.folder import FolderConnector
 from app.elastic.sync import ShareAccessDenied, ShareError
-from app.errors import Conflict
+from app.errors import Conflict, NotFound, UserError
 from app.tasks.base import TaskCanceled
 from tests.connectors.conftest import Flag, MiB, image_file, sidecar_for
 from tests.support import samba_dc
@@ -87,3 +87,55 @@ def test_cancel_mid_copy_leaves_nothing_on_the_share(share_folder: Path, tmp_pat
     with pytest.raises(TaskCanceled):
         FolderConnector().deliver(image, sidecar_for(image), _settings(), samba_dc.ADMIN_PASSWORD, progress, flag)
     assert list(share_folder.iterdir()) == []
+
+
+# --- handing a delivered disk back (finalizing a packaging machine) ----------------------------------------
+
+
+def test_a_delivered_disk_comes_back_as_it_is_now(share_folder: Path, tmp_path: Path) -> None:
+    image = image_file(tmp_path / "out", size=9 * MiB)
+    result = FolderConnector().deliver(image, sidecar_for(image), _settings(), samba_dc.ADMIN_PASSWORD,
+                                       lambda *_: None, Flag())
+    delivered = share_folder / "Gold_20250301T101500Z.vhdx"
+    with delivered.open("r+b") as file:  # the packaging machine wrote to its disk meanwhile
+        file.seek(5 * MiB)
+        file.write(b"installed by the packaging machine")
+    reported: list[float] = []
+    target = tmp_path / "back" / "disk.vhdx"
+    target.parent.mkdir()
+    back = FolderConnector().retrieve(result.ids, _settings(), samba_dc.ADMIN_PASSWORD, target,
+                                      lambda percent, _message: reported.append(percent), Flag())
+    assert back == target and target.read_bytes() == delivered.read_bytes() != image.read_bytes()
+    assert reported and reported[-1] == 100.0
+    assert sorted(p.name for p in target.parent.iterdir()) == ["disk.vhdx"]
+    assert FolderConnector.can_retrieve
+
+
+def test_a_disk_that_is_gone_moved_or_cancelled_leaves_no_file(share_folder: Path, tmp_path: Path) -> None:
+    image = image_file(tmp_path / "out", size=24 * MiB)
+    result = FolderConnector().deliver(image, sidecar_for(image), _settings(), samba_dc.ADMIN_PASSWORD,
+                                       lambda *_: None, Flag())
+    back = tmp_path / "back"
+    back.mkdir()
+    # The connector now writes somewhere else: the disk is not looked for there.
+    with pytest.raises(UserError, match=r"now writes to \\\\127\.0\.0\.1\\layers\\elsewhere; copy the disk"):
+        FolderConnector().retrieve(result.ids, _settings(r"\\127.0.0.1\layers\elsewhere"),
+                                   samba_dc.ADMIN_PASSWORD, back / "disk.vhdx", lambda *_: None, Flag())
+    with pytest.raises(ShareAccessDenied, match="refused the user name or password"):
+        FolderConnector().retrieve(result.ids, _settings(), "wrong password 1", back / "disk.vhdx",
+                                   lambda *_: None, Flag())
+    flag = Flag()
+
+    def progress(_percent: float, _message: str) -> None:
+        flag.cancelled = True
+
+    with pytest.raises(TaskCanceled, match="nothing was kept"):
+        FolderConnector().retrieve(result.ids, _settings(), samba_dc.ADMIN_PASSWORD, back / "disk.vhdx", progress,
+                                   flag)
+    assert list(back.iterdir()) == []
+    (share_folder / "Gold_20250301T101500Z.vhdx").unlink()
+    with pytest.raises(NotFound, match=r"Gold_20250301T101500Z\.vhdx is no longer there"):
+        FolderConnector().retrieve(result.ids, _settings(), samba_dc.ADMIN_PASSWORD, back / "disk.vhdx",
+                                   lambda *_: None, Flag())
+    assert list(back.iterdir()) == []
+    assert sorted(p.name for p in share_folder.iterdir()) == ["Gold_20250301T101500Z.json"]

@@ -1,9 +1,11 @@
 """The libvirt connector against libvirt's own ``test:///default`` driver (steps, missing pool/network, a
-duplicate VM name, a driver without uploads) and against a real ``qemu:///session`` libvirtd started for
-these tests (upload, the VM's XML, cancel mid-upload). What was created is read back through libvirt."""
+duplicate VM name, a driver without uploads or downloads, a running VM's disk refused) and against a real
+``qemu:///session`` libvirtd started for these tests (upload, the VM's XML, cancel mid-upload; retrieving a
+volume as the VM left it, a deleted volume, cancel mid-download). What was created is read back through libvirt."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -20,6 +22,7 @@ libvirt = pytest.importorskip("libvirt")
 
 from app.connectors.base import ConnectorSettings  # noqa: E402
 from app.connectors.libvirt import LibvirtConnector, domain_xml, image_firmware  # noqa: E402
+from app.engine.disk import image_info  # noqa: E402
 from app.errors import Conflict, NotFound, UserError  # noqa: E402
 from app.tasks.base import TaskCanceled  # noqa: E402
 from tests.connectors.conftest import Flag, MiB, sidecar_for  # noqa: E402
@@ -101,6 +104,43 @@ def test_a_driver_without_uploads_leaves_no_volume(tmp_path: Path) -> None:
         LibvirtConnector().deliver(image, sidecar_for(image), _settings(), None, lambda *_: None, Flag())
     connection = libvirt.open(TEST_URI)
     assert "Gold.raw" not in connection.storagePoolLookupByName("default-pool").listVolumes()
+
+
+@pytest.fixture
+def test_volume() -> Iterator[tuple[object, dict[str, str]]]:
+    """A volume in the test driver's ``default-pool`` (its state lives as long as a connection is open) and the
+    ids a delivery would have recorded for it, naming no VM."""
+    connection = libvirt.open(TEST_URI)
+    pool = connection.storagePoolLookupByName("default-pool")
+    volume = pool.createXML("<volume><name>Packaging.raw</name><capacity>1048576</capacity></volume>", 0)
+    try:
+        yield connection, {"pool": "default-pool", "volume": "Packaging.raw", "volume_key": volume.key()}
+    finally:
+        volume.delete(0)
+        connection.close()
+
+
+def test_retrieve_refuses_while_the_vm_runs(test_volume: tuple[object, dict[str, str]], tmp_path: Path) -> None:
+    connection, ids = test_volume
+    running = connection.lookupByName("test")  # type: ignore[attr-defined]  # the test driver's VM runs
+    assert running.isActive()
+    target = tmp_path / "back.raw"
+    with pytest.raises(Conflict, match=r"VM test is still running .*; shut VM test down first"):
+        LibvirtConnector().retrieve({**ids, "domain": "test", "domain_uuid": running.UUIDString()}, _settings(), None,
+                                    target, lambda *_: None, Flag())
+    assert running.isActive()
+    assert not target.exists() and not target.with_name("back.raw.partial").exists()
+
+
+def test_a_driver_without_downloads_is_a_clear_error(test_volume: tuple[object, dict[str, str]],
+                                                     tmp_path: Path) -> None:
+    _connection, ids = test_volume
+    target = tmp_path / "back.raw"
+    assert LibvirtConnector.can_retrieve
+    with pytest.raises(UserError, match=r"cannot download a storage volume .*copy the disk's file from the host"):
+        LibvirtConnector().retrieve({**ids, "domain": "Packaging"}, _settings(), None, target, lambda *_: None,
+                                    Flag())
+    assert not target.exists() and not target.with_name("back.raw.partial").exists()
 
 
 def test_firmware_follows_the_partition_table(tmp_path: Path) -> None:
@@ -210,3 +250,86 @@ def test_cancel_mid_upload_deletes_the_half_volume(session_uri: str, tmp_path: P
     pool.refresh(0)  # what is really in the pool's folder, not libvirt's memory of it
     assert image.name not in pool.listVolumes()
     assert "Cancel" not in [d.name() for d in connection.listAllDomains()]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_retrieve_downloads_the_volume_as_the_vm_left_it(session_uri: str, tmp_path: Path) -> None:
+    image = _gpt_disk(tmp_path / "Packaging_2025-03-01_10-15.raw", 12 * MiB)
+    result = LibvirtConnector().deliver(image, sidecar_for(image), _session(session_uri), None, lambda *_: None,
+                                        Flag())
+    connection = libvirt.open(session_uri)
+    volume = connection.storagePoolLookupByName("lab").storageVolLookupByName(image.name)
+    disk = Path(volume.path())
+    with disk.open("r+b") as file:  # what the packaging machine installed
+        file.seek(7 * MiB)
+        file.write(b"installed by the packaging machine")
+    assert _sha256(disk) != _sha256(image)
+    seen: list[tuple[float, str]] = []
+    target = tmp_path / "back" / "Packaging.raw"
+    target.parent.mkdir()
+    assert LibvirtConnector().retrieve(result.ids, _session(session_uri), None, target,
+                                       lambda p, m: seen.append((p, m)), Flag()) == target
+    assert _sha256(target) == _sha256(disk)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["Packaging.raw"]
+    assert seen[-1][0] == 100.0 and any(m.startswith("Downloaded 12 of 12 MiB") for _p, m in seen)
+    info = image_info(target)
+    assert (info.format, info.virtual_size) == ("raw", 12 * MiB)
+    # The VM and the volume were only read.
+    assert connection.lookupByName("Packaging_2025-03-01_10-15").UUIDString() == result.ids["domain_uuid"]
+    assert volume.info()[1] == 12 * MiB
+    with pytest.raises(Conflict, match="already exists; choose another file"):
+        LibvirtConnector().retrieve(result.ids, _session(session_uri), None, target, lambda *_: None, Flag())
+
+
+def test_retrieve_keeps_a_qcow2_volume_qcow2(session_uri: str, tmp_path: Path) -> None:
+    raw = _mbr_disk(tmp_path / "q.raw", 16 * MiB)
+    image = tmp_path / "Qcow_2025-03-01_10-15.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)], check=True)
+    result = LibvirtConnector().deliver(image, sidecar_for(image), _session(session_uri), None, lambda *_: None,
+                                        Flag())
+    target = tmp_path / "back.qcow2"
+    LibvirtConnector().retrieve(result.ids, _session(session_uri), None, target, lambda *_: None, Flag())
+    info = image_info(target)
+    assert (info.format, info.virtual_size) == ("qcow2", 16 * MiB)
+    assert subprocess.run(["qemu-img", "compare", "-q", str(raw), str(target)], check=False).returncode == 0
+
+
+def test_retrieve_of_a_deleted_volume_is_not_found(session_uri: str, tmp_path: Path) -> None:
+    image = _mbr_disk(tmp_path / "Gone_2025-03-01_10-15.raw")
+    result = LibvirtConnector().deliver(image, sidecar_for(image), _session(session_uri), None, lambda *_: None,
+                                        Flag())
+    connection = libvirt.open(session_uri)
+    connection.storagePoolLookupByName("lab").storageVolLookupByName(image.name).delete(0)
+    target = tmp_path / "back.raw"
+    with pytest.raises(NotFound, match=r"The volume lab/Gone_2025-03-01_10-15\.raw is no longer on .*: the packaging "
+                                       "machine's disk is gone"):
+        LibvirtConnector().retrieve(result.ids, _session(session_uri), None, target, lambda *_: None, Flag())
+    assert not target.exists() and not target.with_name("back.raw.partial").exists()
+
+
+def test_cancel_mid_download_keeps_nothing(session_uri: str, tmp_path: Path) -> None:
+    image = _mbr_disk(tmp_path / "Halfway_2025-03-01_10-15.raw", 40 * MiB)
+    result = LibvirtConnector().deliver(image, sidecar_for(image), _session(session_uri), None, lambda *_: None,
+                                        Flag())
+    flag = Flag()
+    seen: list[str] = []
+
+    def progress(_percent: float, message: str) -> None:
+        seen.append(message)
+        flag.cancelled = True
+
+    target = tmp_path / "back" / "back.raw"
+    target.parent.mkdir()
+    with pytest.raises(TaskCanceled, match="download was cancelled; nothing was kept"):
+        LibvirtConnector().retrieve(result.ids, _session(session_uri), None, target, progress, flag)
+    assert seen == ["Downloaded 4 of 40 MiB"]
+    assert list(target.parent.iterdir()) == []  # neither the file nor its .partial
+    connection = libvirt.open(session_uri)
+    volume = connection.storagePoolLookupByName("lab").storageVolLookupByName(image.name)
+    assert _sha256(Path(volume.path())) == _sha256(image)  # the volume was not changed
+    # The connection is still usable: a second retrieve runs to the end.
+    LibvirtConnector().retrieve(result.ids, _session(session_uri), None, target, lambda *_: None, Flag())
+    assert _sha256(target) == _sha256(image)

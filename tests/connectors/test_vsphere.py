@@ -2,11 +2,13 @@
 Debian's govmomi sources and served over TLS with a certificate of a test CA): the test steps, bad
 credentials, an unreachable host, missing datastore, a datastore too small, a duplicate VM name, a whole
 delivery (clone, import lease upload, attach, snapshot), MCS (power on, the guest's shutdown simulated
-through the API, snapshot) and cancels. What was created, or that nothing was left, is read back through
-pyvmomi and the simulator's datastore folder."""
+through the API, snapshot) and cancels; retrieving a delivered disk (as the packaging machine left it, refused
+while the VM runs, a removed VM or disk file, cancel mid-download). What was created, or that nothing was left,
+is read back through pyvmomi and the simulator's datastore folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -28,6 +30,7 @@ from pyVmomi import vim
 from app.connectors import connector_for
 from app.connectors.base import ConnectorSettings
 from app.connectors.vsphere import MCSVSphereConnector, VSphereConnector, vm_name
+from app.engine.disk import image_info
 from app.errors import AuthenticationFailed, Conflict, EnvironmentProblem, NotFound, UserError, ValidationError
 from app.tasks.base import TaskCanceled
 from tests.connectors.conftest import Flag, MiB, sidecar_for
@@ -337,3 +340,128 @@ def test_a_wim_is_refused_with_what_to_publish_instead(vcsim: vsphere_sim.Runnin
     with pytest.raises(UserError, match="publish the template as VMDK, VHDX, VHD, qcow2 or raw"):
         VSphereConnector().deliver(image, sidecar_for(image), _settings(vcsim), vsphere_sim.PASSWORD,
                                    lambda *_: None, Flag())
+
+
+# --- retrieve ---------------------------------------------------------------------------------------
+
+
+def _qemu_info(image: Path) -> dict[str, Any]:
+    done = subprocess.run(["qemu-img", "info", "--output=json", str(image)], check=True, capture_output=True,
+                          text=True)
+    info: dict[str, Any] = json.loads(done.stdout)
+    return info
+
+
+def _packaging_machine_writes(vcsim: vsphere_sim.RunningSimulator, vm: str, disk: Path) -> Path:
+    """Put ``disk`` (raw) where the VM's delivered disk lives, as ESXi keeps a disk: a descriptor and its flat
+    extent. The simulator keeps empty disk files (it discards what an import lease uploads), so this stands in
+    for the disk the packaging machine changed."""
+    descriptors = list(vcsim.datastores.glob(f"*/{vm}/{vm}-layered.vmdk"))
+    assert len(descriptors) == 1, descriptors
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat", str(disk),
+                    str(descriptors[0])], check=True)
+    assert descriptors[0].with_name(f"{vm}-layered-flat.vmdk").stat().st_size == disk.stat().st_size
+    return descriptors[0]
+
+
+def test_retrieve_downloads_the_disk_as_the_packaging_machine_left_it(
+        vcsim: vsphere_sim.RunningSimulator, api: Any, tmp_path: Path) -> None:
+    image = _disk(tmp_path, "Pkg_2025-03-01_10-15.raw")
+    sidecar = sidecar_for(image)
+    result = VSphereConnector().deliver(image, sidecar, _settings(vcsim), vsphere_sim.PASSWORD, lambda *_: None,
+                                        Flag())
+    changed = tmp_path / "changed.raw"
+    changed.write_bytes(image.read_bytes())
+    with changed.open("r+b") as file:  # what the packaging machine installed
+        file.seek(5 * MiB)
+        file.write(b"installed by the packaging machine" * 1000)
+    _packaging_machine_writes(vcsim, sidecar.image, changed)
+    target = tmp_path / "back" / "Pkg.vmdk"
+    target.parent.mkdir()
+    seen: list[tuple[float, str]] = []
+    assert VSphereConnector.can_retrieve
+    assert VSphereConnector().retrieve(result.ids, _settings(vcsim), vsphere_sim.PASSWORD, target,
+                                       lambda p, m: seen.append((p, m)), Flag()) == target
+    info = _qemu_info(target)
+    assert info["format"] == "vmdk" and info["virtual-size"] == _qemu_info(image)["virtual-size"] == 8 * MiB
+    assert info["format-specific"]["data"]["create-type"] == "streamOptimized"
+    assert subprocess.run(["qemu-img", "compare", "-q", str(changed), str(target)], check=False).returncode == 0
+    assert image_info(target).virtual_size == 8 * MiB
+    assert list(target.parent.iterdir()) == [target]  # no .partial, no downloaded chain left beside it
+    assert any(m == "Downloaded 8 of 8 MiB" for _p, m in seen) and seen[-1][0] == 100.0
+    vm = _vms(api)[sidecar.image]  # only read
+    assert vm.runtime.powerState == vim.VirtualMachinePowerState.poweredOff
+    assert [d.backing.fileName for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)] == [
+        result.ids["disk"]]
+    with pytest.raises(Conflict, match="already exists; choose another file"):
+        VSphereConnector().retrieve(result.ids, _settings(vcsim), vsphere_sim.PASSWORD, target, lambda *_: None,
+                                    Flag())
+
+
+def test_retrieve_refuses_a_powered_on_vm(vcsim: vsphere_sim.RunningSimulator, api: Any, tmp_path: Path) -> None:
+    image = _disk(tmp_path, "Running_2025-03-01_10-15.raw")
+    result = VSphereConnector().deliver(image, sidecar_for(image), _settings(vcsim), vsphere_sim.PASSWORD,
+                                        lambda *_: None, Flag())
+    vm = _vms(api)[result.ids["vm"]]
+    _wait(vm.PowerOnVM_Task())
+    target = tmp_path / "back.vmdk"
+    try:
+        with pytest.raises(Conflict, match="VM Running_2025-03-01_10-15 is powered on, so its disk is not consistent; "
+                                           "shut VM Running_2025-03-01_10-15 down first"):
+            VSphereConnector().retrieve(result.ids, _settings(vcsim), vsphere_sim.PASSWORD, target, lambda *_: None,
+                                        Flag())
+        assert vm.runtime.powerState == vim.VirtualMachinePowerState.poweredOn  # left as it was
+    finally:
+        _wait(vm.PowerOffVM_Task())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([image.name, "userhome"])
+
+
+def test_retrieve_of_a_removed_vm_or_disk_file_is_not_found(vcsim: vsphere_sim.RunningSimulator, api: Any,
+                                                            tmp_path: Path) -> None:
+    image = _disk(tmp_path, "Removed_2025-03-01_10-15.raw")
+    result = VSphereConnector().deliver(image, sidecar_for(image), _settings(vcsim), vsphere_sim.PASSWORD,
+                                        lambda *_: None, Flag())
+    target = tmp_path / "back" / "back.vmdk"
+    target.parent.mkdir()
+    flat = _packaging_machine_writes(vcsim, result.ids["vm"], image).with_name(f"{result.ids['vm']}-layered-flat.vmdk")
+    flat.unlink()
+    with pytest.raises(NotFound, match=r"The disk file \[LocalDS_0\] Removed_2025-03-01_10-15/Removed_2025-03-01_10-15"
+                                       r"-layered-flat\.vmdk is gone from the datastore 'LocalDS_0'"):
+        VSphereConnector().retrieve(result.ids, _settings(vcsim), vsphere_sim.PASSWORD, target, lambda *_: None,
+                                    Flag())
+    assert list(target.parent.iterdir()) == []
+    _wait(_vms(api)[result.ids["vm"]].Destroy_Task())
+    with pytest.raises(NotFound, match=r"VM Removed_2025-03-01_10-15 is no longer in vCenter 127\.0\.0\.1:.*: the "
+                                       r"packaging machine and its disk are gone"):
+        VSphereConnector().retrieve(result.ids, _settings(vcsim), vsphere_sim.PASSWORD, target, lambda *_: None,
+                                    Flag())
+    assert list(target.parent.iterdir()) == []
+
+
+def test_cancel_mid_download_keeps_nothing(vcsim: vsphere_sim.RunningSimulator, api: Any, tmp_path: Path) -> None:
+    image = _disk(tmp_path, "Halfway_2025-03-01_10-15.raw")
+    result = VSphereConnector().deliver(image, sidecar_for(image), _settings(vcsim), vsphere_sim.PASSWORD,
+                                        lambda *_: None, Flag())
+    _packaging_machine_writes(vcsim, result.ids["vm"], image)
+    flag = Flag()
+    seen: list[str] = []
+
+    def progress(_percent: float, message: str) -> None:
+        seen.append(message)
+        flag.cancelled = True
+
+    target = tmp_path / "back" / "back.vmdk"
+    target.parent.mkdir()
+    with pytest.raises(TaskCanceled, match="download was cancelled; nothing was kept"):
+        VSphereConnector().retrieve(result.ids, _settings(vcsim), vsphere_sim.PASSWORD, target, progress, flag)
+    assert len(seen) == 1 and seen[0].startswith("Downloaded ")
+    assert list(target.parent.iterdir()) == []
+    assert result.ids["vm"] in _vms(api)
+
+
+def _wait(task: Any) -> None:
+    deadline = time.monotonic() + 30
+    while task.info.state not in (vim.TaskInfo.State.success, vim.TaskInfo.State.error):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert task.info.state == vim.TaskInfo.State.success, task.info.error

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PySide6.QtWidgets import QDialogButtonBox, QMessageBox, QWidget
 from pytestqt.qtbot import QtBot
+from shiboken6 import isValid
 
 from app.catalog.models import LayerType, Role, TaskState
 from app.services import Services
@@ -333,3 +334,64 @@ def test_packaging_actions_follow_the_role_and_the_version(
     qtbot.waitUntil(lambda: "does not exist" in finalize.message.text(), timeout=5000)
     assert lab.layers.get_version("Office:2025").state.value == "editing"
     finalize.reject()
+
+
+def test_a_packaging_disk_through_a_connector_and_its_finalize_from_there(
+    qtbot: QtBot, event_loop: asyncio.AbstractEventLoop, admin: Services, runner: TaskRunner,
+    demo_lab_template: Path, tmp_path: Path,
+) -> None:
+    """The demo lab's layers for real: the dialog offers the connectors, the disk goes to the folder connector,
+    and the finalize dialog fetches it from there by default (a file can still be chosen instead)."""
+    from app.services.packaging import packaging_service
+    from tests.conftest import demo_lab
+    from ui.layers_page import FinalizeDialog, PackagingDialog
+
+    demo_lab(admin, demo_lab_template)
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    admin.connectors.add_connector("Lab-Folder", "folder", endpoint=str(shelf))
+    page = open_page(qtbot, admin, runner)
+    page.select_layer("Demo-Tools")
+    qtbot.waitUntil(lambda: page.versions.rowCount() == 1 and page.package_button.isEnabled(), timeout=3000)
+    page.package_button.click()
+    dialog = dialog_of(page, qtbot, PackagingDialog)
+    assert isinstance(dialog, PackagingDialog)
+    qtbot.waitUntil(lambda: dialog.deliver_to.count() == 2, timeout=3000)
+    assert dialog.deliver_to.itemText(1) == "Connector Lab-Folder (folder)"
+    assert dialog.output.isEnabled()
+    dialog.deliver_to.setCurrentIndex(1)
+    assert not dialog.output.isEnabled() and not dialog.browse_output.isEnabled()
+    dialog.version.setText("2")
+    dialog.format.setCurrentIndex(dialog.format.findText("QCOW2"))
+    ok(dialog)
+    qtbot.waitUntil(lambda: not isValid(dialog) or not dialog.isVisible(), timeout=10000)  # deleted on close
+    assert runner.wait(runner_task(admin, "layer.package"), timeout_s=300) is TaskState.COMPLETE
+    disk = next(shelf.glob("*.qcow2"))
+    record = packaging_service(admin).get_packaging("Demo-Tools:2")
+    assert record.disk is not None and record.disk.delivery is not None and record.disk.path == str(disk)
+
+    page.refresh()
+    qtbot.waitUntil(lambda: page.versions.rowCount() == 2, timeout=3000)
+    page.versions_table.selectRow(1)
+    qtbot.waitUntil(lambda: page.finalize_button.isEnabled(), timeout=3000)
+    page.finalize_button.click()
+    finalize = dialog_of(page, qtbot, FinalizeDialog)
+    assert isinstance(finalize, FinalizeDialog)
+    assert finalize.from_connector.isChecked() and not finalize.disk.isEnabled()
+    assert finalize.from_connector.text() == "&Fetch it from connector Lab-Folder"
+    assert finalize.delivered_to.text() == str(disk)
+    finalize.from_file.setChecked(True)
+    assert finalize.disk.isEnabled()
+    finalize.disk.setText(str(tmp_path / "missing.vhdx"))
+    ok(finalize)
+    qtbot.waitUntil(lambda: "does not exist" in finalize.message.text(), timeout=5000)
+    finalize.from_connector.setChecked(True)
+    ok(finalize)
+    qtbot.waitUntil(lambda: not isValid(finalize) or not finalize.isVisible(), timeout=10000)
+    assert runner.wait(runner_task(admin, "layer.finalize"), timeout_s=300) is TaskState.COMPLETE
+    assert admin.layers.get_version("Demo-Tools:2").state.value == "deployable"
+
+
+def runner_task(services: Services, kind: str) -> int:
+    """The newest task of ``kind``."""
+    return max(t.id for t in services.tasks.list_tasks() if t.kind == kind)
