@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compiles the Windows installer around a PyInstaller one-folder build with makensis (which runs on
-# Linux too). Usage: [NSIS_COMPRESSOR=zlib] bash installer/build.sh APPDIR OUTFILE [TOOLSDIR]
+# Linux too). Usage: [NSIS_COMPRESSOR=zlib|none] bash installer/build.sh APPDIR OUTFILE [TOOLSDIR]
 #   APPDIR   the one-folder build (packaging/build-frozen.sh makes DIST/LayerDesk)
 #   OUTFILE  the installer to write
 #   TOOLSDIR optional folder of Windows engine tools (qemu-img, libwim-15.dll) to ship in it

@@ -11,9 +11,14 @@
 ; never in the install folder: an upgrade replaces the program only, and the uninstaller leaves them.
 
 Unicode true
-; Releases use solid LZMA (smallest); a build check may pass -DCOMPRESSOR=zlib, which is many times faster.
+; Releases use solid LZMA (smallest); a build check may pass -DCOMPRESSOR=zlib, which is many times faster,
+; or -DCOMPRESSOR=none, which stores the files as they are (the fastest: what a check of the contents needs).
 !ifdef COMPRESSOR
-  SetCompressor ${COMPRESSOR}
+  !if "${COMPRESSOR}" == "none"
+    SetCompress off
+  !else
+    SetCompressor ${COMPRESSOR}
+  !endif
 !else
   SetCompressor /SOLID lzma
 !endif

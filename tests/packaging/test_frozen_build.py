@@ -86,7 +86,7 @@ def test_the_installer_compiles_around_the_build_and_lists_its_files(frozen: Pat
         pytest.skip("makensis or 7z is missing (tests/run.sh installs nsis and p7zip-full)")
     installer = tmp_path / "LayerDesk-setup.exe"
     built = _run(["bash", str(ROOT / "installer" / "build.sh"), str(frozen), str(installer)], timeout=1500,
-                 env={"NSIS_COMPRESSOR": "zlib"})
+                 env={"NSIS_COMPRESSOR": "none"})  # the contents are checked, not the compression
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     assert installer.read_bytes()[:2] == b"MZ"
     listing = _run(["7z", "l", str(installer)], timeout=300)
