@@ -217,11 +217,11 @@ class FolderConnector(Connector):
             raise UserError(f"The disk was delivered to {where}, but connector {settings.name!r} now writes to the "
                             f"folder {endpoint}; copy the disk to this computer and finalize from that file.")
         name = PureWindowsPath(_share_text(where)).name
+        location = parse_share(_share_text(endpoint))
+        if location.path(name).casefold() != _share_text(where).casefold():
+            raise UserError(f"The disk was delivered to {where}, but connector {settings.name!r} now writes to "
+                            f"{location.unc}; copy the disk to this computer and finalize from that file.")
         with self._open_share(settings, password) as session:
-            if session.location.path(name).casefold() != _share_text(where).casefold():
-                raise UserError(f"The disk was delivered to {where}, but connector {settings.name!r} now writes to "
-                                f"{session.location.unc}; copy the disk to this computer and finalize from that "
-                                "file.")
             size = session.size(name)
             if size is None:
                 raise NotFound(f"The disk {where} is no longer there; it was moved or deleted. Finalize from the "
