@@ -170,8 +170,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 _timings: dict[str, float | None] = {}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def samba(tmp_path_factory: pytest.TempPathFactory) -> Iterator[samba_dc.RunningDC]:
+    """A DC of the module's own (fresh from the golden copy): test processes running side by side take
+    turns, as only one DC can listen on its ports (tests/support/samba_dc.py)."""
     try:
         dc = samba_dc.start(tmp_path_factory.mktemp("samba"))
     except samba_dc.SambaUnavailable as missing:

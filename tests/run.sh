@@ -24,4 +24,6 @@ bash packaging/ensure-debian-packages.sh libegl1 libgl1 libfontconfig1 libxkbcom
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 export QT_QPA_PLATFORM=offscreen
-exec .venv/bin/python -m pytest "$@"
+# One worker per core (at most 4; LAYERDESK_TEST_WORKERS=0 runs in this process), each test file in one
+# worker so its module fixtures are made once (modules that need the Samba DC take turns: one per host).
+exec .venv/bin/python -m pytest -n "${LAYERDESK_TEST_WORKERS:-auto}" --maxprocesses=4 --dist loadfile "$@"

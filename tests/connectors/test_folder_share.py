@@ -1,6 +1,6 @@
 r"""The folder connector on the real test DC's ``[layers]`` share (a subfolder of it), read back from the
-DC's own files: delivery, wrong password, unreachable host, missing folder, cancel mid-copy. Run under
-``flock /tmp/layerdesk-dc.lock`` (one DC per host)."""
+DC's own files: delivery, wrong password, unreachable host, missing folder, cancel mid-copy, and handing a
+delivered disk back (as it is now; gone, moved or cancelled)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@ r"""The Hyper-V connector. WinRM runs against a recording: the WS-Management exc
 (``tests/connectors/recordings/hyperv``) served by a local HTTPS endpoint, so pywinrm's real requests
 (Create, Command, Receive, Signal, Delete) cross a real socket with TLS verified against a CA made here.
 The VHDX is copied over real SMB to the test DC's ``[layers]`` share and read back from the DC's own
-files (those tests use the ``samba`` fixture: run them under ``flock /tmp/layerdesk-dc.lock``)."""
+files (those tests use the ``samba`` fixture)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """A real Samba Active Directory domain controller on loopback, for the directory tests.
 
 Provisioning takes seconds, so it happens once per machine into a *golden copy* kept under the system
-temp folder (keyed by :data:`RECIPE_VERSION`: change the recipe, bump the version). Each test session
-copies the golden copy and starts ``samba -i`` on it; closing samba's stdin stops it, and
-``--maximum-runtime`` is a safety net should the test process die without closing it.
+temp folder (keyed by :data:`RECIPE_VERSION`: change the recipe, bump the version). Each test module that
+needs a DC copies the golden copy and starts ``samba -i`` on it (about a second); closing samba's stdin stops
+it, and ``--maximum-runtime`` is a safety net should the test process die without closing it. Samba listens
+on fixed ports, so a running DC holds a host-wide lease (an exclusive lock beside the golden copy): test
+processes running side by side (pytest-xdist workers) take turns.
 
 The domain (realm LAB.TEST, NetBIOS LAB, base DN DC=lab,DC=test):
 
@@ -290,6 +292,8 @@ class RunningDC:
     dns_domain: str = DNS_DOMAIN
     base_dn: str = BASE_DN
     passwords: dict[str, str] = field(default_factory=lambda: dict(PASSWORDS))
+    #: The host-wide lease this DC holds while it runs (released by :meth:`stop`).
+    lease: _Lease | None = None
 
     @property
     def ca_file(self) -> Path:
@@ -332,6 +336,34 @@ class RunningDC:
                 _signal_group(self.process.pid, signal.SIGKILL)
                 deadline = time.monotonic() + 5
             time.sleep(0.05)
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+
+class _Lease:
+    """The host-wide right to run the DC: an exclusive lock on a file beside the golden copy, held from
+    before samba starts until its last process is gone."""
+
+    def __init__(self, path: Path, timeout_s: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = path.open("a")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self._handle.close()
+                    raise RuntimeError(f"another test process kept the Samba DC for more than {timeout_s:.0f} s "
+                                       f"({path})") from None
+                time.sleep(0.2)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -366,9 +398,21 @@ def _ldaps_ready(ca_file: Path) -> bool:
         return False
 
 
-def start(workdir: Path, *, timeout_s: float = 60) -> RunningDC:
-    """Copy the golden DC into ``workdir`` and start it; returns once LDAPS and SMB answer."""
+def start(workdir: Path, *, timeout_s: float = 60, lease_timeout_s: float = 1800) -> RunningDC:
+    """Take the host's DC lease (waiting up to ``lease_timeout_s`` for another test process to stop its DC),
+    copy the golden DC into ``workdir`` and start it; returns once LDAPS and SMB answer."""
     golden, provision_s = golden_copy()
+    lease = _Lease(cache_root() / "running.lock", lease_timeout_s)
+    try:
+        dc = _start(golden, workdir, timeout_s)
+    except BaseException:
+        lease.release()
+        raise
+    dc.lease, dc.provision_s = lease, provision_s
+    return dc
+
+
+def _start(golden: Path, workdir: Path, timeout_s: float) -> RunningDC:
     taken = [name for name, port in PORTS.items() if _port_open(port)]
     if taken:
         raise SambaUnavailable(
@@ -387,7 +431,7 @@ def start(workdir: Path, *, timeout_s: float = 60) -> RunningDC:
             [samba, "-i", "-s", str(conf), f"--maximum-runtime={MAX_RUNTIME_S}", "--debug-stdout"],
             stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    dc = RunningDC(root, process, provision_s=provision_s)
+    dc = RunningDC(root, process)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
