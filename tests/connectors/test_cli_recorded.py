@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.connectors.test_xenserver import PASSWORD, USER, ca  # noqa: F401 - ca: a fixture
+from tests.support.hyperv_winrm import TestCA
 from tests.support.keyring_memory import MemoryKeyring
-from tests.support.recorded_https import TestCA
 from tests.support.xenserver_xapi import RecordedPool, recorded_pool
 from tests.unit.test_cli import Ctl
 
