@@ -520,9 +520,14 @@ class AzureConnector(Connector):
                 file.seek(offset)
                 chunk = file.read(count)
                 if chunk != _ZERO_RANGE[:count]:
-                    response = client.request("PUT", url, body=chunk, headers={
-                        "x-ms-version": BLOB_VERSION, "x-ms-page-write": "update",
-                        "x-ms-range": f"bytes={offset}-{offset + count - 1}"})
+                    try:
+                        response = client.request("PUT", url, body=chunk, headers={
+                            "x-ms-version": BLOB_VERSION, "x-ms-page-write": "update",
+                            "x-ms-range": f"bytes={offset}-{offset + count - 1}"})
+                    except EnvironmentProblem as lost:
+                        text = lost.message
+                        raise EnvironmentProblem(f"The upload of the disk stopped at {offset // MiB} of {size // MiB} "
+                                                 f"MiB: {text[:1].lower()}{text[1:]}") from None
                     if response.status != 201:
                         raise _page_failure(response, offset)
                     sent += count
@@ -550,7 +555,11 @@ class AzureConnector(Connector):
                 arm.wait(deleted, f"delete the disk {name!r}", None)
         except LayerDeskError as exc:
             log.warning("could not delete the managed disk %s after a failed delivery: %s", name, exc)
-            return f"the managed disk {name!r} could not be deleted ({exc}); remove it in the Azure portal."
+            settings = arm.settings
+            return (f"LayerDesk could not delete the managed disk {name!r} ({exc.message.rstrip('.')}): remove it "
+                    f"from the resource group {settings.option('resource_group')!r} of subscription "
+                    f"{settings.option('subscription')} by hand (in the Azure portal; revoke its upload access first "
+                    "when it still has one).")
         return f"the managed disk {name!r} was deleted."
 
 

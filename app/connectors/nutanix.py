@@ -361,7 +361,7 @@ class NutanixConnector(Connector):
                 prism.wait(str(answer["status"]["execution_context"]["task_uuid"]), f"create the VM {name!r}",
                            cancel)
             except BaseException as exc:
-                left = self._clean_up(prism, created)
+                left = self._clean_up(prism, created, name)
                 if isinstance(exc, TaskCanceled):
                     raise TaskCanceled(f"The delivery was cancelled; {left}") from None
                 if isinstance(exc, LayerDeskError):
@@ -415,16 +415,18 @@ class NutanixConnector(Connector):
         }
 
     @staticmethod
-    def _clean_up(prism: Prism, created: dict[str, str]) -> str:
+    def _clean_up(prism: Prism, created: dict[str, str], name: str) -> str:
         """Delete the VM and the image this delivery created (the VM first: its disk was cloned from the
-        image); a sentence saying what was removed or what is left for an administrator to remove."""
+        image); a sentence saying what was removed, or exactly what is left for an administrator to remove
+        and where."""
         removed: list[str] = []
         left: list[str] = []
+        why = ""
         for kind, path in (("vm", "/vms"), ("image", "/images")):
             uuid = created.get(kind)
             if uuid is None:
                 continue
-            what = f"the {'VM' if kind == 'vm' else 'image'} {uuid}"
+            what = f"the {'VM' if kind == 'vm' else 'image'} {name!r} ({uuid})"
             try:
                 answer = prism.call("DELETE", f"{path}/{uuid}", f"delete {what}", missing_ok=True)
                 task = ((answer or {}).get("status") or {}).get("execution_context", {}).get("task_uuid")
@@ -434,9 +436,15 @@ class NutanixConnector(Connector):
             except LayerDeskError as exc:
                 log.warning("could not delete %s after a failed delivery: %s", what, exc)
                 left.append(what)
+                why = why or exc.message.rstrip(".")
+        where = prism.client.what
         if left:
-            return f"{' and '.join(left)} could not be deleted: remove {'them' if len(left) > 1 else 'it'} in Prism."
-        return f"{' and '.join(removed)} were deleted." if removed else "nothing was created in Prism."
+            done = f"; {' and '.join(removed)} {'was' if len(removed) == 1 else 'were'} deleted" if removed else ""
+            return (f"LayerDesk could not clean up on {where} ({why}){done}: remove {' and '.join(left)} there by "
+                    "hand.")
+        if removed:
+            return f"{' and '.join(removed)} {'was' if len(removed) == 1 else 'were'} deleted from {where}."
+        return "nothing was created in Prism."
 
 
 def _vm_name(pattern: str, *, template: str, image: str, revision: int, created: datetime) -> str:

@@ -115,6 +115,10 @@ class RestClient:
             target += "?" + parts.query
         return parts.hostname, parts.port or 443, target
 
+    def _shown(self, url: str) -> str:
+        """``url`` (relative or absolute) as it may appear in a message: absolute, without its query."""
+        return without_query(self.base_url + url if url.startswith("/") else url)
+
     def _connection(self, host: str, port: int) -> http.client.HTTPSConnection:
         connection = self._connections.get((host, port))
         if connection is None:
@@ -137,7 +141,17 @@ class RestClient:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _failure(self, exc: BaseException, host: str, port: int) -> EnvironmentProblem:
+    def _failure(self, exc: BaseException, host: str, port: int, during: str | None = None) -> EnvironmentProblem:
+        """The error for ``exc``; ``during`` names what was under way on an established connection (the host
+        was reached, then went away or stopped answering)."""
+        if during is not None and not isinstance(exc, ssl.SSLCertVerificationError):
+            if isinstance(exc, TimeoutError | socket.timeout):
+                return EnvironmentProblem(f"{host}:{port} stopped answering during {during} (nothing for "
+                                          f"{self.timeout_s:.0f} s); check that {self.what} is still reachable from "
+                                          "this machine.")
+            return EnvironmentProblem(f"The connection to {host}:{port} was lost during {during} "
+                                      f"({_lost_reason(exc)}); the host went down or the network between failed. Check "
+                                      f"that {self.what} is reachable from this machine.")
         if isinstance(exc, ssl.SSLCertVerificationError):
             return EnvironmentProblem(
                 f"The certificate of {host}:{port} could not be verified ({exc.verify_message}). Give the connector "
@@ -199,20 +213,38 @@ class RestClient:
         if body is not None or method in ("POST", "PUT", "PATCH"):
             sent["Content-Length"] = str(len(body or b""))
         host, port, target = self._split(url)
-        # A kept-alive connection the server has closed fails at once; a fresh one is tried once.
+        during = f"{method} {self._shown(url)}"
+        # A kept-alive connection the server has closed fails at once; a fresh one is tried once (only then:
+        # one that fails when fresh means the host itself went away).
         for attempt in (1, 2):
             connection = self._connection(host, port)
+            # A host that refuses the new connection after the first was lost has gone away mid-request.
+            reused = self._open(connection, host, port, during if attempt == 2 else None)
             try:
                 connection.request(method, target, body=body, headers=sent)
                 return self._read(connection)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 self._drop(host, port)
-                if attempt == 2:
-                    raise self._failure(exc, host, port) from None
+                if not reused:
+                    raise self._failure(exc, host, port, during) from None
             except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
                 self._drop(host, port)
-                raise self._failure(exc, host, port) from None
+                raise self._failure(exc, host, port, during) from None
         raise AssertionError("unreachable")
+
+    def _open(self, connection: http.client.HTTPSConnection, host: str, port: int,
+              during: str | None = None) -> bool:
+        """Connect ``connection`` unless it is open already (then ``True``: a kept-alive one is reused);
+        :class:`EnvironmentProblem` when the host cannot be reached (said as a loss ``during`` a request when
+        this is the reconnection after one)."""
+        if connection.sock is not None:
+            return True
+        try:
+            connection.connect()
+        except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+            self._drop(host, port)
+            raise self._failure(exc, host, port, during) from None
+        return False
 
     def upload(self, method: str, url: str, source: BinaryIO, length: int, *, headers: Mapping[str, str],
                progress: Callable[[int], None], cancel: Cancellable) -> Response:
@@ -222,12 +254,13 @@ class RestClient:
         :class:`TaskCanceled` (the server sees an aborted request)."""
         host, port, target = self._split(url)
         connection = self._connection(host, port)
+        self._open(connection, host, port)
+        sent = 0
         try:
             connection.putrequest(method, target, skip_accept_encoding=True)
             for name, value in {**headers, "Content-Length": str(length)}.items():
                 connection.putheader(name, value)
             connection.endheaders()
-            sent = 0
             while sent < length:
                 if cancel.cancelled:
                     self._drop(host, port)
@@ -242,7 +275,8 @@ class RestClient:
             return self._read(connection)
         except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
             self._drop(host, port)
-            raise self._failure(exc, host, port) from None
+            raise self._failure(exc, host, port, f"the upload to {self._shown(url)}, after {_mib(sent)} of "
+                                f"{_mib(length)} MiB") from None
         except BaseException:
             self._drop(host, port)
             raise
@@ -255,6 +289,20 @@ class RestClient:
         if answer.will_close:
             connection.close()
         return Response(answer.status, answer.reason, headers, body)
+
+
+def _mib(count: int) -> str:
+    return f"{count / 1024**2:.0f}" if count >= 10 * 1024**2 or count % 1024**2 == 0 else f"{count / 1024**2:.1f}"
+
+
+def _lost_reason(exc: BaseException) -> str:
+    """Why an established connection failed, in words (a reset and a TLS stream cut short read alike)."""
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "it was closed without an answer"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError | ssl.SSLError
+                  | http.client.IncompleteRead):
+        return "it was reset"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _names(entries: Any) -> dict[str, str]:

@@ -315,13 +315,60 @@ class _Undo:
         _what, action = self._actions.pop(key)
         action()
 
-    def undo_all(self) -> None:
+    def undo_all(self) -> tuple[list[str], str | None]:
+        """Remove everything registered, newest first; what could not be removed (each as :meth:`add` named
+        it) and why the first of those failed (``None`` when all went)."""
+        left: list[str] = []
+        reason: str | None = None
         for what, action in reversed(list(self._actions.values())):
             try:
-                action()
+                try:
+                    action()
+                except (OSError, http.client.HTTPException):
+                    # The first call after a lost connection fails on the dead socket; pyVmomi then opens a new one.
+                    action()
             except Exception as failure:  # noqa: BLE001 - keep undoing; the delivery's own error is reported
-                log.warning("could not %s after a failed delivery: %s", what, failure)
+                log.warning("could not remove %s after a failed delivery: %s", what, failure)
+                left.append(what)
+                reason = reason or _reason(failure)
         self._actions.clear()
+        return left, reason
+
+
+def _reason(failure: BaseException) -> str:
+    """A short text for why a call failed: a vCenter fault's message, a socket error's, or the type's name."""
+    if isinstance(failure, vmodl.MethodFault):
+        return _fault_text(failure)
+    if isinstance(failure, http.client.RemoteDisconnected):
+        return "it was closed without an answer"
+    if isinstance(failure, ConnectionResetError | BrokenPipeError | ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return "it was reset"
+    if isinstance(failure, ssl.SSLError):
+        return failure.reason or str(failure)
+    if isinstance(failure, OSError):
+        return failure.strerror or str(failure) or type(failure).__name__
+    return str(failure) or type(failure).__name__
+
+
+#: What an error says when the clean-up after it succeeded; replaced when something was left behind.
+_CLEANED = re.compile(r"[;.,]? *(?:what was created was removed again|the VM was removed|the half-uploaded disk and "
+                      r"the VM were removed|nothing was left behind)(?=[.;]|$)[.;]?", re.IGNORECASE)
+
+
+def _left_behind(error: BaseException, left: list[str], reason: str | None, where: str) -> None:
+    """Say in ``error`` (a :class:`LayerDeskError` or :class:`TaskCanceled`) exactly what an administrator must
+    remove by hand, instead of that what was created was removed."""
+    things = ", ".join(left[:-1]) + f" and {left[-1]}" if len(left) > 1 else left[0]
+    why = f" ({reason})" if reason else ""
+    if isinstance(error, TaskCanceled):
+        error.args = (f"The delivery was cancelled, but vCenter {where} could not be cleaned up{why}: remove "
+                      f"{things} there.",)
+        return
+    assert isinstance(error, LayerDeskError)
+    text = _CLEANED.sub(".", error.message).rstrip(" .;") + "."
+    error.message = (f"{text} LayerDesk could not clean up on vCenter {where}{why}: remove {things} there (in the "
+                     "vSphere Client).")
+    error.args = (error.message,)
 
 
 class _TaskFailed(Exception):
@@ -637,13 +684,23 @@ class VSphereConnector(Connector):
                 result = self._build(session, settings, sidecar, name, vmdk, capacity, dc, pool, datastore,
                                      folder, template, network, undo, progress, cancel)
             except BaseException as exc:
-                undo.undo_all()
+                left, reason = undo.undo_all()
+                error: BaseException
                 if isinstance(exc, _TaskFailed):
-                    raise self._task_error(exc, datastore.name) from None
-                if isinstance(exc, vmodl.MethodFault):
-                    raise EnvironmentProblem(f"vCenter {session.where} refused a step of the delivery: "
-                                             f"{_fault_text(exc)}; what was created was removed again.") from None
-                raise
+                    error = self._task_error(exc, datastore.name)
+                elif isinstance(exc, vmodl.MethodFault):
+                    error = EnvironmentProblem(f"vCenter {session.where} refused a step of the delivery: "
+                                               f"{_fault_text(exc)}; what was created was removed again.")
+                elif isinstance(exc, OSError | http.client.HTTPException):
+                    error = EnvironmentProblem(f"Lost contact with vCenter {session.where} during the delivery "
+                                               f"({_reason(exc)}); what was created was removed again.")
+                elif isinstance(exc, LayerDeskError | TaskCanceled):
+                    error = exc
+                else:
+                    raise
+                if left:
+                    _left_behind(error, left, reason, session.where)
+                raise error from None
             location = f"vCenter {session.where}: VM {name} in {dc.name} on {datastore.name}"
         return DeliveryResult(settings.name, self.type, location, result, image.stat().st_size,
                               time.monotonic() - started)
@@ -670,7 +727,8 @@ class VSphereConnector(Connector):
         clone_spec = vim.vm.CloneSpec(location=relocate, powerOn=False, template=False)
         vm = session.wait(template.CloneVM_Task(folder=folder, name=name, spec=clone_spec),
                           f"cloning {template.name} into {name}", cancel)
-        undo.add("vm", f"destroy VM {name}", lambda: _destroy(session, vm))
+        undo.add("vm", f"VM {name} (in datacenter {dc.name}, on datastore {datastore.name})",
+                 lambda: _destroy(session, vm))
 
         # 2. The disk, through an import lease into a helper VM.
         helper_name = f"{name}-disk"
@@ -683,7 +741,7 @@ class VSphereConnector(Connector):
         manager = session.content.virtualDiskManager
         session.wait(manager.MoveVirtualDisk_Task(sourceName=disk_path, sourceDatacenter=dc, destName=final_path,
                                                   destDatacenter=dc, force=False), "moving the uploaded disk", cancel)
-        undo.add("disk", "delete the uploaded disk", lambda: session.wait(
+        undo.add("disk", f"the uploaded disk {final_path}", lambda: session.wait(
             manager.DeleteVirtualDisk_Task(name=final_path, datacenter=dc), "deleting the uploaded disk"))
         undo.run_now("helper")
 
@@ -732,7 +790,8 @@ class VSphereConnector(Connector):
             if entity is not None:
                 _destroy(session, entity)
 
-        undo.add("helper", f"remove the import VM {helper_name}", remove_helper)
+        undo.add("helper", f"the import VM {helper_name} with its half-uploaded disk (its folder on datastore "
+                           f"{datastore.name})", remove_helper)
         deadline = time.monotonic() + 300
         while lease.state == vim.HttpNfcLease.State.initializing:
             if cancel.cancelled:
@@ -761,7 +820,7 @@ class VSphereConnector(Connector):
         path: str = disks[0].backing.fileName
         # Detached, the disk no longer goes with the helper: remove it explicitly should a later step fail.
         manager = session.content.virtualDiskManager
-        undo.add("disk", "delete the uploaded disk", lambda: session.wait(
+        undo.add("disk", f"the uploaded disk {path}", lambda: session.wait(
             manager.DeleteVirtualDisk_Task(name=path, datacenter=dc), "deleting the uploaded disk"))
         return path
 
@@ -775,6 +834,7 @@ class VSphereConnector(Connector):
         connection = http.client.HTTPSConnection(parts.hostname or session.host, parts.port or 443,
                                                  context=session.context, timeout=CONNECT_TIMEOUT_S)
         cookie = session.cookie
+        sent, reported = 0, time.monotonic()
         try:
             connection.putrequest("POST", parts.path + (f"?{parts.query}" if parts.query else ""))
             connection.putheader("Content-Type", "application/x-vnd.vmware-streamVmdk")
@@ -783,7 +843,6 @@ class VSphereConnector(Connector):
             if cookie:
                 connection.putheader("Cookie", cookie)
             connection.endheaders()
-            sent, reported = 0, time.monotonic()
             with vmdk.open("rb") as file:
                 while chunk := file.read(CHUNK):
                     if cancel.cancelled:
@@ -799,12 +858,17 @@ class VSphereConnector(Connector):
             response = connection.getresponse()
             body = response.read(4096).decode("utf-8", "replace")
         except (OSError, http.client.HTTPException) as exc:
-            with contextlib.suppress(vmodl.MethodFault):
+            lease_error = None
+            # vCenter may say why it broke the upload off; a host that went away cannot (its session's
+            # connection is likely gone too: that failure is the one below, not this one's).
+            with contextlib.suppress(vmodl.MethodFault, OSError, http.client.HTTPException):
                 lease_error = lease.error if lease.state == vim.HttpNfcLease.State.error else None
-                if lease_error is not None:
-                    raise _TaskFailed("uploading the disk", lease_error) from None
-            raise EnvironmentProblem(f"The upload of the disk to {parts.hostname} failed: {exc}. What was created "
-                                     "was removed again.") from None
+            if lease_error is not None:
+                raise _TaskFailed("uploading the disk", lease_error) from None
+            raise EnvironmentProblem(
+                f"The connection to {parts.hostname}:{parts.port or 443} was lost during the upload of the disk, "
+                f"after {sent // 1024**2} of {size // 1024**2} MiB ({_reason(exc)}); check that vCenter "
+                f"{session.where} and its hosts are reachable. What was created was removed again.") from None
         finally:
             connection.close()
         if response.status >= 300:

@@ -6,20 +6,32 @@ with the recording. The fixed VHD it uploads is made by the real qemu-img."""
 
 from __future__ import annotations
 
+import copy
+import gc
+import re
 import subprocess
+import warnings
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from app.connectors import connector_for
 from app.connectors.azure import AzureConnector, check_fixed_vhd_footer, fixed_vhd_for_azure
 from app.connectors.base import ConnectorSettings
-from app.errors import AuthenticationFailed, Conflict, NotFound, UserError, ValidationError
+from app.errors import AuthenticationFailed, Conflict, EnvironmentProblem, NotFound, UserError, ValidationError
 from app.tasks.base import TaskCanceled
 from tests.connectors.conftest import Flag, MiB, sidecar_for
-from tests.support.recorded_https import RecordedServer, TestCA, make_test_ca, recorded_server
+from tests.support.recorded_https import (
+    HostDown,
+    RecordedServer,
+    TestCA,
+    load_recording,
+    make_test_ca,
+    recorded_server,
+)
 
 RECORDINGS = Path(__file__).parent / "recordings" / "azure"
 SECRET = "Qx8~recorded.client-secret_value"
@@ -28,6 +40,9 @@ CLIENT = "a4e9c2d7-1b6f-4e38-9d05-7c3a8f2e1b69"
 SUBSCRIPTION = "3f2b7a9c-5e14-4d8b-a6c2-9e1f0d7b4a53"
 RAW_SIZE = 12 * MiB + 1024  # not a whole MiB: the connector pads it to 13 MiB
 VHD_SIZE = 13 * MiB + 512
+#: The disk's page blob, where the SAS URL points (its query, the signature, is never shown).
+BLOB_PATH = "/md-impexp-t0rlbvkq2jws/abcd"
+SIGNATURE = "REC0RDEDs1gnatureXyZ="
 DISK_ID = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-vdi-images/providers/Microsoft.Compute/disks/"
            "Gold-20250301-101500")
 
@@ -197,6 +212,81 @@ def test_cancel_mid_upload_ends_access_and_deletes_the_disk(ca: TestCA, disk: Pa
     tail = [(s.method, s.path.rsplit("/", 1)[-1]) for s in server.seen[-4:]]
     assert tail[0] == ("POST", "endGetAccess") and tail[2] == ("DELETE", "Gold-20250301-101500")
     assert list(disk.parent.iterdir()) == [disk]
+
+
+def _second_page_cut_off() -> dict[str, Any]:
+    """deliver_ok.json's second page write (8–12 MiB), as a request whose body never arrives whole."""
+    page = copy.deepcopy(load_recording(RECORDINGS / "deliver_ok.json")[9])
+    assert page["request"]["headers"]["x-ms-range"] == f"bytes={8 * MiB}-{12 * MiB - 1}"
+    del page["request"]["body"]
+    page["request"]["aborted"] = True
+    return page
+
+
+def _collect_abandoned_sockets() -> None:
+    """A connection reset mid-request leaves http.client's half-read response holding the TLS socket until the
+    garbage collector runs: collect it in the test that causes it, not in whichever test runs next."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"unclosed <ssl\.SSLSocket", ResourceWarning)
+        gc.collect()
+
+
+def test_the_storage_host_going_down_mid_upload_ends_access_and_deletes_the_disk(ca: TestCA, disk: Path) -> None:
+    """Runs against recordings: deliver_cancel.json (one page written, then the access ended and the disk deleted)
+    with deliver_ok.json's second page write put before the clean-up. The server resets that write's connection
+    after 1 MiB of its body (5 MiB of the upload) without answering, and the blob path stays down (a retry is
+    reset as it arrives), while Resource Manager still answers the clean-up."""
+    cancel = load_recording(RECORDINGS / "deliver_cancel.json")
+    exchanges = [*cancel[:9], _second_page_cut_off(), *cancel[9:]]
+    with recorded_server(ca, exchanges, {"secret": SECRET}, host_down=HostDown(BLOB_PATH, 5 * MiB)) as server, \
+            pytest.raises(EnvironmentProblem) as caught:
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), SECRET, lambda *_: None, Flag())
+    server.assert_played()
+    host = server.base_url.removeprefix("https://")
+    message = str(caught.value)
+    assert re.fullmatch(
+        rf"The upload of the disk stopped at 8 of 13 MiB: the connection to {host} was lost during PUT "
+        rf"{server.base_url}{BLOB_PATH} \((it was reset|it was closed without an answer)\); the host went down or "
+        r"the network between failed\. Check that Azure is reachable from this machine\. The managed disk "
+        r"'Gold-20250301-101500' was deleted\.", message), message
+    cut = server.seen[9]
+    assert cut.cut and cut.headers["x-ms-range"] == f"bytes={8 * MiB}-{12 * MiB - 1}" and len(cut.body) == MiB
+    assert len(server.refused) <= 1  # at most one retry of the write, on a fresh connection
+    tail = [(s.method, s.path.rsplit("/", 1)[-1]) for s in server.seen[-4:]]
+    assert tail[0] == ("POST", "endGetAccess") and tail[2] == ("DELETE", "Gold-20250301-101500")
+    assert SIGNATURE not in message and SECRET not in message
+    _never_leaks_the_secret(server)
+    assert list(disk.parent.iterdir()) == [disk]
+    del caught
+    _collect_abandoned_sockets()
+
+
+def test_azure_staying_down_names_the_disk_to_remove_by_hand(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording (deliver_ok.json up to its second page write, which is cut off): the server
+    resets that write's connection after 1 MiB of its body and stops listening, so neither the end of the access
+    nor the disk's deletion reaches it; the message names the disk, its resource group and subscription."""
+    exchanges = [*load_recording(RECORDINGS / "deliver_ok.json")[:9], _second_page_cut_off()]
+    with recorded_server(ca, exchanges, {"secret": SECRET},
+                         host_down=HostDown(BLOB_PATH, 5 * MiB, whole_server=True)) as server, \
+            pytest.raises(EnvironmentProblem) as caught:
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), SECRET, lambda *_: None, Flag())
+    server.assert_played()
+    host = server.base_url.removeprefix("https://")
+    message = str(caught.value)
+    # The write's kept-alive connection is reset; the one retry on a fresh connection is refused, or not tried.
+    assert re.match(rf"The upload of the disk stopped at 8 of 13 MiB: the connection to {host} was lost during PUT "
+                    rf"{server.base_url}{BLOB_PATH} \((it was reset|it was closed without an answer|Connection "
+                    r"refused)\); the host went down", message), message
+    assert message.endswith(
+        f"LayerDesk could not delete the managed disk 'Gold-20250301-101500' (Cannot reach {host} (Connection "
+        "refused); check the address, the port and that Azure is reachable from this machine): remove it from the "
+        f"resource group 'rg-vdi-images' of subscription {SUBSCRIPTION} by hand (in the Azure portal; revoke its "
+        "upload access first when it still has one)."), message
+    assert SIGNATURE not in message and SECRET not in message
+    _never_leaks_the_secret(server)
+    assert list(disk.parent.iterdir()) == [disk]
+    del caught
+    _collect_abandoned_sockets()
 
 
 def test_images_become_fixed_vhds_of_whole_mib(disk: Path, tmp_path: Path) -> None:

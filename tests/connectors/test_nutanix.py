@@ -6,7 +6,10 @@ uploaded bytes) is compared with the recording."""
 from __future__ import annotations
 
 import base64
+import gc
+import re
 import subprocess
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,12 +21,13 @@ from app.connectors.nutanix import NutanixConnector
 from app.errors import Conflict, EnvironmentProblem, NotFound, ValidationError
 from app.tasks.base import TaskCanceled
 from tests.connectors.conftest import Flag, MiB, sidecar_for
-from tests.support.recorded_https import RecordedServer, TestCA, make_test_ca, recorded_server
+from tests.support.recorded_https import HostDown, RecordedServer, TestCA, make_test_ca, recorded_server
 
 RECORDINGS = Path(__file__).parent / "recordings" / "nutanix"
 PASSWORD = "Nx-s3cret!pw"
 IMAGE_UUID = "7e1b5c93-4a2d-4f86-b0e7-1c9a3d5f8e62"
 VM_UUID = "e4a7c2d9-6b1f-4c38-9a5e-2d8f0b6c3a17"
+UPLOAD_PATH = f"/api/nutanix/v3/images/{IMAGE_UUID}/file"
 
 
 @pytest.fixture(scope="module")
@@ -180,18 +184,79 @@ def test_cancel_mid_upload_deletes_the_image(ca: TestCA, disk: Path) -> None:
             flag.cancelled = True
 
     with recorded_server(ca, RECORDINGS / "deliver_cancel.json", _values(disk), upload=disk) as server, \
-            pytest.raises(TaskCanceled, match=f"the image {IMAGE_UUID} were deleted"):
+            pytest.raises(TaskCanceled, match=f"the image 'Gold-20250301-101500' \\({IMAGE_UUID}\\) was deleted from "
+                                              "Prism at 127.0.0.1:"):
         _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), PASSWORD, progress, flag)
     server.assert_played()
     assert server.seen[6].aborted and len(server.seen[6].body) < disk.stat().st_size
     assert (server.seen[-2].method, server.seen[-2].path) == ("DELETE", f"/api/nutanix/v3/images/{IMAGE_UUID}")
 
 
+def _collect_abandoned_sockets() -> None:
+    """When a server resets a connection mid-request, http.client abandons the response it began reading and
+    with it a reference to the TLS socket, whose close then waits for the garbage collector: collect it here,
+    in the test that causes it, so it is not reported against whichever test runs next."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"unclosed <ssl\.SSLSocket", ResourceWarning)
+        gc.collect()
+
+
+def test_the_host_going_down_mid_upload_deletes_the_image_once_it_answers_again(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording (deliver_cancel.json: the upload's body cut off, then the image deleted and its
+    delete task waited for). Here no cancel cuts the body: the server resets the upload's connection after its
+    first MiB without answering, as a host going away does, and is reachable again for the clean-up."""
+    with recorded_server(ca, RECORDINGS / "deliver_cancel.json", _values(disk), upload=disk,
+                         host_down=HostDown(UPLOAD_PATH, MiB)) as server, \
+            pytest.raises(EnvironmentProblem) as caught:
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), PASSWORD, lambda *_: None, Flag())
+    server.assert_played()
+    host = server.base_url.removeprefix("https://")
+    message = str(caught.value)
+    assert re.fullmatch(
+        rf"The connection to {host} was lost during the upload to {server.base_url}{UPLOAD_PATH}, after [\d.]+ of "
+        r"5 MiB \((it was reset|it was closed without an answer)\); the host went down or the network between "
+        rf"failed\. Check that Prism at {host} is reachable from this machine\. The image 'Gold-20250301-101500' "
+        rf"\({IMAGE_UUID}\) was deleted from Prism at {host}\.", message), message
+    upload = server.seen[6]
+    assert upload.cut and len(upload.body) == MiB and upload.body == disk.read_bytes()[:MiB]
+    assert [(s.method, s.path) for s in server.seen if s.method == "DELETE"] == [
+        ("DELETE", f"/api/nutanix/v3/images/{IMAGE_UUID}")]
+    assert PASSWORD not in message
+    _never_leaks_the_password(server)
+    del caught
+    _collect_abandoned_sockets()
+
+
+def test_the_host_staying_down_names_the_image_to_remove_by_hand(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording (deliver_cancel.json, up to its cut-off upload): the server resets the upload's
+    connection after its first MiB and stops listening, so the image's DELETE cannot reach it either; the
+    message names exactly what the administrator must remove, and where."""
+    with recorded_server(ca, RECORDINGS / "deliver_cancel.json", _values(disk), upload=disk,
+                         host_down=HostDown(UPLOAD_PATH, MiB, whole_server=True)) as server, \
+            pytest.raises(EnvironmentProblem) as caught:
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), PASSWORD, lambda *_: None, Flag())
+    server.assert_played(7)  # the lookups, the image's creation and the cut-off upload; nothing after
+    host = server.base_url.removeprefix("https://")
+    message = str(caught.value)
+    assert message.startswith(f"The connection to {host} was lost during the upload to {server.base_url}"
+                              f"{UPLOAD_PATH}, after "), message
+    assert message.endswith(
+        f"LayerDesk could not clean up on Prism at {host} (Cannot reach {host} (Connection refused); check the "
+        f"address, the port and that Prism at {host} is reachable from this machine): remove the image "
+        f"'Gold-20250301-101500' ({IMAGE_UUID}) there by hand."), message
+    assert server.seen[6].cut
+    assert PASSWORD not in message
+    _never_leaks_the_password(server)
+    del caught
+    _collect_abandoned_sockets()
+
+
 def test_a_failed_vm_task_deletes_the_half_vm_and_the_image(ca: TestCA, disk: Path) -> None:
     """Runs against a recording where Prism's create_vm task FAILED."""
     with recorded_server(ca, RECORDINGS / "deliver_vm_task_fails.json", _values(disk), upload=disk) as server, \
             pytest.raises(EnvironmentProblem, match="Not enough space in storage container Images.* The VM "
-                                                    f"{VM_UUID} and the image {IMAGE_UUID} were deleted"):
+                                                    rf"'Gold-20250301-101500' \({VM_UUID}\) and the image "
+                                                    rf"'Gold-20250301-101500' \({IMAGE_UUID}\) were deleted"):
         _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), PASSWORD, lambda *_: None, Flag())
     server.assert_played()
     deletes = [(s.method, s.path) for s in server.seen if s.method == "DELETE"]

@@ -8,13 +8,16 @@ is read back through pyvmomi and the simulator's datastore folder."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +28,7 @@ import pytest
 pytest.importorskip("pyVmomi")
 
 from pyVim.connect import Disconnect, SmartConnect
-from pyVmomi import vim
+from pyVmomi import vim, vmodl
 
 from app.connectors import connector_for
 from app.connectors.base import ConnectorSettings
@@ -35,6 +38,7 @@ from app.errors import AuthenticationFailed, Conflict, EnvironmentProblem, NotFo
 from app.tasks.base import TaskCanceled
 from tests.connectors.conftest import Flag, MiB, sidecar_for
 from tests.support import vsphere_sim
+from tests.support.host_relay import HostRelay
 
 TEMPLATE = "DC0_H0_VM0"
 
@@ -238,23 +242,29 @@ def test_mcs_starts_the_master_image_waits_for_its_shutdown_and_snapshots(
     sidecar = sidecar_for(image, template="MCS")
     states: list[str] = []
 
+    delivered = threading.Event()
+
     def guest_shuts_down() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            vm = _vms(api).get(sidecar.image)
-            if vm is not None and vm.runtime.powerState == vim.VirtualMachinePowerState.poweredOn:
-                states.append("poweredOn")
-                time.sleep(0.5)
-                vm.PowerOffVM_Task()
-                return
+        # Until the delivery ends (it fails after its own shutdown timeout): a loaded machine is slow.
+        while not delivered.is_set():
+            try:
+                vm = _vms(api).get(sidecar.image)
+                if vm is not None and vm.runtime.powerState == vim.VirtualMachinePowerState.poweredOn:
+                    states.append("poweredOn")
+                    time.sleep(0.5)
+                    vm.PowerOffVM_Task()
+                    return
+            except vmodl.fault.ManagedObjectNotFound:
+                pass  # the VM list changed while it was read
             time.sleep(0.1)
 
     guest = threading.Thread(target=guest_shuts_down)
     guest.start()
     try:
-        result = MCSVSphereConnector().deliver(image, sidecar, _settings(vcsim, "mcs-vsphere"), vsphere_sim.PASSWORD,
-                                               lambda *_: None, Flag())
+        result = MCSVSphereConnector().deliver(image, sidecar, _settings(vcsim, "mcs-vsphere", shutdown_timeout_s=120),
+                                               vsphere_sim.PASSWORD, lambda *_: None, Flag())
     finally:
+        delivered.set()
         guest.join()
     assert states == ["poweredOn"]
     vm = _vms(api)[sidecar.image]
@@ -332,6 +342,93 @@ def test_cancel_mid_upload_leaves_nothing_behind(vcsim: vsphere_sim.RunningSimul
     assert sum(m.startswith("Uploaded") for m in seen) == 1
     assert not {"Cancelled", "Cancelled-disk"} & set(_vms(api))
     assert _datastore_files(vcsim, "Cancelled") == []
+
+
+def _noise_vmdk(folder: Path, name: str) -> Path:
+    """A streamOptimized VMDK of random bytes (which do not compress: several 1 MiB chunks go up)."""
+    raw = folder / f"{name}.raw"
+    raw.write_bytes(os.urandom(6 * MiB))
+    image = folder / f"{name}.vmdk"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw),
+                    str(image)], check=True)
+    raw.unlink()
+    return image
+
+
+def _upload_cut_off(relay: HostRelay, *, stay_down: bool) -> tuple[Any, list[int]]:
+    """A progress callback that cuts ``relay`` once the first MiB of the disk went up, and the connections
+    the relay had accepted by then (filled in at the cut)."""
+    accepted: list[int] = []
+
+    def progress(_percent: float, message: str) -> None:
+        if message.startswith("Uploaded") and not accepted:
+            accepted.append(relay.accepted)
+            relay.cut(stay_down=stay_down)
+
+    return progress, accepted
+
+
+def _collect_abandoned_sockets() -> None:
+    """A reset mid-request leaves http.client's half-read response holding its TLS socket until the garbage
+    collector runs: collect it in the test that causes it, not in whichever test runs next."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"unclosed <ssl\.SSLSocket", ResourceWarning)
+        gc.collect()
+
+
+def test_vcenter_going_down_mid_upload_leaves_nothing_once_it_answers_again(
+        vcsim: vsphere_sim.RunningSimulator, api: Any, tmp_path: Path) -> None:
+    """Runs against vcsim through a relay: the connector's SOAP session and its upload both go through it (the
+    lease's upload URL names the host the session uses). After the first MiB of the upload the relay resets
+    every connection, as a host going away does; new connections go through again, so the clean-up can run."""
+    image = _noise_vmdk(tmp_path, "Blip")
+    with HostRelay((vcsim.host, vcsim.port)) as relay:
+        progress, accepted = _upload_cut_off(relay, stay_down=False)
+        with pytest.raises(EnvironmentProblem) as caught:
+            VSphereConnector().deliver(image, sidecar_for(image), _settings(vcsim, port=relay.port),
+                                       vsphere_sim.PASSWORD, progress, Flag())
+        assert relay.accepted > accepted[0]  # the clean-up came through fresh connections
+    where = f"127.0.0.1:{relay.port}"
+    message = str(caught.value)
+    assert re.fullmatch(rf"The connection to {where} was lost during the upload of the disk, after 1 of [67] MiB "
+                        rf"\(.+\); check that vCenter {where} and its hosts are reachable\. What was created was "
+                        r"removed again\.", message), message
+    assert not {"Blip", "Blip-disk"} & set(_vms(api))
+    assert _datastore_files(vcsim, "Blip") == []
+    assert vsphere_sim.PASSWORD not in message
+    del caught
+    _collect_abandoned_sockets()
+
+
+def test_vcenter_staying_down_mid_upload_names_what_to_remove(vcsim: vsphere_sim.RunningSimulator, api: Any,
+                                                              tmp_path: Path) -> None:
+    """Runs against vcsim through a relay that resets every connection after the first MiB of the upload and
+    refuses new ones from then on: the connector's clean-up cannot reach vCenter, so the message names what is
+    left, which this test finds there (through its own session) and removes as the administrator would."""
+    image = _noise_vmdk(tmp_path, "Down")
+    with HostRelay((vcsim.host, vcsim.port)) as relay:
+        progress, _accepted = _upload_cut_off(relay, stay_down=True)
+        with pytest.raises(EnvironmentProblem) as caught:
+            VSphereConnector().deliver(image, sidecar_for(image), _settings(vcsim, port=relay.port),
+                                       vsphere_sim.PASSWORD, progress, Flag())
+    where = f"127.0.0.1:{relay.port}"
+    message = str(caught.value)
+    assert message.startswith(f"The connection to {where} was lost during the upload of the disk, after 1 of "), message
+    assert message.endswith(
+        f"LayerDesk could not clean up on vCenter {where} (Connection refused): remove the import VM Down-disk with "
+        "its half-uploaded disk (its folder on datastore LocalDS_0) and VM Down (in datacenter DC0, on datastore "
+        "LocalDS_0) there (in the vSphere Client)."), message
+    assert "removed again" not in message and vsphere_sim.PASSWORD not in message
+    del caught
+    _collect_abandoned_sockets()
+    # What the message names is what is there; the administrator removes it.
+    vms = _vms(api)
+    assert {"Down", "Down-disk"} <= set(vms)
+    assert any(path.endswith(".vmdk") for path in _datastore_files(vcsim, "Down-disk/"))
+    for name in ("Down-disk", "Down"):
+        _wait(vms[name].Destroy_Task())
+    assert not {"Down", "Down-disk"} & set(_vms(api))
+    assert _datastore_files(vcsim, "Down") == []
 
 
 def test_a_wim_is_refused_with_what_to_publish_instead(vcsim: vsphere_sim.RunningSimulator, tmp_path: Path) -> None:

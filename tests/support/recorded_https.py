@@ -9,13 +9,21 @@ answered with a 599, so the test both fails on the assertion and sees where the 
 
 ``{{name}}`` in a recording is replaced by the test's values (the server's own base URL, an expected
 ``Authorization`` header); ``"{{any}}"`` as an expected value matches anything that is present.
+
+A test can make the host go away in the middle of an upload (:class:`HostDown`): the request's body is cut
+off after a number of bytes and its connection reset without an answer; then either only that path stays
+down (later requests to it are reset as they arrive, without taking a place in the recording: the storage
+host is gone, the API host still answers the clean-up) or the whole server stops listening (every later
+connection is refused: nothing can be cleaned up).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import ssl
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -68,9 +76,30 @@ class Seen:
     headers: dict[str, str]
     body: bytes
     aborted: bool = False
+    #: The connection was reset by the server mid-body (:class:`HostDown`), not by the client.
+    cut: bool = False
 
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
+
+
+@dataclass
+class HostDown:
+    """The host goes away once ``after`` bytes of request bodies to ``path`` arrived (counted over its
+    requests: a page blob is written in several).
+
+    The request during which that happens is answered with nothing: its connection is reset. It takes its
+    place in the recording (which marks it ``"aborted": true``). Afterwards, with ``whole_server``, the server
+    stops listening, so every later connection is refused; otherwise only ``path`` stays down: each later
+    request to it is reset as its headers arrive (kept in :attr:`RecordedServer.refused`, outside the
+    recording)."""
+
+    path: str
+    after: int
+    whole_server: bool = False
+    happened: bool = False
+    #: Body bytes to ``path`` received so far.
+    received: int = 0
 
 
 @dataclass
@@ -88,14 +117,23 @@ class RecordedServer:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: Called with each request after it is checked (e.g. to cancel a delivery at a chosen moment).
     on_request: Callable[[Seen], None] | None = None
+    #: When and how the host goes away mid-upload (``None``: it stays up).
+    host_down: HostDown | None = None
+    #: Requests reset as they arrived because their path was down (they are not in :attr:`seen`).
+    refused: list[Seen] = field(default_factory=list)
+    #: Stops the server listening (set by :func:`recorded_server`).
+    stop_listening: Callable[[], None] | None = None
 
     @property
     def played(self) -> int:
         return len(self.seen)
 
-    def assert_played(self) -> None:
-        """Every recorded exchange was asked for, in order, as recorded."""
+    def assert_played(self, count: int | None = None) -> None:
+        """Every recorded exchange (or its first ``count``, and no more) was asked for, in order, as recorded."""
         assert not self.mismatches, "\n".join(self.mismatches)
+        if count is not None:
+            assert len(self.seen) == count, f"{len(self.seen)} requests came, not the first {count} of the recording"
+            return
         left = self.exchanges[len(self.seen):]
         assert not left, f"{len(left)} recorded exchanges never came, the first: {_describe(left[0]['request'])}"
 
@@ -205,12 +243,23 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         seen = Seen(self.command, parts.path, dict(parse_qsl(parts.query, keep_blank_values=True)),
                     {k.lower(): v for k, v in self.headers.items()}, b"")
+        down = recorded.host_down
         # The request takes its place in the order when its headers arrive: a body cut off by a cancel
         # ends later than the clean-up requests that follow it on another connection.
         with recorded.lock:
+            if down is not None and down.happened and seen.path == down.path:
+                recorded.refused.append(seen)
+                self._reset()
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            cutting = False
+            if down is not None and not down.happened and seen.path == down.path:
+                if down.received + length > down.after:
+                    down.happened = cutting = True
+                    length = down.after - down.received
+                down.received += length
             index = len(recorded.seen)
             recorded.seen.append(seen)
-        length = int(self.headers.get("Content-Length") or 0)
         chunks: list[bytes] = []
         received = 0
         while received < length:
@@ -224,6 +273,8 @@ class _Handler(BaseHTTPRequestHandler):
             chunks.append(piece)
             received += len(piece)
         seen.body = b"".join(chunks)
+        seen.aborted = seen.aborted or cutting
+        seen.cut = cutting
         aborted = seen.aborted
         with recorded.lock:
             if index >= len(recorded.exchanges):
@@ -239,6 +290,12 @@ class _Handler(BaseHTTPRequestHandler):
                     exchange = None
         if recorded.on_request is not None:
             recorded.on_request(seen)
+        if cutting:
+            assert down is not None
+            if down.whole_server and recorded.stop_listening is not None:
+                recorded.stop_listening()  # before the reset: the clean-up that follows finds no one listening
+            self._reset()
+            return
         if aborted:
             self.close_connection = True
             return
@@ -253,6 +310,12 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             payload = str(response.get("text", "")).encode("utf-8")
         self._answer(int(response["status"]), headers, payload)
+
+    def _reset(self) -> None:
+        """End the connection with a TCP reset and no answer, as a host that went away does."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def _answer(self, status: int, headers: Mapping[str, str], payload: bytes) -> None:
         self.send_response(status)
@@ -271,19 +334,30 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def recorded_server(ca: TestCA, recording: Path, values: Mapping[str, str] | None = None,
-                    upload: Path | None = None) -> Iterator[RecordedServer]:
-    """Serve ``recording`` over HTTPS on 127.0.0.1 (a free port) while the block runs.
+def recorded_server(ca: TestCA, recording: Path | list[dict[str, Any]], values: Mapping[str, str] | None = None,
+                    upload: Path | None = None, host_down: HostDown | None = None) -> Iterator[RecordedServer]:
+    """Serve ``recording`` (a file, or exchanges a test put together from recordings) over HTTPS on
+    127.0.0.1 (a free port) while the block runs.
 
     ``values`` fill the recording's ``{{name}}`` placeholders (``base`` is always the server's URL);
-    ``upload`` is the file whose bytes the recording's ``"body": "upload"`` requests must carry."""
+    ``upload`` is the file whose bytes the recording's ``"body": "upload"`` requests must carry;
+    ``host_down`` makes the host go away mid-upload."""
     server = _Server(("127.0.0.1", 0), _Handler)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(ca.cert_file, ca.key_file)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     base = f"https://127.0.0.1:{server.server_address[1]}"
-    server.recorded = RecordedServer(base, load_recording(recording), {"base": base, **(values or {})}, upload)
+    exchanges = load_recording(recording) if isinstance(recording, Path) else recording
+    server.recorded = RecordedServer(base, exchanges, {"base": base, **(values or {})}, upload,
+                                     host_down=host_down)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def stop_listening() -> None:
+        # Called from a request's thread: serve_forever runs in its own, which shutdown() waits for.
+        server.shutdown()
+        server.socket.close()
+
+    server.recorded.stop_listening = stop_listening
     thread.start()
     try:
         yield server.recorded
