@@ -283,3 +283,42 @@ def test_the_ui_keeps_ticking_while_a_slow_test_runs_and_the_form_closes_meanwhi
     form.reject()  # closing lets the test go; nothing waits for it
     qtbot.waitUntil(lambda: form._testing is not None and form._testing.done(), timeout=2000)
     assert reports == [] and admin.connectors.list_connectors() == []
+
+
+def test_a_xenserver_connector_from_its_generated_form_tested_against_a_recorded_pool(
+    qtbot: QtBot, event_loop: asyncio.AbstractEventLoop, admin: Services, tmp_path: Path,
+    memory_keyring: MemoryKeyring,
+) -> None:
+    """Against a recording (the XenAPI XML-RPC exchanges of a pool master over HTTPS with a test CA): the form
+    the XenServer type's fields make, a wrong password's failed login step, then the right one, saved."""
+    from tests.connectors.test_xenserver import PASSWORD, USER
+    from tests.support.hyperv_winrm import make_test_ca
+    from tests.support.xenserver_xapi import recorded_pool
+
+    ca = make_test_ca(tmp_path / "ca")
+    page = open_page(qtbot, admin)
+    form = open_add_form(qtbot, page, "xenserver")
+    assert list(form.editors)[:6] == ["endpoint", "username", "password", "verify_tls", "ca_file", "sr"]
+    assert form.labels["sr"].text() == "Storage repository <span style='color: #b00020'>*</span>:"
+    with recorded_pool(ca, USER, PASSWORD) as (pool, port):
+        form.name.setText("XS1")
+        line(form, "endpoint").setText(f"https://localhost:{port}")
+        line(form, "username").setText(USER)
+        line(form, "password").setText("wrong password 1")
+        line(form, "ca_file").setText(str(ca.ca_file))
+        line(form, "sr").setText("Local storage")
+        report = run_test(qtbot, form)
+        assert report is not None and not report.ok
+        assert [(step, result) for step, result, _detail in form.steps.rows()][:3] == [
+            ("TCP", "✔ ok"), ("TLS", "✔ ok"), ("login", "✘ failed")]
+        assert "wrong password 1" not in form.test_status.text() + str(form.steps.rows())
+        line(form, "password").setText(PASSWORD)
+        report = run_test(qtbot, form)
+        assert report is not None and report.ok, report
+        assert pool.sessions == set()
+        with qtbot.waitSignal(page.loaded, timeout=5000):
+            form.ok.click()
+    info = admin.connectors.get_connector("XS1")
+    assert (info.type, info.options["sr"], info.options["ca_file"], info.has_credentials) == (
+        "xenserver", "Local storage", str(ca.ca_file), True)
+    assert list(memory_keyring.store.values()) == [PASSWORD]
