@@ -78,15 +78,15 @@ def maintenance_group() -> None:
 
 @maintenance_group.command("run")
 def maintenance_run() -> None:
-    """Delete ended tasks, audit entries and rotated log files older than their retention settings
-    (Administrator; audited as the system)."""
+    """Delete ended tasks, audit entries and rotated log files older than their retention settings, and what
+    interrupted work left in the home a day ago or more (Administrator; audited as the system)."""
     services = state().services()
     services.caller.require(Operation.MANAGE_ALL_TASKS)
     services.caller.require(Operation.EDIT_SETTINGS)
     report = run_maintenance(services.home, services.catalog, services.secrets)
     emit(report, lambda r: f"Deleted {r.tasks_deleted} task(s), {r.audit_entries_deleted} audit entr"
-                           f"{'y' if r.audit_entries_deleted == 1 else 'ies'} and {len(r.log_files_deleted)} "
-                           "old log file(s).")
+                           f"{'y' if r.audit_entries_deleted == 1 else 'ies'}, {len(r.log_files_deleted)} "
+                           f"old log file(s) and {len(r.leftovers_deleted)} leftover(s) of interrupted work.")
 
 
 

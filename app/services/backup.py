@@ -71,7 +71,7 @@ REPOSITORY_FOLDER = "repository"
 #: Written into a restore's staging folder once everything in it is verified.
 VERIFIED_FILE = "verified.json"
 _CHUNK = 1024 * 1024
-_STAGING_PREFIX = ".restore-"
+RESTORE_STAGING_PREFIX = ".restore-"
 
 SECRETS_NOTE = (
     "Connector and directory junction passwords are kept in the OS keyring, never in a backup: if the backup "
@@ -486,7 +486,7 @@ class RestoreTask(LayerDeskTask):
         self.source = source
         self.manifest = manifest
         self.checksum = checksum
-        self.staging = self.home.root / f"{_STAGING_PREFIX}{secrets.token_hex(4)}"
+        self.staging = self.home.root / f"{RESTORE_STAGING_PREFIX}{secrets.token_hex(4)}"
 
     def run(self, ctx: TaskContext) -> TaskResult:
         outcome = "nothing was changed."
@@ -671,7 +671,7 @@ class BackupService(Service):
     def discard_restore(self, staging: Path | str) -> None:
         """Remove a verified copy that will not be restored."""
         path = Path(staging)
-        if path.parent == self.home.root and path.name.startswith(_STAGING_PREFIX):
+        if path.parent == self.home.root and path.name.startswith(RESTORE_STAGING_PREFIX):
             shutil.rmtree(path, ignore_errors=True)
 
     def complete_restore(self, staging: Path | str, *, comment: str = "") -> RestoreReport:
@@ -683,7 +683,7 @@ class BackupService(Service):
         path = Path(staging)
         try:
             self._require("home.restore", str(path), comment)
-            if path.parent != self.home.root or not path.name.startswith(_STAGING_PREFIX):
+            if path.parent != self.home.root or not path.name.startswith(RESTORE_STAGING_PREFIX):
                 raise ValidationError(f"{path} is not a verified restore of this home.")
             try:
                 verified = json.loads((path / VERIFIED_FILE).read_bytes())

@@ -1,6 +1,7 @@
 """The retention job: ended tasks, audit entries and rotated log files older than their settings go, recent
 ones and the log being written stay; each purge is audited as the system; a run with nothing to do leaves no
-trace; ``layerctl maintenance run`` is for Administrators."""
+trace; what interrupted work left in the home goes once untouched for a day; ``layerctl maintenance run`` is for
+Administrators."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def test_layerctl_maintenance_run_is_for_administrators(
     ctl = Ctl(admin.home.root, capsys, monkeypatch)
     status, out, err = ctl("maintenance", "run")
     assert status == 0, err
-    assert out.strip() == "Deleted 1 task(s), 1 audit entry and 2 old log file(s)."
+    assert out.strip() == "Deleted 1 task(s), 1 audit entry, 2 old log file(s) and 0 leftover(s) of interrupted work."
 
     # signed in as an app layer manager: refused, nothing purged
     _age(admin)
@@ -93,3 +94,41 @@ def test_layerctl_maintenance_run_is_for_administrators(
     status, _out, err = ctl("maintenance", "run")
     assert status == 4 and "ops (Manage App Layers) may not cancel or purge tasks started by others" in err
     assert len(admin.tasks.list_tasks()) == 5
+
+
+def _touch(path: Path, days: float) -> None:
+    stamp = (utcnow() - timedelta(days=days)).timestamp()
+    os.utime(path, (stamp, stamp), follow_symlinks=False)
+
+
+def test_leftovers_of_interrupted_work_go_once_untouched_for_a_day(admin: Services) -> None:
+    home = admin.home
+    work = home.work
+    old_packaging = work / "packaging-0a1b2c3d4e5f"
+    old_packaging.mkdir(parents=True)
+    (old_packaging / "Notes_1_packaging.vhdx").write_bytes(b"x" * 4096)
+    old_fetch = work / "finalize-7-0a1b2c3d.vhdx"
+    old_fetch.write_bytes(b"y" * 1024)
+    busy = work / "packaging-ffeeddccbbaa"  # an old folder whose disk is still being written
+    busy.mkdir()
+    (busy / "Office_2_packaging.vhdx").write_bytes(b"z")
+    fresh = work / "finalize-8-99887766.qcow2"
+    fresh.write_bytes(b"w")
+    old_restore = home.root / ".restore-12345678"
+    old_restore.mkdir()
+    (old_restore / "catalog.sqlite").write_bytes(b"c" * 100)
+    for path in (old_packaging / "Notes_1_packaging.vhdx", old_packaging, old_fetch, busy,
+                 old_restore / "catalog.sqlite", old_restore):
+        _touch(path, 2)
+    _touch(fresh, 0.5)
+
+    report = run_maintenance(home, admin.catalog, admin.secrets)
+    assert report.leftovers_deleted == (
+        "work/finalize-7-0a1b2c3d.vhdx", "work/packaging-0a1b2c3d4e5f", ".restore-12345678")
+    assert sorted(p.name for p in work.iterdir()) == ["finalize-8-99887766.qcow2", "packaging-ffeeddccbbaa"]
+    assert home.catalog.is_file() and home.repository.is_dir()
+    (entry,) = admin.audit.list_entries(operation="work.purge")
+    assert entry.user == "system" and entry.change["bytes"] == 4096 + 1024 + 100
+    assert entry.change["deleted"] == list(report.leftovers_deleted)
+    assert run_maintenance(home, admin.catalog, admin.secrets).leftovers_deleted == ()
+    assert len(admin.audit.list_entries(operation="work.purge")) == 1  # nothing to do: no new entry
