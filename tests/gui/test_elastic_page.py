@@ -370,7 +370,9 @@ def test_a_slow_directory_does_not_block_the_ui_and_stale_answers_are_dropped(
     assert not [text for text in shown if "alice" in text], "the stale answer for 'alice' was never shown"
     gaps = [b - a for a, b in zip([started, *ticks], [*ticks, ended], strict=True)]
     assert len(ticks) > (ended - started) / 0.2, "the timer ticked all through"
-    assert max(gaps) < 0.25, f"the UI thread stalled for {max(gaps):.2f} s"
+    # A search on the UI thread would stand it still for the whole slow answer (over a second); a loaded
+    # machine (the suite runs a worker per core) may delay a tick by a few hundred milliseconds.
+    assert max(gaps) < 0.6, f"the UI thread stalled for {max(gaps):.2f} s"
 
 
 def test_a_read_only_user_sees_disabled_buttons_with_the_reason(
