@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -27,7 +28,11 @@ from datetime import UTC
 from pathlib import Path, PureWindowsPath
 from typing import BinaryIO, ClassVar
 
-from smbprotocol.exceptions import SMBOSError  # type: ignore[import-untyped]
+from smbprotocol.exceptions import (  # type: ignore[import-untyped]
+    DiskFull,
+    SMBConnectionClosed,
+    SMBOSError,
+)
 
 from app.connectors.base import (
     ConfigField,
@@ -40,11 +45,14 @@ from app.connectors.base import (
     TestReport,
     TestSteps,
 )
-from app.elastic.sync import ShareSession, parse_share
+from app.elastic.sync import ShareError, ShareLocation, ShareSession, parse_share
 from app.elastic.sync import _discard as discard_remote
-from app.errors import Conflict, EnvironmentProblem, NotFound, UserError, ValidationError
+from app.elastic.sync import _smb_failure as smb_failure
+from app.errors import Conflict, EnvironmentProblem, LayerDeskError, NotFound, UserError, ValidationError
 from app.procs import Cancellable
 from app.tasks.base import TaskCanceled
+
+log = logging.getLogger(__name__)
 
 #: Large enough that a copy is bound by the disks, small enough that a cancel lands within a second.
 LOCAL_CHUNK = 64 * 1024 * 1024
@@ -69,6 +77,30 @@ def _is_share(endpoint: str) -> bool:
 
 def _share_text(endpoint: str) -> str:
     return endpoint.replace("/", "\\") if endpoint.startswith("//") else endpoint
+
+
+def _mib(count: int) -> str:
+    return f"{count / 1024**2:.0f}" if count >= 10 * 1024**2 or count % 1024**2 == 0 else f"{count / 1024**2:.1f}"
+
+
+#: What a socket that was reset under a transfer says (EBADF: smbprotocol closed it as the reset came in).
+_LOST_ERRNOS = frozenset({errno.EBADF, errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED})
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says an established SMB connection went away (not that the server refused something)."""
+    if isinstance(exc, SMBConnectionClosed | ConnectionError | TimeoutError):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, SMBOSError) and exc.errno in _LOST_ERRNOS
+
+
+def _lost_reason(exc: BaseException) -> str:
+    """Why an established connection failed, in words."""
+    if isinstance(exc, TimeoutError):
+        return "it stopped answering"
+    if _connection_lost(exc):
+        return "it was reset"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _canceled() -> TaskCanceled:
@@ -339,41 +371,104 @@ def _rename_new(partial: Path, target: Path) -> None:
 class ConnectorShare(ShareSession):
     """A share session that writes new files only (``….partial`` then a rename that refuses a clash)."""
 
+    #: How long signing in anew (to clean up after the connection was lost) may take.
+    RECONNECT_TIMEOUT_S = 5.0
+
+    def __init__(self, location: ShareLocation, username: str, password: str, *, port: int = 445) -> None:
+        super().__init__(location, username, password, port=port)
+        # Kept in memory only, to sign in anew when the connection is lost and a .partial must be removed.
+        self._account = (username, password)
+
     def __enter__(self) -> ConnectorShare:
         return self
 
     def upload_new(self, source: Path, relative: str, size: int, progress: DeliveryProgress,
                    cancel: Cancellable) -> None:
+        """Copy ``source`` to the new file ``relative`` through ``relative.partial``. On any failure the
+        ``.partial`` is deleted (signing in anew when the connection was lost); when even that fails, the
+        error names it, to be removed by hand."""
         partial = f"{relative}.partial"
-        cancelled = False
+        done = 0
         with self._errors(f"write {relative}"):
+            remote = self._smb.open_file(self.location.path(partial), mode="wb", **self._kw())
+        try:
             try:
-                remote = self._smb.open_file(self.location.path(partial), mode="wb", **self._kw())
-                try:
-                    with source.open("rb") as local:
-                        done = 0
-                        while chunk := local.read(SHARE_CHUNK):
-                            if cancel.cancelled:
-                                cancelled = True
-                                break
-                            remote.write(chunk)
-                            done += len(chunk)
-                            progress(100.0 * done / max(size, 1), f"Copied {done // 1024**2} of {size // 1024**2} MiB")
-                except BaseException:
-                    discard_remote(remote)
-                    raise
-                remote.close()
-                if cancelled:
-                    self._smb.remove(self.location.path(partial), **self._kw())
-                else:
-                    self._rename_new(partial, relative)
+                with source.open("rb") as local:
+                    while chunk := local.read(SHARE_CHUNK):
+                        if cancel.cancelled:
+                            raise _canceled()
+                        remote.write(chunk)
+                        done += len(chunk)
+                        progress(100.0 * done / max(size, 1), f"Copied {done // 1024**2} of {size // 1024**2} MiB")
             except BaseException:
-                with contextlib.suppress(Exception):
-                    self._smb.remove(self.location.path(partial), **self._kw())
+                discard_remote(remote)
                 raise
-        if cancelled:
-            # Outside the SMB error mapping, which would report the cancel as a share failure.
-            raise _canceled()
+            remote.close()
+            self._rename_new(partial, relative)
+        except BaseException as exc:  # noqa: BLE001 - re-raised as the clear error it stands for (or as it is)
+            left = self.remove_after_failure(partial)
+            raise self.upload_failure(exc, relative, done, size, left) from None
+
+    def upload_failure(self, exc: BaseException, relative: str, done: int, size: int, left: str) -> BaseException:
+        """The clear error for an upload of ``relative`` that failed with ``exc`` after ``done`` bytes; ``left``
+        is what could not be removed (``""``: nothing is left). ``exc`` may be the raw smbprotocol failure or
+        the share error :meth:`ShareSession.upload` made of it (then its cause is looked at)."""
+        partial = self.location.path(f"{relative}.partial")
+        cause = exc.__context__ if isinstance(exc, ShareError) and exc.__suppress_context__ else None
+        if isinstance(cause, DiskFull | SMBConnectionClosed | OSError):
+            exc = cause
+        cleaned = left or f"The partial file {partial} was deleted."
+        copied = f"{_mib(done)} of {_mib(size)} MiB"
+        if isinstance(exc, TaskCanceled):
+            return TaskCanceled(f"The delivery was cancelled. {left}") if left else exc
+        if isinstance(exc, LayerDeskError):
+            if left:
+                exc.message = f"{exc.message} {left}"
+                exc.args = (exc.message,)
+            return exc
+        if isinstance(exc, DiskFull) or (isinstance(exc, SMBOSError | OSError)
+                                         and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return UserError(f"The share {self.location.unc} is full: {self.location.server} ran out of space after "
+                             f"{copied} of {relative} were written (STATUS_DISK_FULL). Free space on the share or "
+                             f"choose another folder. {cleaned}")
+        if _connection_lost(exc):
+            return ShareError(f"The connection to {self.location.server} was lost during the copy to {partial}, after "
+                              f"{copied} ({_lost_reason(exc)}); the host went down or the network between failed. "
+                              f"Check that {self.location.server} is reachable from this machine and serves SMB "
+                              f"(port {self._port}). {cleaned}")
+        if not isinstance(exc, Exception):
+            return exc
+        error = smb_failure(exc, self.location, f"write {relative}")
+        error.message = f"{error.message} {left}" if left else error.message
+        error.args = (error.message,)
+        return error
+
+    def remove_after_failure(self, partial: str) -> str:
+        """Delete ``partial`` after a failed upload, signing in anew once when the connection is gone:
+        ``""`` when it is gone, else a sentence naming it to remove by hand (and why that could not be done)."""
+        why = ""
+        for attempt in range(2):
+            try:
+                if attempt:
+                    self._sign_in_again()
+                self._smb.remove(self.location.path(partial), **self._kw())
+                return ""
+            except SMBOSError as exc:
+                if exc.errno == errno.ENOENT:
+                    return ""
+                why = exc.strerror or str(exc)
+            except Exception as exc:  # noqa: BLE001 - smbprotocol raises many kinds; the reason is named below
+                text = str(exc).strip()
+                why = text.splitlines()[0] if text else type(exc).__name__
+        log.warning("could not delete %s after a failed delivery: %s", self.location.path(partial), why)
+        return (f"LayerDesk could not clean up on {self.location.server} ({why.rstrip('.')}): remove "
+                f"{self.location.path(partial)} there by hand.")
+
+    def _sign_in_again(self) -> None:
+        self.close()
+        username, password = self._account
+        self._smb.register_session(self.location.server, username=username, password=password, port=self._port,
+                                   connection_timeout=self.RECONNECT_TIMEOUT_S, connection_cache=self._cache)
 
     def write_new(self, relative: str, data: bytes) -> None:
         partial = f"{relative}.partial"

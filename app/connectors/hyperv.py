@@ -49,8 +49,9 @@ from app.connectors.base import (
     TestReport,
     TestSteps,
 )
+from app.connectors.folder import ConnectorShare
 from app.connectors.reach import tcp_reach, tls_context, tls_handshake
-from app.elastic.sync import ShareLocation, ShareSession, SyncCanceled, parse_share
+from app.elastic.sync import ShareLocation, SyncCanceled, parse_share
 from app.engine.disk import image_info, read_image_partition_table
 from app.errors import AuthenticationFailed, Conflict, EnvironmentProblem, NotFound, UserError, ValidationError
 from app.procs import Cancellable
@@ -463,29 +464,36 @@ class HyperVConnector(Connector):
                               size, time.monotonic() - started)
 
     @staticmethod
-    def _share(settings: ConnectorSettings, password: str | None, target: TargetFolder) -> ShareSession:
+    def _share(settings: ConnectorSettings, password: str | None, target: TargetFolder) -> ConnectorShare:
         if not password:
             raise ValidationError(f"Connector {settings.name!r} has no password in the keyring; set it in the "
                                   "connector.", field="password")
-        return ShareSession(target.share, settings.username, password, port=int(settings.option("smb_port", 445)))
+        return ConnectorShare(target.share, settings.username, password, port=int(settings.option("smb_port", 445)))
 
     @staticmethod
-    def _copy(share: ShareSession, image: Path, file_name: str, size: int, progress: DeliveryProgress,
+    def _copy(share: ConnectorShare, image: Path, file_name: str, size: int, progress: DeliveryProgress,
               cancel: Cancellable) -> None:
-        """Copy the image as ``file_name`` (through ``….partial``); nothing is left when it fails or is cancelled."""
-        def copied(done: int) -> None:
-            progress(COPY_SHARE * done / max(size, 1), f"Copied {done // 1024**2} of {size // 1024**2} MiB")
+        """Copy the image as ``file_name`` (through ``….partial``); nothing is left when it fails or is cancelled
+        (signing in to the share anew when the connection was lost), or the error names the ``.partial`` left."""
+        done = 0
+
+        def copied(count: int) -> None:
+            nonlocal done
+            done = count
+            progress(COPY_SHARE * count / max(size, 1), f"Copied {count // 1024**2} of {size // 1024**2} MiB")
 
         try:
             share.upload(image, file_name, progress=copied, cancel=cancel)
-        except BaseException as exc:
-            for leftover in (f"{file_name}.partial", file_name):
+        except BaseException as exc:  # noqa: BLE001 - re-raised as the clear error it stands for (or as it is)
+            left = share.remove_after_failure(f"{file_name}.partial")
+            if not left:
                 with contextlib.suppress(Exception):
-                    if share.size(leftover) is not None:
-                        share.remove(leftover)
+                    if share.size(file_name) is not None:
+                        share.remove(file_name)
             if isinstance(exc, SyncCanceled):
-                raise TaskCanceled("The delivery was cancelled; the half-copied VHDX was deleted.") from None
-            raise
+                raise TaskCanceled(f"The delivery was cancelled. {left}" if left else
+                                   "The delivery was cancelled; the half-copied VHDX was deleted.") from None
+            raise share.upload_failure(exc, file_name, done, size, left) from None
         if cancel.cancelled:
             with contextlib.suppress(Exception):
                 share.remove(file_name)

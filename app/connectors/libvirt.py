@@ -329,23 +329,29 @@ class LibvirtConnector(Connector):
     @staticmethod
     def _upload(connection: libvirt.virConnect, pool: libvirt.virStoragePool, image: Path, name: str, fmt: str,
                 capacity: int, size: int, progress: DeliveryProgress, cancel: Cancellable) -> libvirt.virStorageVol:
-        """Create the volume and stream the image into it; on any failure the volume is deleted."""
+        """Create the volume and stream the image into it; on any failure the volume is deleted (or, when
+        libvirtd can no longer be reached, the error names the volume to delete by hand)."""
         spec = ET.Element("volume")
         ET.SubElement(spec, "name").text = name
         ET.SubElement(spec, "capacity", unit="bytes").text = str(capacity)
         target = ET.SubElement(spec, "target")
         ET.SubElement(target, "format", type=fmt)
+        pool_name, uri = pool.name(), str(connection.getURI())
         try:
             volume = pool.createXML(ET.tostring(spec, encoding="unicode"), 0)
         except libvirt.libvirtError as exc:
-            raise UserError(f"The pool {pool.name()!r} refused a {capacity / 1024**3:.1f} GiB volume: "
+            if _is_full(exc):
+                raise UserError(f"The storage pool {pool_name!r} is full: it has no room for the "
+                                f"{_size_text(capacity)} volume {name!r} ({exc.get_error_message()}). Free space in "
+                                "the pool or choose another one; nothing was left in the pool.") from None
+            raise UserError(f"The pool {pool_name!r} refused a {capacity / 1024**3:.1f} GiB volume: "
                             f"{exc.get_error_message()}") from None
         stream = connection.newStream(0)
+        done = 0
         try:
             try:
                 volume.upload(stream, 0, size, 0)
                 with image.open("rb") as file:
-                    done = 0
                     while chunk := file.read(CHUNK):
                         if cancel.cancelled:
                             raise TaskCanceled("The delivery was cancelled; the half-uploaded volume was deleted.")
@@ -357,17 +363,38 @@ class LibvirtConnector(Connector):
                 with contextlib.suppress(libvirt.libvirtError):
                     stream.abort()
                 raise
+            # libvirtd's writer may fail after the stream's end was accepted (e.g. a full file system): what
+            # landed is checked, so a short volume is never mistaken for a delivered one.
+            landed = _download_size(volume)
+            if landed < size:
+                raise _ShortUpload(landed)
+        except _ShortUpload as short:
+            left = _delete_volume(uri, volume, pool_name, name)
+            raise UserError(f"The storage pool {pool_name!r} is full: the volume holds only {_size_text(short.landed)} "
+                            f"of the {_size_text(size)} image after the upload. Free space in the pool or choose "
+                            "another one. " + (left or "The half volume was deleted.")) from None
         except libvirt.libvirtError as exc:
-            with contextlib.suppress(libvirt.libvirtError):
-                volume.delete(0)
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
-                raise UserError(f"{connection.getURI()} cannot receive uploads into a storage pool (its driver has no "
+            left = _delete_volume(uri, volume, pool_name, name)
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT and not left:
+                raise UserError(f"{uri} cannot receive uploads into a storage pool (its driver has no "
                                 "volume upload); nothing was left in the pool.") from None
-            raise EnvironmentProblem(f"The upload into pool {pool.name()!r} failed: {exc.get_error_message()}; the "
-                                     "half volume was deleted.") from None
-        except BaseException:
-            with contextlib.suppress(libvirt.libvirtError):
-                volume.delete(0)
+            if _is_full(exc):
+                raise UserError(f"The storage pool {pool_name!r} is full: it ran out of space during the upload of "
+                                f"the {_size_text(size)} image ({exc.get_error_message()}). "
+                                "Free space in the pool or choose another one. "
+                                + (left or "The half volume was deleted.")) from None
+            if _connection_lost(connection):
+                raise EnvironmentProblem(
+                    f"The connection to libvirt at {uri} was lost during the upload into pool "
+                    f"{pool_name!r}, after {_size_text(done)} of {_size_text(size)} ({exc.get_error_message()}); "
+                    "libvirtd stopped or the host went down. Check that libvirtd is running and reachable from "
+                    "this machine. " + (left or "The half volume was deleted.")) from None
+            raise EnvironmentProblem(f"The upload into pool {pool_name!r} failed: {exc.get_error_message()}; "
+                                     + (left or "the half volume was deleted.")) from None
+        except BaseException as exc:
+            left = _delete_volume(uri, volume, pool_name, name)
+            if left and isinstance(exc, TaskCanceled):
+                raise TaskCanceled(f"The delivery was cancelled. {left}") from None
             raise
         return volume
 
@@ -461,6 +488,44 @@ class LibvirtConnector(Connector):
         if domain is not None and domain.isActive():
             raise Conflict(f"VM {domain.name()} is still running on {connection.getURI()}, so its disk is not "
                            f"consistent; shut VM {domain.name()} down first, then finalize again.")
+
+
+def _is_full(exc: libvirt.libvirtError) -> bool:
+    """Whether ``exc`` says the pool's file system (or its space accounting) ran out of room."""
+    text = (exc.get_error_message() or str(exc)).lower()
+    return "no space left on device" in text or "not enough space" in text or "disk quota exceeded" in text
+
+
+def _connection_lost(connection: libvirt.virConnect) -> bool:
+    try:
+        return not connection.isAlive()
+    except libvirt.libvirtError:
+        return True
+
+
+def _size_text(count: int) -> str:
+    return f"{count / 1024**2:.0f} MiB" if count < 10 * 1024**3 else f"{count / 1024**3:.1f} GiB"
+
+
+def _delete_volume(uri: str, volume: libvirt.virStorageVol, pool: str, name: str) -> str:
+    """Delete the volume a failed delivery created: ``""`` when it is gone, else a sentence naming the pool
+    and the volume to delete by hand, and why it could not be done here."""
+    try:
+        volume.delete(0)
+    except libvirt.libvirtError as exc:
+        why = (exc.get_error_message() or str(exc)).rstrip(".")
+        log.error("could not delete volume %s/%s after a failed delivery: %s", pool, name, why)
+        return (f"LayerDesk could not clean up on {uri} ({why}): delete the volume {name!r} in "
+                f"the storage pool {pool!r} there by hand (virsh vol-delete --pool {pool} {name}).")
+    return ""
+
+
+class _ShortUpload(Exception):
+    """The volume holds fewer bytes than were uploaded."""
+
+    def __init__(self, landed: int) -> None:
+        super().__init__(landed)
+        self.landed = landed
 
 
 def _download_size(volume: libvirt.virStorageVol) -> int:

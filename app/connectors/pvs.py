@@ -179,6 +179,17 @@ def _clixml_text(stderr: bytes) -> str:
     return text.strip()
 
 
+class StoreFull(UserError):
+    """The vDisk store's disk has no room for the vDisk (BITS stopped with ERROR_DISK_FULL)."""
+
+
+def _disk_full(error: str) -> bool:
+    """Whether a BITS job's error text is ERROR_DISK_FULL / ERROR_HANDLE_DISK_FULL (0x80070070 / 0x80070027)."""
+    text = error.lower()
+    return "not enough space on the disk" in text or "disk is full" in text or "0x80070070" in text \
+        or "0x80070027" in text
+
+
 def vdisk_name(sidecar: ImageSidecar, image: Path) -> str:
     """The vDisk's name: the template's name (characters PVS and Windows file names accept) and the time."""
     stem = Path(delivered_names(sidecar, image)[0]).stem
@@ -522,6 +533,11 @@ class PvsConnector(Connector):
             if state == "Transferred":
                 progress(90.0, f"Transferred {size // 1024**2} MiB to {session.host}")
                 return
+            if state == "Error" and _disk_full(str(polled.data.get("error") or "")):
+                raise StoreFull(f"The store {settings.option('store')!r} on {session.host} is full: BITS could not "
+                                f"write the vDisk there after {done // 1024**2} of {total // 1024**2} MiB "
+                                f"({str(polled.data.get('error')).strip()}). Free space in the store (or choose "
+                                "another store) and publish again.")
             if state == "Error":
                 raise EnvironmentProblem(f"BITS on {session.host} could not download the vDisk: "
                                          f"{polled.data.get('error') or 'no reason given'}. Check that it can reach "
@@ -579,6 +595,10 @@ class PvsConnector(Connector):
                         "vDisk deleted." if left is None else
                         f"The delivery was cancelled, but {session.host} could not be cleaned up ({left}): remove BITS "
                         f"job {state['job']} and {state['destination']} there.",)
+        elif isinstance(exc, StoreFull) and left is None:
+            exc.message = (f"{exc.message} The BITS job {state['job']} was removed on {session.host}, and with it "
+                           "the partial file.")
+            exc.args = (exc.message,)
         elif isinstance(exc, LayerDeskError) and left is not None:
             exc.message = (f"{exc.message} LayerDesk could not clean up on {session.host} ({left}): remove BITS job "
                            f"{state['job']}, the vDisk {state['name']} and {state['destination']} there.")

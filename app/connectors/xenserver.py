@@ -157,6 +157,42 @@ def failure_error(exc: XapiFailure, doing: str) -> UserError | EnvironmentProble
     return EnvironmentProblem(f"Could not {doing}: XenServer answered {' '.join(parts) or 'a failure'}.")
 
 
+def _mib(count: int) -> str:
+    return f"{count / 1024**2:.0f}" if count >= 10 * 1024**2 or count % 1024**2 == 0 else f"{count / 1024**2:.1f}"
+
+
+def _lost_reason(exc: BaseException) -> str:
+    """Why an established connection failed, in words (a reset and a TLS stream cut short read alike)."""
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "it was closed without an answer"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError | ssl.SSLError
+                  | http.client.IncompleteRead):
+        return "it was reset"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+_CLEANED_UP = (" The half-imported disk was destroyed.", "; the half-imported disk was destroyed.",
+               "; the VM and its disk were destroyed.")
+
+
+def _not_cleaned_up(exc: BaseException, left: str) -> BaseException:
+    """``exc`` (a delivery's failure or cancel) saying ``left`` (what is still there) instead of that what
+    it made was destroyed."""
+    text = exc.message if isinstance(exc, UserError | EnvironmentProblem) else str(exc)
+    for claim in _CLEANED_UP:
+        if text.endswith(claim):
+            text = text.removesuffix(claim) + ("." if claim.startswith(";") else "")
+            break
+    text = f"{text} {left}"
+    if isinstance(exc, UserError | EnvironmentProblem):
+        exc.message = text
+        exc.args = (text,)
+        return exc
+    if isinstance(exc, TaskCanceled):
+        return TaskCanceled(text)
+    return exc
+
+
 def vm_name(pattern: str, sidecar: ImageSidecar) -> str:
     """The VM's name label from the pattern (``{template}``, ``{revision}``, ``{timestamp}``, ``{image}``)."""
     try:
@@ -348,7 +384,10 @@ class XenServerConnector(Connector):
             except XapiFailure as exc:
                 raise failure_error(exc, f"create a {virtual_size / 1024**3:.1f} GiB disk") from None
             vm = ""
+            vdi_uuid = ""
             try:
+                # Asked at once so that a disk left behind can be named by the UUID xe and XenCenter show.
+                vdi_uuid = str(session.api("VDI.get_uuid", vdi))
                 self._import(session, vdi, image, fmt, size, progress, cancel)
                 progress(UPLOAD_SHARE, f"Creating VM {name}")
                 vm = str(session.api("VM.create", vm_record(
@@ -365,12 +404,17 @@ class XenServerConnector(Connector):
                         "ipv4_allowed": [], "ipv6_allowed": []})
                 if cancel.cancelled:
                     raise TaskCanceled("The delivery was cancelled; the VM and its disk were destroyed.")
-                vm_uuid, vdi_uuid = str(session.api("VM.get_uuid", vm)), str(session.api("VDI.get_uuid", vdi))
+                vm_uuid = str(session.api("VM.get_uuid", vm))
             except BaseException as exc:
-                self._undo(session, vm, vdi)
+                left = self._undo(session, vm, vdi, name, vdi_uuid)
                 if isinstance(exc, XapiFailure):
-                    raise failure_error(exc, f"make VM {name!r} ({exc.method}); the VM and its disk were "
-                                             "destroyed") from None
+                    error = failure_error(exc, f"make VM {name!r} ({exc.method}); the VM and its disk were "
+                                               "destroyed")
+                    if left:
+                        error.message = f"{failure_error(exc, f'make VM {name!r} ({exc.method})').message} {left}"
+                    raise error from None
+                if left:
+                    raise _not_cleaned_up(exc, left) from None
                 raise
         progress(100.0, f"VM {name} is ready")
         return DeliveryResult(settings.name, self.type, f"{session.host}: VM {name} on a VDI in SR "
@@ -378,15 +422,25 @@ class XenServerConnector(Connector):
                                                           "firmware": boot}, size, time.monotonic() - started)
 
     @staticmethod
-    def _undo(session: XapiSession, vm: str, vdi: str) -> None:
-        """Destroy what a failed delivery made (the VM first: VM.destroy takes its VBDs and VIFs with it)."""
-        for method, ref in (("VM.destroy", vm), ("VDI.destroy", vdi)):
+    def _undo(session: XapiSession, vm: str, vdi: str, name: str, vdi_uuid: str) -> str:
+        """Destroy what a failed delivery made (the VM first: VM.destroy takes its VBDs and VIFs with it).
+        Returns ``""`` when all of it is gone, else a sentence naming what to remove by hand and why."""
+        left: list[str] = []
+        why = ""
+        for method, ref, what in (("VM.destroy", vm, f"the VM {name!r}"),
+                                  ("VDI.destroy", vdi, f"the VDI {name!r}" + (f" ({vdi_uuid})" if vdi_uuid else ""))):
             if not ref:
                 continue
             try:
                 session.api(method, ref)
             except Exception as exc:  # noqa: BLE001 - the delivery's own failure is the one to report
-                log.error("%s %s on %s failed: %s; remove it by hand", method, ref, session.host, exc)
+                log.error("%s %s on %s failed (%s); remove it by hand", method, ref, session.host, exc)
+                left.append(what)
+                why = why or str(exc).rstrip(".")
+        if not left:
+            return ""
+        return (f"LayerDesk could not clean up on XenServer pool master {session.host} ({why}): remove "
+                f"{' and '.join(left)} there by hand (xe vdi-destroy, or XenCenter's Storage tab).")
 
     @staticmethod
     def _import(session: XapiSession, vdi: str, image: Path, fmt: str, size: int, progress: DeliveryProgress,
@@ -399,13 +453,13 @@ class XenServerConnector(Connector):
             query = (f"session_id={quote(session.ref)}&task_id={quote(task)}&vdi={quote(vdi)}&format={fmt}")
             connection = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=session.context,
                                                      timeout=session.timeout_s)
+            done = 0
             try:
                 connection.putrequest("PUT", f"/import_raw_vdi?{query}")
                 connection.putheader("Content-Length", str(size))
                 connection.putheader("Content-Type", "application/octet-stream")
                 connection.endheaders()
                 with image.open("rb") as file:
-                    done = 0
                     while chunk := file.read(CHUNK):
                         if cancel.cancelled:
                             raise TaskCanceled("The delivery was cancelled; the half-imported disk was destroyed.")
@@ -419,8 +473,11 @@ class XenServerConnector(Connector):
                     raise EnvironmentProblem(f"{session.host} refused the disk upload: HTTP {answer.status} "
                                              f"{answer.reason}.")
             except (OSError, http.client.HTTPException) as exc:
-                raise EnvironmentProblem(f"The upload to {session.host} broke off ({exc}); the half-imported disk "
-                                         "was destroyed.") from None
+                raise EnvironmentProblem(
+                    f"The connection to {session.host} was lost during the upload of the disk to "
+                    f"{session.url}/import_raw_vdi, after {_mib(done)} of {_mib(size)} MiB ({_lost_reason(exc)}); "
+                    f"the host went down or the network between failed. Check that the pool master {session.host} "
+                    "is reachable from this machine. The half-imported disk was destroyed.") from None
             finally:
                 connection.close()
             status = "pending"

@@ -1,27 +1,34 @@
 r"""The folder connector on the real test DC's ``[layers]`` share (a subfolder of it), read back from the
-DC's own files: delivery, wrong password, unreachable host, missing folder, cancel mid-copy, and handing a
-delivered disk back (as it is now; gone, moved or cancelled)."""
+DC's own files: delivery, wrong password, unreachable host, missing folder, cancel mid-copy, the host going
+down mid-copy (a relay in front of the DC's SMB port, cut), a full share (a tiny tmpfs under the share's
+folder), and handing a delivered disk back (as it is now; gone, moved or cancelled)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from app.connectors.base import ConnectorSettings
+from app.connectors.base import ConnectorSettings, DeliveryProgress
 from app.connectors.folder import FolderConnector
 from app.elastic.sync import ShareAccessDenied, ShareError
-from app.errors import Conflict, NotFound, UserError
+from app.errors import Conflict, EnvironmentProblem, NotFound, UserError
 from app.tasks.base import TaskCanceled
 from tests.connectors.conftest import Flag, MiB, image_file, sidecar_for
 from tests.support import samba_dc
+from tests.support.host_relay import HostRelay
 
 ACCOUNT = f"Administrator@{samba_dc.DNS_DOMAIN}"
 SHARE = r"\\127.0.0.1\layers\connector-images"
+PARTIAL = re.escape(SHARE + r"\Gold_20250301T101500Z.vhdx.partial")
 
 
 @pytest.fixture
@@ -86,6 +93,103 @@ def test_cancel_mid_copy_leaves_nothing_on_the_share(share_folder: Path, tmp_pat
 
     with pytest.raises(TaskCanceled):
         FolderConnector().deliver(image, sidecar_for(image), _settings(), samba_dc.ADMIN_PASSWORD, progress, flag)
+    assert list(share_folder.iterdir()) == []
+
+
+def _cut_after_first_chunk(relay: HostRelay, *, stay_down: bool) -> tuple[Flag, DeliveryProgress, list[int]]:
+    """A progress callback that cuts ``relay`` once the first chunk was written; the list gets how many
+    connections the relay had relayed by then."""
+    relayed_at_cut: list[int] = []
+
+    def progress(_percent: float, _message: str) -> None:
+        if not relayed_at_cut:
+            relayed_at_cut.append(relay.accepted)
+            relay.cut(stay_down=stay_down)
+
+    return Flag(), progress, relayed_at_cut
+
+
+def test_the_host_going_down_mid_copy_removes_the_partial_once_it_answers_again(share_folder: Path,
+                                                                                tmp_path: Path) -> None:
+    """Runs against the real DC, through a relay in front of its SMB port (the connector's ``port``): the relay
+    resets the connection after the first chunk was written, as a host going away does, and answers again;
+    the connector signs in anew to delete the ``.partial``, and says how far the copy got."""
+    image = image_file(tmp_path, size=24 * MiB)
+    with HostRelay(("127.0.0.1", 445)) as relay:
+        flag, progress, relayed_at_cut = _cut_after_first_chunk(relay, stay_down=False)
+        started = time.monotonic()
+        with pytest.raises(EnvironmentProblem) as caught:
+            FolderConnector().deliver(image, sidecar_for(image), _settings(port=relay.port), samba_dc.ADMIN_PASSWORD,
+                                      progress, flag)
+        assert time.monotonic() - started < 20
+    message = str(caught.value)
+    assert re.fullmatch(
+        rf"The connection to 127\.0\.0\.1 was lost during the copy to {PARTIAL}, after \d+ of 24 MiB \(it was "
+        rf"reset\); the host went down or the network between failed\. Check that 127\.0\.0\.1 is reachable from "
+        rf"this machine and serves SMB \(port {relay.port}\)\. The partial file {PARTIAL} was deleted\.", message), \
+        message
+    assert relay.accepted > relayed_at_cut[0]  # the clean-up signed in anew
+    assert list(share_folder.iterdir()) == []
+    assert samba_dc.ADMIN_PASSWORD not in message
+
+
+def test_the_host_staying_down_names_the_partial_to_remove_by_hand(share_folder: Path, tmp_path: Path) -> None:
+    """Runs against the real DC, through a relay in front of its SMB port that is cut after the first chunk and
+    then refuses every connection: the ``.partial`` cannot be deleted, so the message names it (and it is
+    indeed there, in the DC's folder)."""
+    image = image_file(tmp_path, size=24 * MiB)
+    with HostRelay(("127.0.0.1", 445)) as relay:
+        flag, progress, _ = _cut_after_first_chunk(relay, stay_down=True)
+        started = time.monotonic()
+        with pytest.raises(EnvironmentProblem) as caught:
+            FolderConnector().deliver(image, sidecar_for(image), _settings(port=relay.port), samba_dc.ADMIN_PASSWORD,
+                                      progress, flag)
+        assert time.monotonic() - started < 20
+    message = str(caught.value)
+    assert message.startswith(f"The connection to 127.0.0.1 was lost during the copy to {SHARE}"
+                              r"\Gold_20250301T101500Z.vhdx.partial, after "), message
+    assert re.search(
+        rf"\. LayerDesk could not clean up on 127\.0\.0\.1 \(Failed to connect to '127\.0\.0\.1:{relay.port}': "
+        rf"\[Errno 111\] Connection refused\): remove {PARTIAL} there by hand\.$", message), message
+    assert "was deleted" not in message
+    # What the message names is what is there: the .partial alone, no image.
+    assert [p.name for p in share_folder.iterdir()] == ["Gold_20250301T101500Z.vhdx.partial"]
+    assert samba_dc.ADMIN_PASSWORD not in message
+
+
+@contextlib.contextmanager
+def _small_filesystem(where: Path, megabytes: int) -> Iterator[Path]:
+    """A tmpfs of ``megabytes`` MiB mounted at ``where`` (made here), unmounted and removed afterwards."""
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0777", "tmpfs", str(where)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        where.rmdir()
+        pytest.skip(f"a small file system needs mount (root): {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+        with contextlib.suppress(OSError):
+            where.rmdir()
+
+
+def test_a_full_share_is_a_clear_error_and_leaves_nothing(share_folder: Path, tmp_path: Path) -> None:
+    """Runs against the real DC, writing into a subfolder of its share that is a real 8 MiB tmpfs: the 12 MiB
+    image does not fit, Samba answers the write that finds no room with STATUS_DISK_FULL, and the connector
+    says the share is full and deletes its ``.partial``."""
+    image = image_file(tmp_path, size=12 * MiB)
+    with _small_filesystem(share_folder / "small", 8) as small:
+        with pytest.raises(UserError) as caught:
+            FolderConnector().deliver(image, sidecar_for(image), _settings(SHARE + r"\small"),
+                                      samba_dc.ADMIN_PASSWORD, lambda *_: None, Flag())
+        message = str(caught.value)
+        assert re.fullmatch(
+            r"The share \\\\127\.0\.0\.1\\layers\\connector-images\\small is full: 127\.0\.0\.1 ran out of "
+            r"space after \d+ of 12 MiB of Gold_20250301T101500Z\.vhdx were written \(STATUS_DISK_FULL\)\. Free space "
+            r"on the share or choose another folder\. The partial file .*\\small\\Gold_20250301T101500Z\.vhdx\.partial "
+            r"was deleted\.", message), message
+        assert list(small.iterdir()) == []
     assert list(share_folder.iterdir()) == []
 
 

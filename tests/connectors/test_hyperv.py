@@ -2,11 +2,13 @@ r"""The Hyper-V connector. WinRM runs against a recording: the WS-Management exc
 (``tests/connectors/recordings/hyperv``) served by a local HTTPS endpoint, so pywinrm's real requests
 (Create, Command, Receive, Signal, Delete) cross a real socket with TLS verified against a CA made here.
 The VHDX is copied over real SMB to the test DC's ``[layers]`` share and read back from the DC's own
-files (those tests use the ``samba`` fixture)."""
+files (those tests use the ``samba`` fixture); the host going down mid-copy is a relay in front of the DC's SMB
+port (the connector's ``smb_port``) that is cut, and the host's disk full a tiny tmpfs under the share."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from app.connectors import connector_for
-from app.connectors.base import ConnectorSettings
+from app.connectors.base import ConnectorSettings, DeliveryProgress
 from app.connectors.hyperv import (
     SCRIPTS,
     HyperVConnector,
@@ -30,10 +32,11 @@ from app.connectors.hyperv import (
     target_folder,
     vhd_file_name,
 )
-from app.errors import AuthenticationFailed, Conflict, ValidationError
+from app.errors import AuthenticationFailed, Conflict, EnvironmentProblem, UserError, ValidationError
 from app.tasks.base import TaskCanceled
 from tests.connectors.conftest import Flag, MiB, sidecar_for
 from tests.support import samba_dc
+from tests.support.host_relay import HostRelay
 from tests.support.hyperv_winrm import RecordedHyperVHost, TestCA, make_test_ca, recorded_hyperv
 
 WINRM_USER = r"LAB\hvadmin"
@@ -339,3 +342,101 @@ def test_cancel_after_new_vm_removes_the_vm_and_the_vhdx(tmp_path: Path, ca: Tes
                                   lambda *_: None, flag)
     assert host.scripts_run == ["new-vm", "remove-vm"]
     assert host.vms == {} and list(folder.iterdir()) == [] and not host.shells
+
+
+PARTIAL = re.escape(SHARE + r"\Gold-20250301T101500Z.vhdx.partial")
+
+
+def _cut_after_first_write(relay: HostRelay, *, stay_down: bool) -> tuple[list[int], DeliveryProgress]:
+    """A progress callback that cuts ``relay`` once the copy is under way; the list gets how many connections
+    the relay had relayed by then."""
+    relayed_at_cut: list[int] = []
+
+    def progress(percent: float, _message: str) -> None:
+        if percent > 0 and not relayed_at_cut:
+            relayed_at_cut.append(relay.accepted)
+            relay.cut(stay_down=stay_down)
+
+    return relayed_at_cut, progress
+
+
+def test_the_host_going_down_mid_copy_deletes_the_partial_once_it_answers_again(
+        tmp_path: Path, ca: TestCA, lab: tuple[RecordedHyperVHost, int, Path]) -> None:
+    """The real share (DC) through a relay on the connector's ``smb_port``, WinRM recorded (never reached): the
+    relay resets the SMB connection once the copy is under way and answers again; the connector signs in to the
+    share anew and deletes the ``.partial``, and WinRM is never asked to make a VM."""
+    host, port, folder = lab
+    image = _disk(tmp_path, "gpt", size=64 * MiB, fill=48)
+    with HostRelay(("127.0.0.1", 445)) as relay:
+        relayed_at_cut, progress = _cut_after_first_write(relay, stay_down=False)
+        with pytest.raises(EnvironmentProblem) as caught:
+            HyperVConnector().deliver(image, sidecar_for(image), _lab_settings(port, ca, smb_port=relay.port),
+                                      samba_dc.ADMIN_PASSWORD, progress, Flag())
+    message = str(caught.value)
+    assert re.fullmatch(
+        rf"The connection to 127\.0\.0\.1 was lost during the copy to {PARTIAL}, after \d+ of \d+ MiB \(it was "
+        r"reset\); the host went down or the network between failed\. Check that 127\.0\.0\.1 is reachable from "
+        rf"this machine and serves SMB \(port {relay.port}\)\. The partial file {PARTIAL} was deleted\.", message), \
+        message
+    assert relay.accepted > relayed_at_cut[0]  # the clean-up signed in anew
+    assert list(folder.iterdir()) == [] and host.scripts_run == []
+    assert samba_dc.ADMIN_PASSWORD not in message
+
+
+def test_the_host_staying_down_mid_copy_names_the_partial_to_remove(
+        tmp_path: Path, ca: TestCA, lab: tuple[RecordedHyperVHost, int, Path]) -> None:
+    """The real share (DC) through a relay on ``smb_port`` that is cut mid-copy and then refuses every
+    connection, WinRM recorded (never reached): the ``.partial`` cannot be deleted, so the message names it,
+    and it is indeed what is left in the DC's folder."""
+    host, port, folder = lab
+    image = _disk(tmp_path, "gpt", size=64 * MiB, fill=48)
+    with HostRelay(("127.0.0.1", 445)) as relay:
+        _, progress = _cut_after_first_write(relay, stay_down=True)
+        with pytest.raises(EnvironmentProblem) as caught:
+            HyperVConnector().deliver(image, sidecar_for(image), _lab_settings(port, ca, smb_port=relay.port),
+                                      samba_dc.ADMIN_PASSWORD, progress, Flag())
+    message = str(caught.value)
+    assert re.search(
+        rf"^The connection to 127\.0\.0\.1 was lost during the copy to {PARTIAL}, after .* LayerDesk could not "
+        rf"clean up on 127\.0\.0\.1 \(Failed to connect to '127\.0\.0\.1:{relay.port}': \[Errno 111\] Connection "
+        rf"refused\): remove {PARTIAL} there by hand\.$", message), message
+    assert [p.name for p in folder.iterdir()] == ["Gold-20250301T101500Z.vhdx.partial"] and host.scripts_run == []
+    assert samba_dc.ADMIN_PASSWORD not in message
+
+
+@contextlib.contextmanager
+def _small_filesystem(where: Path, megabytes: int) -> Iterator[Path]:
+    """A tmpfs of ``megabytes`` MiB mounted at ``where`` (made here), unmounted and removed afterwards."""
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0777", "tmpfs", str(where)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        where.rmdir()
+        pytest.skip(f"a small file system needs mount (root): {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+        with contextlib.suppress(OSError):
+            where.rmdir()
+
+
+def test_the_host_s_disk_full_is_a_clear_error_and_leaves_nothing(
+        tmp_path: Path, ca: TestCA, lab: tuple[RecordedHyperVHost, int, Path]) -> None:
+    """The real share (DC), its target folder a real 8 MiB tmpfs, WinRM recorded (never reached): Samba answers
+    the write that finds no room with STATUS_DISK_FULL ("There is not enough space on the disk"); the delivery
+    says the share is full, deletes the ``.partial`` and makes no VM."""
+    host, port, folder = lab
+    image = _disk(tmp_path, "gpt", size=32 * MiB, fill=16)
+    with _small_filesystem(folder / "small", 8) as small:
+        with pytest.raises(UserError) as caught:
+            HyperVConnector().deliver(image, sidecar_for(image),
+                                      _lab_settings(port, ca, target_folder=SHARE + r"\small"),
+                                      samba_dc.ADMIN_PASSWORD, lambda *_: None, Flag())
+        message = str(caught.value)
+        assert re.fullmatch(
+            rf"The share {re.escape(SHARE)}\\small is full: 127\.0\.0\.1 ran out of space after \d+ of \d+ MiB of "
+            r"Gold-20250301T101500Z\.vhdx were written \(STATUS_DISK_FULL\)\. Free space on the share or choose "
+            rf"another folder\. The partial file {re.escape(SHARE)}\\small\\Gold-20250301T101500Z\.vhdx\.partial "
+            r"was deleted\.", message), message
+        assert list(small.iterdir()) == [] and host.scripts_run == []

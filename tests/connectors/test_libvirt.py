@@ -1,18 +1,21 @@
 """The libvirt connector against libvirt's own ``test:///default`` driver (steps, missing pool/network, a
 duplicate VM name, a driver without uploads or downloads, a running VM's disk refused) and against a real
 ``qemu:///session`` libvirtd started for these tests (upload, the VM's XML, cancel mid-upload; retrieving a
-volume as the VM left it, a deleted volume, cancel mid-download). What was created is read back through libvirt."""
+volume as the VM left it, a deleted volume, cancel mid-download; a pool on a full file system, libvirtd going
+away mid-upload). What was created is read back through libvirt."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -23,7 +26,7 @@ libvirt = pytest.importorskip("libvirt")
 from app.connectors.base import ConnectorSettings  # noqa: E402
 from app.connectors.libvirt import LibvirtConnector, domain_xml, image_firmware  # noqa: E402
 from app.engine.disk import image_info  # noqa: E402
-from app.errors import Conflict, NotFound, UserError  # noqa: E402
+from app.errors import Conflict, EnvironmentProblem, NotFound, UserError  # noqa: E402
 from app.tasks.base import TaskCanceled  # noqa: E402
 from tests.connectors.conftest import Flag, MiB, sidecar_for  # noqa: E402
 
@@ -168,10 +171,27 @@ def test_an_ide_disk_gets_a_pc_machine_and_bios_no_efi() -> None:
 # --- a real libvirtd: qemu:///session -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def session_uri() -> Iterator[str]:
-    """``qemu:///session`` of an unprivileged account, served by a libvirtd started for these tests (root's
-    own session would be the system daemon), with a directory pool ``lab`` and a defined network ``labnet``."""
+@dataclass
+class SessionDaemon:
+    """A ``qemu:///session`` libvirtd started for these tests: its URI, its folder and its process."""
+
+    uri: str
+    root: Path
+    process: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        """Kill libvirtd itself at once (SIGKILL, no clean shutdown), as when its host goes down: the child
+        that ``runuser`` started for this daemon, found by its parent's id."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        for child in children:
+            os.kill(int(child), signal.SIGKILL)
+        self.process.wait(10)
+
+
+@contextlib.contextmanager
+def _session_daemon() -> Iterator[SessionDaemon]:
+    """``qemu:///session`` of an unprivileged account, served by a libvirtd started here (root's own session
+    would be the system daemon), with a directory pool ``lab`` and a defined network ``labnet``."""
     daemon = shutil.which("libvirtd") or shutil.which("libvirtd", path="/usr/sbin")
     if daemon is None or os.geteuid() != 0:
         if os.environ.get("CI"):
@@ -200,11 +220,19 @@ def session_uri() -> Iterator[str]:
         pool.create(0)
         connection.networkDefineXML("<network><name>labnet</name><bridge name='virbr97'/></network>")
         connection.close()
-        yield uri
+        yield SessionDaemon(uri, root, process)
     finally:
-        process.terminate()
+        if process.poll() is None:
+            process.terminate()
         process.wait(10)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def session_uri() -> Iterator[str]:
+    """The libvirtd the session tests share (never stopped by a test: one that stops it has its own)."""
+    with _session_daemon() as daemon:
+        yield daemon.uri
 
 
 def _session(uri: str, **options: object) -> ConnectorSettings:
@@ -333,3 +361,113 @@ def test_cancel_mid_download_keeps_nothing(session_uri: str, tmp_path: Path) -> 
     # The connection is still usable: a second retrieve runs to the end.
     LibvirtConnector().retrieve(result.ids, _session(session_uri), None, target, lambda *_: None, Flag())
     assert _sha256(target) == _sha256(image)
+
+
+@contextlib.contextmanager
+def _small_pool(daemon_uri: str, root: Path, megabytes: int) -> Iterator[str]:
+    """A directory pool ``small`` on a tmpfs of ``megabytes`` MiB (real ENOSPC), removed afterwards."""
+    folder = root / "small"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,uid=65534,gid=65534,mode=0755",
+                           "tmpfs", str(folder)], capture_output=True, check=False)
+    if done.returncode != 0:
+        folder.rmdir()
+        pytest.skip(f"a small file system needs mount (root): {done.stderr.decode().strip()}")
+    connection = libvirt.open(daemon_uri)
+    pool = None
+    try:
+        pool = connection.storagePoolCreateXML(
+            f"<pool type='dir'><name>small</name><target><path>{folder}</path></target></pool>", 0)
+        yield "small"
+    finally:
+        if pool is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.destroy()
+        connection.close()
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+        folder.rmdir()
+
+
+def test_a_full_pool_is_a_clear_error_and_leaves_no_volume(session_uri: str, tmp_path: Path) -> None:
+    """Runs against the real libvirtd (qemu:///session) with a directory pool on a real 8 MiB tmpfs: a 12 MiB
+    raw image cannot fit (libvirt allocates a raw volume whole, so it is the volume's creation that fails with
+    the file system's ENOSPC), and a qcow2 image that fits when created runs out of room mid-upload (its file
+    grows as it is written, after 4 MiB of filler took most of the space)."""
+    socket = session_uri.partition("socket=")[2]
+    root = Path(socket).parents[2]
+    image = _mbr_disk(tmp_path / "Full_2025-03-01_10-15.raw", 12 * MiB)
+    with _small_pool(session_uri, root, 8) as pool_name:
+        with pytest.raises(UserError, match=r"^The storage pool 'small' is full: it has no room for the 12 MiB "
+                                            r"volume 'Full_2025-03-01_10-15\.raw' \(.*No space left on device\)\. "
+                                            r"Free space in the pool or choose another one; nothing was left in the "
+                                            r"pool\.$") as caught:
+            LibvirtConnector().deliver(image, replace(sidecar_for(image), image="Full"),
+                                       _session(session_uri, pool=pool_name), None, lambda *_: None, Flag())
+        assert "Traceback" not in str(caught.value)
+        _nothing_in_pool(session_uri, pool_name, root / "small")
+        # A qcow2 volume is created small and grows as the upload writes it: the room runs out mid-upload.
+        (root / "small" / "filler").write_bytes(b"\0" * (5 * MiB))
+        qcow2 = _qcow2_of_noise(tmp_path / "Full_2025-03-01_10-16.qcow2", 6 * MiB)
+        # libvirtd reports the writer's ENOSPC through the stream, or (a race in its stream end) not at all:
+        # then the volume is found short of the upload. Either way it is a full pool and nothing is left.
+        with pytest.raises(UserError, match=r"^The storage pool 'small' is full: (it ran out of space during the "
+                                            r"upload of the \d+ MiB image \(.*No space left on device.*\)|the volume "
+                                            r"holds only [\d.]+ MiB of the \d+ MiB image after the upload)\. Free "
+                                            r"space in the pool or choose another one\. The half volume was "
+                                            r"deleted\.$"):
+            LibvirtConnector().deliver(qcow2, replace(sidecar_for(qcow2), image="Full2"),
+                                       _session(session_uri, pool=pool_name), None, lambda *_: None, Flag())
+        (root / "small" / "filler").unlink()
+        _nothing_in_pool(session_uri, pool_name, root / "small")
+
+
+def _qcow2_of_noise(path: Path, size: int) -> Path:
+    """A qcow2 image (MBR partition table) whose clusters hold random bytes, so it is about ``size`` on disk."""
+    raw = _mbr_disk(path.with_suffix(".raw"), size)
+    with raw.open("r+b") as file:
+        file.seek(MiB)
+        file.write(os.urandom(size - MiB))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True,
+                   capture_output=True)
+    raw.unlink()
+    return path
+
+
+def _nothing_in_pool(uri: str, pool_name: str, folder: Path) -> None:
+    connection = libvirt.open(uri)
+    try:
+        pool = connection.storagePoolLookupByName(pool_name)
+        pool.refresh(0)  # what is really in the pool's folder, not libvirt's memory of it
+        assert pool.listVolumes() == []
+        assert not {"Full", "Full2"} & {d.name() for d in connection.listAllDomains()}
+    finally:
+        connection.close()
+    assert os.listdir(folder) == []
+
+
+def test_libvirtd_going_down_mid_upload_names_the_volume_to_delete(tmp_path: Path) -> None:
+    """Runs against a real libvirtd (qemu:///session) of its own, so the shared one stays up: the daemon is
+    killed (SIGKILL, as when its host goes down) from the progress callback after the first chunk went up.
+    The upload fails with a clear EnvironmentProblem; with the daemon gone the half volume cannot be deleted
+    through libvirt, so the message names the pool and the volume to delete by hand, and the volume's file is
+    indeed still in the pool's folder."""
+    image = _mbr_disk(tmp_path / "Down_2025-03-01_10-15.raw", 24 * MiB)
+    with _session_daemon() as daemon:
+        def progress(_percent: float, _message: str) -> None:
+            if daemon.process.poll() is None:
+                daemon.kill()
+
+        started = time.monotonic()
+        with pytest.raises(EnvironmentProblem) as caught:
+            LibvirtConnector().deliver(image, replace(sidecar_for(image), image="Down"), _session(daemon.uri), None,
+                                       progress, Flag())
+        assert time.monotonic() - started < 20
+        message = str(caught.value)
+        assert message.startswith(f"The connection to libvirt at {daemon.uri} was lost during the upload into pool "
+                                  "'lab', after "), message
+        assert "libvirtd stopped or the host went down. Check that libvirtd is running and reachable from this " \
+               "machine. LayerDesk could not clean up on " in message, message
+        assert message.endswith(": delete the volume 'Down_2025-03-01_10-15.raw' in the storage pool 'lab' there by "
+                                "hand (virsh vol-delete --pool lab Down_2025-03-01_10-15.raw)."), message
+        assert "Traceback" not in message and "was deleted" not in message
+        assert (daemon.root / "pool" / image.name).exists()  # left, as the message says

@@ -277,6 +277,29 @@ def test_a_command_error_while_creating_cleans_up(replays: Any, certificate: Any
     assert replay.state == set()
 
 
+def test_a_full_store_is_a_clear_error_and_the_partial_file_is_deleted(replays: Any, certificate: Any,
+                                                                       tmp_path: Path) -> None:
+    """Runs against a recording (store_full.json): the store's disk fills up mid-transfer and the BITS job goes
+    to the Error state with the system's "There is not enough space on the disk." (ERROR_DISK_FULL); the
+    delivery says the store is full, and the clean-up step removes the job, which deletes its partial file."""
+    replay = replays("store_full")
+    with pytest.raises(UserError) as caught:
+        _deliver(replay, certificate, image_file(tmp_path, "Gold.vhdx"))
+    message = str(caught.value)
+    assert message == (
+        "The store 'Store1' on localhost is full: BITS could not write the vDisk there after 2 of 3 MiB (There is "
+        "not enough space on the disk.). Free space in the store (or choose another store) and publish again. The "
+        "BITS job 5e8f1a2b-3c4d-4e6f-9a0b-7c8d9e0f1a2b was removed on localhost, and with it the partial file."), \
+        message
+    assert replay.kinds == ["start", "poll", "poll", "cleanup"]
+    cleanup = script_data(replay.requests[-4].script)
+    assert cleanup["job"] == "5e8f1a2b-3c4d-4e6f-9a0b-7c8d9e0f1a2b" and cleanup["locator"] is False
+    assert cleanup["destination"] == "D:\\Store\\Gold_20250301T101500Z.vhdx"
+    assert replay.state == set()  # no BITS job, no partial file, no vDisk
+    assert ACCOUNT[1] not in message
+    assert _refused(script_data(replay.requests[1].script)["url"])
+
+
 def test_every_script_fits_the_command_line() -> None:
     long = {"url": "http://" + "h" * 200 + "/layerdesk/" + "t" * 43 + "/" + "n" * 80, "site": "s" * 60,
             "store": "s" * 60, "name": "n" * 80, "ext": ".vhdx", "job": "0" * 36, "destination": "D:\\" + "d" * 200,

@@ -5,9 +5,12 @@ upload run end to end. What is left on the pool is read back from the recorded p
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
+import re
 import subprocess
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -146,8 +149,8 @@ def test_delivers_a_vhd_as_a_uefi_vm(tmp_path: Path, ca: TestCA, pool: tuple[Rec
                                           PASSWORD, lambda *_: None, Flag())
     assert recorded.methods == [
         "session.login_with_password", "SR.get_by_name_label", "network.get_by_name_label", "VM.get_by_name_label",
-        "VDI.create", "task.create", "task.get_status", "task.destroy", "VM.create", "VBD.create", "VIF.create",
-        "VM.get_uuid", "VDI.get_uuid", "session.logout"]
+        "VDI.create", "VDI.get_uuid", "task.create", "task.get_status", "task.destroy", "VM.create", "VBD.create",
+        "VIF.create", "VM.get_uuid", "session.logout"]
     created = recorded.vdis[VDI]
     # qemu-img rounds a VHD's size up to whole CHS cylinders: the VDI gets the disk's size as VHD says it.
     assert created["virtual_size"] == str(image_info(image).virtual_size) and created["SR"].startswith("OpaqueRef:")
@@ -235,3 +238,68 @@ def test_cancel_mid_upload_destroys_the_vdi(tmp_path: Path, ca: TestCA, pool: tu
     assert recorded.aborted_uploads == 1 and "VM.create" not in recorded.methods
     assert recorded.methods[-3:] == ["task.destroy", "VDI.destroy", "session.logout"]
     _nothing_left(recorded)
+
+
+VDI_UUID = "3f9b2c1d-7e6a-4b5c-8d9e-0f1a2b3c4d5e"
+
+
+def _collect_abandoned_sockets() -> None:
+    """When the server resets the upload mid-body, http.client may abandon the TLS socket of the response it
+    began to read, whose close then waits for the garbage collector: collect it here, in the test that
+    causes it, so it is not reported against whichever test runs next."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"unclosed <ssl\.SSLSocket", ResourceWarning)
+        gc.collect()
+
+
+def test_the_host_going_down_mid_upload_destroys_the_vdi_once_it_answers_again(
+        tmp_path: Path, ca: TestCA, pool: tuple[RecordedPool, int]) -> None:
+    """Against a recording: the pool master resets the ``PUT /import_raw_vdi`` connection after the first MiB
+    of the VHD without answering (as a host going away does) and answers XenAPI again for the clean-up, so the
+    half-imported VDI is destroyed and the error says how far the upload got."""
+    recorded, port = pool
+    image = _vhd(tmp_path, size=24 * MiB)
+    recorded.cut_upload_after = MiB
+    with pytest.raises(EnvironmentProblem) as caught:
+        XenServerConnector().deliver(image, sidecar_for(image), _settings(port, ca), PASSWORD, lambda *_: None, Flag())
+    message = str(caught.value)
+    assert re.fullmatch(
+        rf"The connection to localhost was lost during the upload of the disk to https://localhost:{port}"
+        r"/import_raw_vdi, after [\d.]+ of [\d.]+ MiB \((it was reset|it was closed without an answer)\); the "
+        r"host went down or the network between failed\. Check that the pool master localhost is reachable "
+        r"from this machine\. The half-imported disk was destroyed\.", message), message
+    assert recorded.cut and recorded.aborted_uploads == 1 and "VM.create" not in recorded.methods
+    assert recorded.methods[-3:] == ["task.destroy", "VDI.destroy", "session.logout"]
+    _nothing_left(recorded)
+    assert recorded.uploads == {}
+    assert PASSWORD not in message
+    del caught
+    _collect_abandoned_sockets()
+
+
+def test_the_host_staying_down_names_the_vdi_to_remove_by_hand(tmp_path: Path, ca: TestCA,
+                                                                pool: tuple[RecordedPool, int]) -> None:
+    """Against a recording: the upload's connection is reset after the first MiB and the pool master stops
+    listening (and resets what still arrives on a kept-alive connection), so VDI.destroy cannot reach it; the
+    message names the VDI, by name and UUID, to remove by hand instead of saying it was destroyed."""
+    recorded, port = pool
+    image = _vhd(tmp_path, size=24 * MiB)
+    recorded.cut_upload_after = MiB
+    recorded.stay_down = True
+    with pytest.raises(EnvironmentProblem) as caught:
+        XenServerConnector().deliver(image, sidecar_for(image), _settings(port, ca), PASSWORD, lambda *_: None, Flag())
+    message = str(caught.value)
+    assert message.startswith(f"The connection to localhost was lost during the upload of the disk to "
+                              f"https://localhost:{port}/import_raw_vdi, after "), message
+    assert "was destroyed" not in message
+    assert re.search(
+        r"from this machine\. LayerDesk could not clean up on XenServer pool master localhost \(Cannot reach "
+        rf"XenAPI at https://localhost:{port} \(.+\)\. Check the URL and that the pool master is on\): remove "
+        rf"the VDI 'Gold-20250301T101500Z' \({VDI_UUID}\) there by hand \(xe vdi-destroy, or XenCenter's Storage "
+        r"tab\)\.$", message), message
+    # Nothing reached the pool after the upload began.
+    assert recorded.methods[-2:] == ["VDI.get_uuid", "task.create"] and recorded.cut
+    assert VDI in recorded.vdis  # the half VDI is still there, as the message says
+    assert PASSWORD not in message
+    del caught
+    _collect_abandoned_sockets()

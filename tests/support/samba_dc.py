@@ -435,8 +435,8 @@ def _start(golden: Path, workdir: Path, timeout_s: float) -> RunningDC:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            output = (root / "samba.out").read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"samba exited with {process.returncode} while starting:\n{output}")
+            said = (root / "samba.out").read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"samba exited with {process.returncode} while starting:\n{said}")
         if _ldaps_ready(dc.ca_file) and _port_open(PORTS["smb"]):
             dc.start_s = time.monotonic() - began
             return dc

@@ -6,10 +6,18 @@ handler's answer.
 It parses each real ``methodCall`` (so xmlrpc.client's bytes cross the socket), checks the session
 reference, keeps the state a pool would (sessions, VDIs, VMs and what was uploaded into each VDI) so a test
 can ask for the final state, and logs every call with its parameters.
+
+A test can make the host go away in the middle of the upload (:attr:`RecordedPool.cut_upload_after`): the
+``PUT /import_raw_vdi`` connection is reset after that many body bytes, without an answer; with
+:attr:`RecordedPool.stay_down` the pool master then stops listening and resets every XML-RPC request that
+still arrives on a kept-alive connection, so nothing can be cleaned up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 import threading
 import xmlrpc.client
 from collections.abc import Callable, Iterator
@@ -54,7 +62,20 @@ class RecordedPool:
         self.aborted_uploads = 0
         self.import_requests: list[dict[str, list[str]]] = []
         self.on_call: Callable[[str], None] | None = None
+        #: Reset the upload's connection after this many body bytes (``None``: the host stays up).
+        self.cut_upload_after: int | None = None
+        #: After the cut, the whole pool master is gone (refuses connections, resets requests).
+        self.stay_down = False
+        #: The cut happened; with :attr:`stay_down`, the host is down from then on.
+        self.cut = False
+        #: XML-RPC calls that arrived after the host went down (reset, not answered; not in :attr:`calls`).
+        self.refused: list[str] = []
+        self.stop_listening: Callable[[], None] | None = None
         self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self.cut and self.stay_down
 
     @property
     def methods(self) -> list[str]:
@@ -116,9 +137,19 @@ class RecordedPool:
 class _XapiHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def _reset(self) -> None:
+        """End the connection with a TCP reset and no answer, as a host that went away does."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
     def do_POST(self) -> None:
         pool: RecordedPool = self.server.owner  # type: ignore[attr-defined]
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if pool.down:
+            pool.refused.append(str(xmlrpc.client.loads(body)[1]))
+            self._reset()
+            return
         reply = pool.call(body).encode("utf-8")
         self.send_response(200)
         self.send_header("Content-Type", "text/xml")
@@ -131,13 +162,21 @@ class _XapiHandler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         assert parts.path == "/import_raw_vdi"
         length = int(self.headers.get("Content-Length", "0"))
+        cutting = pool.cut_upload_after is not None and not pool.cut
+        wanted = min(length, pool.cut_upload_after or 0) if cutting else length
         received = bytearray()
-        while len(received) < length:
-            piece = self.rfile.read(min(1024 * 1024, length - len(received)))
+        while len(received) < wanted:
+            piece = self.rfile.read(min(1024 * 1024, wanted - len(received)))
             if not piece:
                 break
             received += piece
         pool.import_raw_vdi(parse_qs(parts.query), bytes(received), len(received) == length)
+        if cutting:
+            pool.cut = True
+            if pool.stay_down and pool.stop_listening is not None:
+                pool.stop_listening()  # before the reset: the clean-up that follows finds no one listening
+            self._reset()
+            return
         if len(received) < length:
             self.close_connection = True
             return
@@ -158,4 +197,11 @@ def recorded_pool(ca: TestCA, username: str, password: str) -> Iterator[tuple[Re
     """The recorded pool master and its HTTPS port on 127.0.0.1."""
     pool = RecordedPool(username, password)
     with serving(_XapiHandler, ca, pool) as server:
+
+        def stop_listening() -> None:
+            # Called from a request's thread: serve_forever runs in its own, which shutdown() waits for.
+            server.shutdown()
+            server.socket.close()
+
+        pool.stop_listening = stop_listening
         yield pool, server.server_address[1]
