@@ -45,6 +45,7 @@ from app.connectors.base import (
     TestReport,
     TestSteps,
 )
+from app.connectors.reach import lost_reason, mib_text
 from app.elastic.sync import ShareError, ShareLocation, ShareSession, parse_share
 from app.elastic.sync import _discard as discard_remote
 from app.elastic.sync import _smb_failure as smb_failure
@@ -79,8 +80,6 @@ def _share_text(endpoint: str) -> str:
     return endpoint.replace("/", "\\") if endpoint.startswith("//") else endpoint
 
 
-def _mib(count: int) -> str:
-    return f"{count / 1024**2:.0f}" if count >= 10 * 1024**2 or count % 1024**2 == 0 else f"{count / 1024**2:.1f}"
 
 
 #: What a socket that was reset under a transfer says (EBADF: smbprotocol closed it as the reset came in).
@@ -95,12 +94,10 @@ def _connection_lost(exc: BaseException) -> bool:
 
 
 def _lost_reason(exc: BaseException) -> str:
-    """Why an established connection failed, in words."""
-    if isinstance(exc, TimeoutError):
-        return "it stopped answering"
-    if _connection_lost(exc):
+    """Why an established SMB connection failed, in words."""
+    if not isinstance(exc, TimeoutError) and _connection_lost(exc):
         return "it was reset"
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return lost_reason(exc)
 
 
 def _canceled() -> TaskCanceled:
@@ -418,7 +415,7 @@ class ConnectorShare(ShareSession):
         if isinstance(cause, DiskFull | SMBConnectionClosed | OSError):
             exc = cause
         cleaned = left or f"The partial file {partial} was deleted."
-        copied = f"{_mib(done)} of {_mib(size)} MiB"
+        copied = f"{mib_text(done)} of {mib_text(size)} MiB"
         if isinstance(exc, TaskCanceled):
             return TaskCanceled(f"The delivery was cancelled. {left}") if left else exc
         if isinstance(exc, LayerDeskError):

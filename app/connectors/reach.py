@@ -2,11 +2,13 @@
 the TLS handshake succeed with the certificate verified (or, when verification is turned off, at all).
 
 Both raise a :class:`~app.errors.LayerDeskError` with a message saying what to check, so
-:meth:`app.connectors.base.TestSteps.run` records them as failed steps.
+:meth:`app.connectors.base.TestSteps.run` records them as failed steps. :func:`lost_reason` and
+:func:`mib_text` word what happened to a transfer whose connection went away.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import socket
 import ssl
@@ -68,3 +70,23 @@ def tls_handshake(host: str, port: int, context: ssl.SSLContext, timeout_s: floa
     subject = ", ".join(f"{key}={value}" for part in subject_parts for key, value in part)
     checked = "verified" if context.verify_mode == ssl.CERT_REQUIRED else "NOT verified"
     return f"{version}, certificate {checked}" + (f" ({subject})" if subject else "")
+
+
+# --- saying what happened to a transfer -----------------------------------------------------------------
+
+
+def mib_text(count: int) -> str:
+    """``count`` bytes in MiB for a message: whole MiB from 10 MiB on (or when exact), else one decimal."""
+    return f"{count / 1024**2:.0f}" if count >= 10 * 1024**2 or count % 1024**2 == 0 else f"{count / 1024**2:.1f}"
+
+
+def lost_reason(exc: BaseException) -> str:
+    """Why an established connection failed, in words (a reset and a TLS stream cut short read alike)."""
+    if isinstance(exc, TimeoutError):
+        return "it stopped answering"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "it was closed without an answer"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError | ssl.SSLError
+                  | http.client.IncompleteRead):
+        return "it was reset"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

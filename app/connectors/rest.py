@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
+from app.connectors.reach import lost_reason, mib_text
 from app.errors import EnvironmentProblem, ValidationError
 from app.procs import Cancellable
 from app.tasks.base import TaskCanceled
@@ -150,7 +151,7 @@ class RestClient:
                                           f"{self.timeout_s:.0f} s); check that {self.what} is still reachable from "
                                           "this machine.")
             return EnvironmentProblem(f"The connection to {host}:{port} was lost during {during} "
-                                      f"({_lost_reason(exc)}); the host went down or the network between failed. Check "
+                                      f"({lost_reason(exc)}); the host went down or the network between failed. Check "
                                       f"that {self.what} is reachable from this machine.")
         if isinstance(exc, ssl.SSLCertVerificationError):
             return EnvironmentProblem(
@@ -275,8 +276,8 @@ class RestClient:
             return self._read(connection)
         except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
             self._drop(host, port)
-            raise self._failure(exc, host, port, f"the upload to {self._shown(url)}, after {_mib(sent)} of "
-                                f"{_mib(length)} MiB") from None
+            raise self._failure(exc, host, port, f"the upload to {self._shown(url)}, after {mib_text(sent)} of "
+                                f"{mib_text(length)} MiB") from None
         except BaseException:
             self._drop(host, port)
             raise
@@ -291,18 +292,8 @@ class RestClient:
         return Response(answer.status, answer.reason, headers, body)
 
 
-def _mib(count: int) -> str:
-    return f"{count / 1024**2:.0f}" if count >= 10 * 1024**2 or count % 1024**2 == 0 else f"{count / 1024**2:.1f}"
 
 
-def _lost_reason(exc: BaseException) -> str:
-    """Why an established connection failed, in words (a reset and a TLS stream cut short read alike)."""
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return "it was closed without an answer"
-    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError | ssl.SSLError
-                  | http.client.IncompleteRead):
-        return "it was reset"
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _names(entries: Any) -> dict[str, str]:

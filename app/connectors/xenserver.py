@@ -41,7 +41,7 @@ from app.connectors.base import (
     TestReport,
     TestSteps,
 )
-from app.connectors.reach import tcp_reach, tls_context, tls_handshake
+from app.connectors.reach import lost_reason, mib_text, tcp_reach, tls_context, tls_handshake
 from app.engine.disk import image_info, read_image_partition_table
 from app.errors import AuthenticationFailed, Conflict, EnvironmentProblem, NotFound, UserError, ValidationError
 from app.procs import Cancellable
@@ -157,18 +157,8 @@ def failure_error(exc: XapiFailure, doing: str) -> UserError | EnvironmentProble
     return EnvironmentProblem(f"Could not {doing}: XenServer answered {' '.join(parts) or 'a failure'}.")
 
 
-def _mib(count: int) -> str:
-    return f"{count / 1024**2:.0f}" if count >= 10 * 1024**2 or count % 1024**2 == 0 else f"{count / 1024**2:.1f}"
 
 
-def _lost_reason(exc: BaseException) -> str:
-    """Why an established connection failed, in words (a reset and a TLS stream cut short read alike)."""
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return "it was closed without an answer"
-    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError | ssl.SSLError
-                  | http.client.IncompleteRead):
-        return "it was reset"
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 _CLEANED_UP = (" The half-imported disk was destroyed.", "; the half-imported disk was destroyed.",
@@ -475,7 +465,8 @@ class XenServerConnector(Connector):
             except (OSError, http.client.HTTPException) as exc:
                 raise EnvironmentProblem(
                     f"The connection to {session.host} was lost during the upload of the disk to "
-                    f"{session.url}/import_raw_vdi, after {_mib(done)} of {_mib(size)} MiB ({_lost_reason(exc)}); "
+                    f"{session.url}/import_raw_vdi, after {mib_text(done)} of {mib_text(size)} MiB "
+                    f"({lost_reason(exc)}); "
                     f"the host went down or the network between failed. Check that the pool master {session.host} "
                     "is reachable from this machine. The half-imported disk was destroyed.") from None
             finally:
