@@ -33,6 +33,7 @@ from smbprotocol.exceptions import (  # type: ignore[import-untyped]
     SMBConnectionClosed,
     SMBOSError,
 )
+from smbprotocol.header import NtStatus  # type: ignore[import-untyped]
 
 from app.connectors.base import (
     ConfigField,
@@ -370,6 +371,8 @@ class ConnectorShare(ShareSession):
 
     #: How long signing in anew (to clean up after the connection was lost) may take.
     RECONNECT_TIMEOUT_S = 5.0
+    #: How long the server may go on holding the lost connection's open handle before a cleanup gives up.
+    HANDLE_RELEASE_S = 10.0
 
     def __init__(self, location: ShareLocation, username: str, password: str, *, port: int = 445) -> None:
         super().__init__(location, username, password, port=port)
@@ -444,7 +447,9 @@ class ConnectorShare(ShareSession):
         """Delete ``partial`` after a failed upload, signing in anew once when the connection is gone:
         ``""`` when it is gone, else a sentence naming it to remove by hand (and why that could not be done)."""
         why = ""
-        for attempt in range(2):
+        attempt = 0
+        held_until: float | None = None
+        while attempt < 2:
             try:
                 if attempt:
                     self._sign_in_again()
@@ -454,9 +459,17 @@ class ConnectorShare(ShareSession):
                 if exc.errno == errno.ENOENT:
                     return ""
                 why = exc.strerror or str(exc)
+                if exc.ntstatus == NtStatus.STATUS_SHARING_VIOLATION and attempt:
+                    # The server has not let go yet of the handle the lost connection had open: it does once
+                    # it notices that connection is gone.
+                    held_until = held_until or time.monotonic() + self.HANDLE_RELEASE_S
+                    if time.monotonic() < held_until:
+                        time.sleep(0.2)
+                        continue
             except Exception as exc:  # noqa: BLE001 - smbprotocol raises many kinds; the reason is named below
                 text = str(exc).strip()
                 why = text.splitlines()[0] if text else type(exc).__name__
+            attempt += 1
         log.warning("could not delete %s after a failed delivery: %s", self.location.path(partial), why)
         return (f"LayerDesk could not clean up on {self.location.server} ({why.rstrip('.')}): remove "
                 f"{self.location.path(partial)} there by hand.")
