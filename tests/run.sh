@@ -10,14 +10,15 @@ cd "$(dirname "$0")/.."
 # the directory tests run a Samba AD DC (samba-tool provisions it: the AD schema, DSDB and VFS modules
 # are only recommended by samba; winbind is not pulled in, and samba dies at start without it); the libvirt
 # connector builds libvirt-python (libvirt-dev, pkg-config, gcc, python3-dev) and its tests run a real
-# qemu:///session libvirtd (libvirt-daemon, qemu-system-x86, ovmf for UEFI VMs); the packaging tests
+# qemu:///session libvirtd (libvirt-daemon, qemu-system-x86, ovmf for UEFI VMs; sasl2-bin and
+# libsasl2-modules for one that asks for a password); the packaging tests
 # compile the Windows installer with makensis and list it with 7-Zip; the Citrix Provisioning transfer tests
 # download with curl and wget (interrupted and resumed); the vSphere connector tests build govmomi's vCenter
 # simulator from Debian's govmomi sources with Go (golang-go, golang-github-vmware-govmomi-dev).
 bash packaging/ensure-debian-packages.sh libegl1 libgl1 libfontconfig1 libxkbcommon0 libdbus-1-3 fonts-dejavu-core \
     libwim15 wimtools ntfs-3g libhivex-bin qemu-utils gdisk fdisk dosfstools mtools \
     samba samba-ad-provision samba-dsdb-modules samba-vfs-modules winbind openssl \
-    libvirt-dev pkg-config gcc python3-dev libvirt-daemon qemu-system-x86 ovmf \
+    libvirt-dev pkg-config gcc python3-dev libvirt-daemon qemu-system-x86 ovmf sasl2-bin libsasl2-modules \
     nsis p7zip-full curl wget \
     golang-go golang-github-vmware-govmomi-dev
 

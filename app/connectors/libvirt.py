@@ -11,7 +11,9 @@ volume download stream, as the file it is (raw stays raw, qcow2 stays qcow2), on
 
 A delivery that fails or is cancelled deletes the volume it created and undefines the VM it defined.
 TLS certificates are verified unless the connector says otherwise (``no_verify=1`` is then added to a
-``+tls`` URI). The password is handed to libvirt's authentication callback only.
+``+tls`` URI). The password is handed to libvirt's authentication callback only (it answers a SASL host's
+questions); a host that asks for a user name or password the connector does not have is told apart from one
+that refuses them.
 """
 
 from __future__ import annotations
@@ -55,11 +57,13 @@ BUS_DEVICES = {"virtio": "vd", "sata": "sd", "ide": "hd"}
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
-def _connection_failure(exc: libvirt.libvirtError, uri: str) -> UserError | EnvironmentProblem:
+def _connection_failure(exc: libvirt.libvirtError, uri: str, username: str = "") -> UserError | EnvironmentProblem:
     code = exc.get_error_code()
     text = exc.get_error_message() or str(exc)
     if code in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED) or "authentication" in text.lower():
-        return AuthenticationFailed(f"{uri} refused the user name or password ({text}).")
+        of = f" of {username!r}" if username else ""
+        return AuthenticationFailed(f"{uri} refused the user name or password{of} ({text}). Check both in the "
+                                    "connector's settings.")
     if code == libvirt.VIR_ERR_NO_CONNECT and "no connection driver" in text.lower():
         return ValidationError(f"{uri} is not a libvirt URI this machine can use ({text}); write one like "
                                "qemu:///system or qemu+ssh://root@host/system.", field="endpoint")
@@ -182,21 +186,33 @@ class LibvirtConnector(Connector):
         self.check_endpoint(settings.endpoint.strip())
         uri = self.uri(settings)
 
+        # What the host asked for and the connector does not have: libvirt then only says it "failed to
+        # collect auth credentials", which would read as if the host had refused them.
+        missing: list[str] = []
+
         def answer(credentials: list[list[Any]], _data: object) -> int:
             for credential in credentials:
                 if credential[0] == libvirt.VIR_CRED_AUTHNAME:
-                    credential[4] = settings.username or credential[3]
+                    name = settings.username or credential[3]
+                    if not (name or "").strip():
+                        missing.append("user name")
+                    credential[4] = name
                 elif credential[0] == libvirt.VIR_CRED_PASSPHRASE:
                     if not password:
-                        return -1
+                        missing.append("password")
                     credential[4] = password
-            return 0
+            return -1 if missing else 0
 
         try:
             connection = libvirt.openAuth(uri, [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE], answer, None],
                                           0)
         except libvirt.libvirtError as exc:
-            raise _connection_failure(exc, settings.endpoint) from None
+            if missing:
+                raise AuthenticationFailed(
+                    f"{settings.endpoint} asks for a user name and password, and the connector has no "
+                    f"{' and no '.join(missing)}; enter {'them' if len(missing) > 1 else 'it'} in the connector's "
+                    "settings and test again.") from None
+            raise _connection_failure(exc, settings.endpoint, settings.username) from None
         try:
             yield connection
         finally:

@@ -2,7 +2,8 @@
 duplicate VM name, a driver without uploads or downloads, a running VM's disk refused) and against a real
 ``qemu:///session`` libvirtd started for these tests (upload, the VM's XML, cancel mid-upload; retrieving a
 volume as the VM left it, a deleted volume, cancel mid-download; a pool on a full file system, libvirtd going
-away mid-upload). What was created is read back through libvirt."""
+away mid-upload; a second one that asks for a SASL user name and password on its UNIX socket). What was created
+is read back through libvirt."""
 
 from __future__ import annotations
 
@@ -17,16 +18,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, NoReturn
 from xml.etree import ElementTree as ET
 
 import pytest
+
+from tests.support.libvirt_sasl import SaslUnavailable, configure_sasl
 
 libvirt = pytest.importorskip("libvirt")
 
 from app.connectors.base import ConnectorSettings  # noqa: E402
 from app.connectors.libvirt import LibvirtConnector, domain_xml, image_firmware  # noqa: E402
 from app.engine.disk import image_info  # noqa: E402
-from app.errors import Conflict, EnvironmentProblem, NotFound, UserError  # noqa: E402
+from app.errors import AuthenticationFailed, Conflict, EnvironmentProblem, NotFound, UserError  # noqa: E402
 from app.tasks.base import TaskCanceled  # noqa: E402
 from tests.connectors.conftest import Flag, MiB, sidecar_for  # noqa: E402
 
@@ -188,24 +192,50 @@ class SessionDaemon:
         self.process.wait(10)
 
 
+def _missing(what: str) -> NoReturn:
+    """Skip (fail on CI, whose setup installs everything) for a missing prerequisite."""
+    if os.environ.get("CI"):
+        pytest.fail(what)
+    pytest.skip(what)
+
+
+def _open(uri: str, sasl: tuple[str, str] | None = None) -> Any:
+    """A connection for the tests' own checks, signed in with ``sasl`` (user name, password) when given."""
+    if sasl is None:
+        return libvirt.open(uri)
+    user, password = sasl
+
+    def answer(credentials: list[list[object]], _data: object) -> int:
+        for credential in credentials:
+            credential[4] = user if credential[0] == libvirt.VIR_CRED_AUTHNAME else password
+        return 0
+
+    return libvirt.openAuth(uri, [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE], answer, None], 0)
+
+
 @contextlib.contextmanager
-def _session_daemon() -> Iterator[SessionDaemon]:
+def _session_daemon(sasl: tuple[str, str] | None = None) -> Iterator[SessionDaemon]:
     """``qemu:///session`` of an unprivileged account, served by a libvirtd started here (root's own session
-    would be the system daemon), with a directory pool ``lab`` and a defined network ``labnet``."""
+    would be the system daemon), with a directory pool ``lab`` and a defined network ``labnet``. With ``sasl``
+    (a user name and password) the daemon asks for them through SASL on its UNIX sockets."""
     daemon = shutil.which("libvirtd") or shutil.which("libvirtd", path="/usr/sbin")
     if daemon is None or os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("qemu:///session needs libvirtd (Debian libvirt-daemon) and root to start it as nobody")
-        pytest.skip("qemu:///session needs libvirtd (Debian libvirt-daemon) and root to start it as nobody")
+        _missing("qemu:///session needs libvirtd (Debian libvirt-daemon) and root to start it as nobody")
     # Outside pytest's folders, which the unprivileged account may not enter.
     root = Path(tempfile.mkdtemp(prefix="layerdesk-libvirt-"))
     runtime = root / "run"
     runtime.mkdir(mode=0o700)
     (root / "pool").mkdir()
-    for path in (root, runtime, root / "pool"):
-        shutil.chown(path, "nobody", "nogroup")
     env = {"PATH": os.environ["PATH"], "HOME": str(root), "XDG_RUNTIME_DIR": str(runtime),
            "XDG_CONFIG_HOME": str(root / "config"), "XDG_CACHE_HOME": str(root / "cache")}
+    if sasl is not None:
+        try:
+            env.update(configure_sasl(root, *sasl).env)
+        except SaslUnavailable as exc:
+            shutil.rmtree(root, ignore_errors=True)
+            _missing(f"a libvirtd with SASL needs the Cyrus SASL tools and modules: {exc}")
+    for path in (root, *root.rglob("*")):  # the SASL config and sasldb too, when there are any
+        shutil.chown(path, "nobody", "nogroup")
     process = subprocess.Popen(["runuser", "-u", "nobody", "--", "env", *(f"{k}={v}" for k, v in env.items()),
                                 daemon, "--timeout", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     socket = runtime / "libvirt" / "libvirt-sock"
@@ -214,7 +244,7 @@ def _session_daemon() -> Iterator[SessionDaemon]:
         time.sleep(0.1)
     uri = f"qemu+unix:///session?socket={socket}"
     try:
-        connection = libvirt.open(uri)
+        connection = _open(uri, sasl)
         pool = connection.storagePoolDefineXML(
             f"<pool type='dir'><name>lab</name><target><path>{root / 'pool'}</path></target></pool>", 0)
         pool.create(0)
@@ -471,3 +501,84 @@ def test_libvirtd_going_down_mid_upload_names_the_volume_to_delete(tmp_path: Pat
                                 "hand (virsh vol-delete --pool lab Down_2025-03-01_10-15.raw)."), message
         assert "Traceback" not in message and "was deleted" not in message
         assert (daemon.root / "pool" / image.name).exists()  # left, as the message says
+
+
+# --- a real libvirtd asking for a SASL user name and password -------------------------------------------
+
+SASL_USER, SASL_PASSWORD = "layerdesk", "Kvm-Lab-7f3a!pass"
+
+
+@pytest.fixture(scope="module")
+def sasl_uri() -> Iterator[str]:
+    """A second ``qemu:///session`` libvirtd, its own socket, that lets nobody in without the SASL account
+    ``layerdesk`` (``auth_unix_rw = "sasl"``, a sasldb made with saslpasswd2): the shared one stays open."""
+    with _session_daemon(sasl=(SASL_USER, SASL_PASSWORD)) as daemon:
+        with pytest.raises(libvirt.libvirtError, match="authentication failed"):
+            libvirt.open(daemon.uri)  # really shut to a client that brings no credentials
+        yield daemon.uri
+
+
+def _sasl(uri: str, username: str = SASL_USER) -> ConnectorSettings:
+    return replace(_session(uri), username=username)
+
+
+def _shown(report_or_error: object, caplog: pytest.LogCaptureFixture) -> str:
+    """Everything a user or the log could see: the report's steps (or the error) and every log record."""
+    steps = getattr(report_or_error, "steps", None)
+    seen = [f"{s.name} {s.ok} {s.detail}" for s in steps] if steps is not None else [str(report_or_error),
+                                                                                       repr(report_or_error)]
+    return "\n".join([*seen, *(r.getMessage() for r in caplog.records)])
+
+
+def test_the_right_sasl_password_passes_the_connect_step(sasl_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    report = LibvirtConnector().test(_sasl(sasl_uri), SASL_PASSWORD)
+    assert report.ok, report
+    assert [(s.name, s.ok) for s in report.steps] == [("connect", True), ("pool", True), ("network", True)]
+    assert report.steps[0].detail.startswith(f"connected to {sasl_uri} (QEMU ")
+    assert SASL_PASSWORD not in _shown(report, caplog)
+
+
+def test_a_wrong_sasl_password_is_refused_and_never_shown(sasl_uri: str, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    wrong = "Not-The-Kvm-Password-91"
+    report = LibvirtConnector().test(_sasl(sasl_uri), wrong)
+    assert [s.ok for s in report.steps] == [False, None, None]
+    assert (report.failure or "").startswith(f"{sasl_uri} refused the user name or password of 'layerdesk' "
+                                             "(authentication failed"), report.failure
+    assert (report.failure or "").endswith("Check both in the connector's settings."), report.failure
+    assert wrong not in _shown(report, caplog) and SASL_PASSWORD not in _shown(report, caplog)
+    # A delivery stops at the same door, as an AuthenticationFailed, before anything is uploaded.
+    image = _mbr_disk(tmp_path / "Refused_2025-03-01_10-15.raw")
+    with pytest.raises(AuthenticationFailed, match="refused the user name or password of 'layerdesk'") as caught:
+        LibvirtConnector().deliver(image, sidecar_for(image), _sasl(sasl_uri), wrong, lambda *_: None, Flag())
+    assert wrong not in _shown(caught.value, caplog)
+    # An account the daemon does not know reads the same (which of the two was wrong is not told).
+    report = LibvirtConnector().test(_sasl(sasl_uri, "mallory"), SASL_PASSWORD)
+    assert "refused the user name or password of 'mallory'" in (report.failure or ""), report.failure
+    assert SASL_PASSWORD not in _shown(report, caplog)
+    connection = _open(sasl_uri, (SASL_USER, SASL_PASSWORD))
+    assert image.name not in connection.storagePoolLookupByName("lab").listVolumes()
+    assert "Refused_2025-03-01_10-15" not in [d.name() for d in connection.listAllDomains()]
+    connection.close()
+
+
+def test_no_sasl_password_is_a_clear_error(sasl_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """libvirt itself would only say it "failed to collect auth credentials"; the connector says what is
+    missing and where to enter it, without pretending the host refused anything."""
+    for password in (None, ""):
+        report = LibvirtConnector().test(_sasl(sasl_uri), password)
+        assert [s.ok for s in report.steps] == [False, None, None]
+        assert report.failure == (f"{sasl_uri} asks for a user name and password, and the connector has no "
+                                  "password; enter it in the connector's settings and test again."), report.failure
+    target = tmp_path / "back.raw"
+    with pytest.raises(AuthenticationFailed, match=r"and the connector has no password; enter it"):
+        LibvirtConnector().retrieve({"pool": "lab", "volume": "Any.raw"}, _sasl(sasl_uri), None, target,
+                                    lambda *_: None, Flag())
+    assert not target.exists() and not target.with_name("back.raw.partial").exists()
+    report = LibvirtConnector().test(_sasl(sasl_uri, ""), SASL_PASSWORD)
+    assert (report.failure or "").endswith("and the connector has no user name; enter it in the connector's "
+                                           "settings and test again."), report.failure
+    assert SASL_PASSWORD not in _shown(report, caplog)
+    report = LibvirtConnector().test(_sasl(sasl_uri, ""), None)
+    assert (report.failure or "").endswith("and the connector has no user name and no password; enter them in "
+                                           "the connector's settings and test again."), report.failure
