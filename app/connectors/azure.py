@@ -16,7 +16,9 @@ plus its 512-byte footer). The published image is converted to one with qemu-img
    at most 4 MiB; a range that is all zeros is not sent (a new disk reads as zeros);
 5. access is ended (``POST …/endGetAccess``), which turns the disk from ``ActiveUpload`` to ``Unattached``.
 
-A delivery that fails or is cancelled after the disk was created ends the access and deletes the disk. The
+A delivery that fails or is cancelled after the disk was created ends the access and deletes the disk. A disk
+refused because a quota of the subscription is reached (ARM's ``OperationNotAllowed`` / ``QuotaExceeded``) is
+:class:`QuotaReached`, a :class:`UserError` naming the quota and saying that nothing was created. The
 client secret goes only into the token request's body, the token only into ``Authorization`` headers, and the
 SAS URL (its query is a signature) is never logged nor shown.
 """
@@ -202,6 +204,30 @@ def arm_message(response: Response) -> tuple[str, str]:
     return "", f"HTTP {response.status} {response.reason}"
 
 
+class QuotaReached(UserError):
+    """A quota of the subscription (a count or size of managed disks, cores, resources of a type per group) stops
+    Azure from creating what the delivery needs."""
+
+
+#: ARM's codes for a request refused by a quota (``OperationNotAllowed`` only when its message says quota).
+_QUOTA_CODES = frozenset({"QuotaExceeded", "ResourceQuotaExceeded", "OperationNotAllowed"})
+#: How ARM names the quota in its message: "… exceeding quota limits of StandardSSDStorageDisks. Maximum …",
+#: "… exceeding approved Total Regional Cores quota …", "… would exceed the quota of 800 resources of type …".
+_QUOTA_NAME = re.compile(r"quota limits of (?P<limits>.+?)\.(?:\s|$)|exceeding approved (?P<approved>.+?) quota"
+                         r"|exceed the quota of (?P<count>.+?)\.(?:\s|$)")
+
+
+def quota_name(code: str, message: str) -> str | None:
+    """The quota an ARM error says is reached (its name as ARM gives it, or ``code`` when the message does not
+    name one); ``None`` when the error is not about a quota."""
+    if code not in _QUOTA_CODES or (code == "OperationNotAllowed" and "quota" not in message.lower()):
+        return None
+    found = _QUOTA_NAME.search(message)
+    if found is None:
+        return code
+    return next(value for value in found.groupdict().values() if value).strip()
+
+
 class Arm:
     """Calls to Entra ID and ARM as the connector makes them, each turning Azure's answers into LayerDesk
     errors."""
@@ -258,6 +284,14 @@ class Arm:
         detail = f"{code}: {message}" if code else message
         if response.status == 401:
             return AuthenticationFailed(f"Azure refused the token of application {self.settings.username} ({detail}).")
+        quota = quota_name(code, message)
+        if quota is not None:
+            settings = self.settings
+            return QuotaReached(f"Azure refused to {doing}: the quota {quota} of subscription "
+                                f"{settings.option('subscription')} in {settings.option('location')} is reached "
+                                f"({detail}). Delete managed disks (or other resources) you no longer need, or "
+                                "ask for a higher quota (Azure portal: Subscriptions > Usage + quotas), then publish "
+                                "again.")
         if response.status == 403:
             return PermissionDenied(f"Application {self.settings.username} may not {doing} ({detail}). Give it a role "
                                     "on the resource group that may (Disk Snapshot Contributor or Contributor).")
@@ -466,7 +500,12 @@ class AzureConnector(Connector):
                     "properties": {"osType": "Windows", "hyperVGeneration": generation,
                                    "creationData": {"createOption": "Upload", "uploadSizeBytes": size}},
                 }
-                created = arm.call("PUT", disk_url, f"create the managed disk {name!r}", body)
+                try:
+                    created = arm.call("PUT", disk_url, f"create the managed disk {name!r}", body)
+                except QuotaReached as refused:
+                    # ARM checks quotas before it creates anything: there is nothing to clean up.
+                    raise QuotaReached(f"{refused.message} Nothing was created: the resource group "
+                                       f"{settings.option('resource_group')!r} has no disk {name!r}.") from None
                 access = False
                 try:
                     arm.wait(created, f"create the managed disk {name!r}", cancel)

@@ -14,7 +14,9 @@ certificate is verified (against the connector's CA file when it names one). A d
    container, a NIC on the subnet and UEFI or legacy BIOS boot by the disk's partition table, and waits
    for its task.
 
-A delivery that fails or is cancelled deletes the VM and the image it created. The password is sent
+A delivery that fails or is cancelled deletes the VM and the image it created. A storage container that runs
+out of space (the upload's answer or a task's ``error_detail`` says so) is :class:`ContainerFull`, a
+:class:`UserError` naming the container and what to do. The password is sent
 in the ``Authorization`` header only; it never appears in a log, a message or a command line.
 """
 
@@ -67,6 +69,21 @@ _HOST = re.compile(r"^[A-Za-z0-9.-]+$|^\[[0-9A-Fa-f:]+\]$")
 TASK_TIMEOUT_S = 4 * 3600.0
 
 
+class ContainerFull(UserError):
+    """The storage container has no room for the image's (or the VM disk's) bytes."""
+
+
+#: How Prism (Stargate, the image service, Acropolis) says a container has no room left; compared lower-cased.
+_FULL_TEXTS = ("not enough space", "insufficient space", "insufficient storage", "out of space",
+               "no space left", "kdiskspaceunavailable", "disk space unavailable", "container is full")
+
+
+def says_container_full(text: str) -> bool:
+    """Whether a Prism message or task ``error_detail`` says the storage container ran out of space."""
+    lowered = text.lower()
+    return any(words in lowered for words in _FULL_TEXTS)
+
+
 def prism_message(response: Response) -> str:
     """The messages of Prism's error JSON (``{"code": 409, "message_list": [...], "state": "ERROR"}``), or
     the HTTP status when the body is no such thing."""
@@ -112,6 +129,8 @@ class Prism:
     def failure(self, response: Response, doing: str) -> LayerDeskError:
         message = prism_message(response)
         where = self.client.what
+        if says_container_full(message):
+            return self.container_full(f"{where} could not {doing}", message)
         if response.status == 401:
             return AuthenticationFailed(f"{where} refused the user name or password of {self.settings.username!r} "
                                         f"({message}). Correct them in the connector.")
@@ -125,6 +144,14 @@ class Prism:
         if response.status in (400, 422):
             return UserError(f"{where} refused to {doing}: {message}.")
         return EnvironmentProblem(f"{where} could not {doing} (HTTP {response.status}): {message}.")
+
+    def container_full(self, failed: str, detail: str) -> ContainerFull:
+        """The error for a full storage container: ``failed`` says what could not be done ("Prism at … could
+        not store the image 'x'"), ``detail`` is Prism's own words."""
+        container = self.settings.option("container", "")
+        return ContainerFull(f"The storage container {container!r} is full: {failed} ({detail.rstrip('.')}). Free "
+                             "space in the container (delete old images or VMs, or raise its reservation or "
+                             "advertised capacity) or choose another container in the connector, then publish again.")
 
     def entities(self, kind: str, doing: str, filter_text: str | None = None) -> list[dict[str, Any]]:
         body: dict[str, Any] = {"kind": kind, "length": 500}
@@ -186,8 +213,9 @@ class Prism:
     # --- tasks --------------------------------------------------------------------------------------------
 
     def wait(self, task_uuid: str, what: str, cancel: Cancellable | None) -> dict[str, Any]:
-        """Poll the task until it ends; the task when it SUCCEEDED, else :class:`EnvironmentProblem` with
-        Prism's reason. ``cancel`` stops the waiting (:class:`TaskCanceled`)."""
+        """Poll the task until it ends; the task when it SUCCEEDED, else :class:`ContainerFull` when its
+        ``error_detail`` says the container has no room, :class:`EnvironmentProblem` with Prism's reason
+        otherwise. ``cancel`` stops the waiting (:class:`TaskCanceled`)."""
         deadline = time.monotonic() + TASK_TIMEOUT_S
         while True:
             task = self.call("GET", f"/tasks/{task_uuid}", f"report on its task {task_uuid}", ok=(200,))
@@ -196,6 +224,8 @@ class Prism:
                 return dict(task)
             if status in ("FAILED", "ABORTED"):
                 detail = str(task.get("error_detail") or task.get("progress_message") or status)
+                if says_container_full(detail):
+                    raise self.container_full(f"{self.client.what} could not {what}", detail)
                 raise EnvironmentProblem(f"{self.client.what} could not {what}: {detail}")
             if time.monotonic() > deadline:
                 raise EnvironmentProblem(f"{self.client.what} did not {what} within {TASK_TIMEOUT_S / 3600:.0f} hours "

@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 
 from app.connectors import connector_for
-from app.connectors.azure import AzureConnector, check_fixed_vhd_footer, fixed_vhd_for_azure
+from app.connectors.azure import (
+    AzureConnector,
+    QuotaReached,
+    check_fixed_vhd_footer,
+    fixed_vhd_for_azure,
+    quota_name,
+)
 from app.connectors.base import ConnectorSettings
 from app.errors import AuthenticationFailed, Conflict, EnvironmentProblem, NotFound, UserError, ValidationError
 from app.tasks.base import TaskCanceled
@@ -194,6 +200,66 @@ def test_a_409_from_the_put_deletes_nothing(ca: TestCA, disk: Path) -> None:
                                           r"Disk .* being created\. What exists there was left alone\.$"):
         _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), SECRET, lambda *_: None, Flag())
     server.assert_played()
+
+
+#: The recorded token: it may go into Authorization headers only, never into a message.
+TOKEN = ("eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiIsIng1dCI6IlJlY29yZGVkIn0"
+         ".eyJhdWQiOiJodHRwczovL21hbmFnZW1lbnQuYXp1cmUuY29tIn0.UmVjb3JkZWQ")
+
+
+def _deliver_refused_by_quota(ca: TestCA, disk: Path, exchanges: list[dict[str, Any]]) -> tuple[str, RecordedServer]:
+    with recorded_server(ca, exchanges, {"secret": SECRET}) as server, pytest.raises(QuotaReached) as caught:
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), SECRET, lambda *_: None, Flag())
+    server.assert_played()  # the token, the name's GET and the refused PUT; a DELETE would go off the recording
+    assert isinstance(caught.value, UserError)
+    message = str(caught.value)
+    assert message.startswith("Azure refused to create the managed disk 'Gold-20250301-101500': the quota "), message
+    assert message.endswith("Nothing was created: the resource group 'rg-vdi-images' has no disk "
+                            "'Gold-20250301-101500'."), message
+    assert "Usage + quotas" in message and "What exists there was left alone" not in message
+    assert [s.method for s in server.seen] == ["POST", "GET", "PUT"]
+    assert SECRET not in message and TOKEN not in message and SIGNATURE not in message
+    _never_leaks_the_secret(server)
+    assert list(disk.parent.iterdir()) == [disk]  # the converted VHD is gone too
+    return message, server
+
+
+def test_a_disk_count_quota_refusing_the_put_names_the_quota_and_creates_nothing(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording (deliver_disk_quota.json) of ARM's 409 OperationNotAllowed for the disk's PUT:
+    the subscription's StandardSSDStorageDisks quota is used up. The message names that quota, where, and that
+    nothing was created; nothing is deleted."""
+    message, _server = _deliver_refused_by_quota(ca, disk, load_recording(RECORDINGS / "deliver_disk_quota.json"))
+    assert message.startswith(
+        "Azure refused to create the managed disk 'Gold-20250301-101500': the quota StandardSSDStorageDisks of "
+        f"subscription {SUBSCRIPTION} in westeurope is reached (OperationNotAllowed: Operation results in exceeding "
+        "quota limits of StandardSSDStorageDisks. Maximum allowed: 50000, Current in use: 50000, Additional "
+        "requested: 1). "), message
+
+
+def test_a_per_group_resource_quota_refusing_the_put_names_the_quota(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording (deliver_disk_quota.json) whose PUT answer is ARM's ResourceQuotaExceeded error
+    instead (the resource group holds as many disks as ARM allows a group): the quota is named as ARM words it."""
+    exchanges = load_recording(RECORDINGS / "deliver_disk_quota.json")
+    exchanges[2]["response"] = {"status": 409, "json": {"error": {
+        "code": "ResourceQuotaExceeded",
+        "message": "Creating the resource of type Microsoft.Compute/disks would exceed the quota of 800 resources of "
+                   "type Microsoft.Compute/disks per resource group. The current resource count is 800, please delete "
+                   "some resources of this type before creating a new one."}}}
+    message, _server = _deliver_refused_by_quota(ca, disk, exchanges)
+    assert "the quota 800 resources of type Microsoft.Compute/disks per resource group of subscription " in message
+
+
+@pytest.mark.parametrize(("code", "message", "quota"), [
+    ("OperationNotAllowed", "Operation results in exceeding quota limits of Core. Maximum allowed: 4, Current in "
+                            "use: 4, Additional requested: 2.", "Core"),
+    ("OperationNotAllowed", "Operation could not be completed as it results in exceeding approved Total Regional "
+                            "Cores quota. Additional details - Location: westeurope", "Total Regional Cores"),
+    ("QuotaExceeded", "The request exceeds a quota.", "QuotaExceeded"),
+    ("OperationNotAllowed", "Disk resize is not allowed while the disk is attached.", None),
+    ("Conflict", "Disk Gold already exists.", None),
+])
+def test_arm_quota_errors_are_recognised(code: str, message: str, quota: str | None) -> None:
+    assert quota_name(code, message) == quota
 
 
 def test_cancel_mid_upload_ends_access_and_deletes_the_disk(ca: TestCA, disk: Path) -> None:

@@ -17,8 +17,8 @@ import pytest
 
 from app.connectors import connector_for
 from app.connectors.base import ConnectorSettings
-from app.connectors.nutanix import NutanixConnector
-from app.errors import Conflict, EnvironmentProblem, NotFound, ValidationError
+from app.connectors.nutanix import ContainerFull, NutanixConnector, says_container_full
+from app.errors import Conflict, EnvironmentProblem, NotFound, UserError, ValidationError
 from app.tasks.base import TaskCanceled
 from tests.connectors.conftest import Flag, MiB, sidecar_for
 from tests.support.recorded_https import HostDown, RecordedServer, TestCA, make_test_ca, recorded_server
@@ -252,15 +252,73 @@ def test_the_host_staying_down_names_the_image_to_remove_by_hand(ca: TestCA, dis
 
 
 def test_a_failed_vm_task_deletes_the_half_vm_and_the_image(ca: TestCA, disk: Path) -> None:
-    """Runs against a recording where Prism's create_vm task FAILED."""
+    """Runs against a recording where Prism's create_vm task FAILED (its disk's clone found the container full:
+    a :class:`ContainerFull`, which the user fixes)."""
     with recorded_server(ca, RECORDINGS / "deliver_vm_task_fails.json", _values(disk), upload=disk) as server, \
-            pytest.raises(EnvironmentProblem, match="Not enough space in storage container Images.* The VM "
-                                                    rf"'Gold-20250301-101500' \({VM_UUID}\) and the image "
-                                                    rf"'Gold-20250301-101500' \({IMAGE_UUID}\) were deleted"):
+            pytest.raises(ContainerFull, match="Not enough space in storage container Images.* The VM "
+                                               rf"'Gold-20250301-101500' \({VM_UUID}\) and the image "
+                                               rf"'Gold-20250301-101500' \({IMAGE_UUID}\) were deleted"):
         _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), PASSWORD, lambda *_: None, Flag())
     server.assert_played()
     deletes = [(s.method, s.path) for s in server.seen if s.method == "DELETE"]
     assert deletes == [("DELETE", f"/api/nutanix/v3/vms/{VM_UUID}"), ("DELETE", f"/api/nutanix/v3/images/{IMAGE_UUID}")]
+
+
+def _assert_container_full(message: str, failed: str, server: RecordedServer) -> None:
+    """``message`` says the container is full, what failed, what to do and that the half image was deleted; it
+    holds no secret; and the server's request log ends with the image's DELETE and its task."""
+    host = server.base_url.removeprefix("https://")
+    assert message.startswith(f"The storage container 'Images' is full: Prism at {host} could not {failed} ("), message
+    assert "Free space in the container" in message and "choose another container in the connector" in message
+    assert message.endswith(f"The image 'Gold-20250301-101500' ({IMAGE_UUID}) was deleted from Prism at {host}."), \
+        message
+    assert PASSWORD not in message and _values()["auth"] not in message
+    assert [(s.method, s.path) for s in server.seen if s.method == "DELETE"] == [
+        ("DELETE", f"/api/nutanix/v3/images/{IMAGE_UUID}")]
+    assert (server.seen[-1].method, server.seen[-1].path) == ("GET", "/api/nutanix/v3/tasks/"
+                                                                      "9c3a6e1f-7d2b-4e58-b1a9-4f8d2c6e0a75")
+    assert not any(s.path == "/api/nutanix/v3/vms" for s in server.seen)  # no VM was even asked for
+    _never_leaks_the_password(server)
+
+
+def test_a_full_container_refusing_the_upload_deletes_the_half_image(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording (deliver_upload_container_full.json): Prism answers the image's PUT .../file with
+    its v3 error JSON (message_list: insufficient space in the container); the delivery says the container is full
+    and what to do, and deletes the half image, waiting for its delete task."""
+    with recorded_server(ca, RECORDINGS / "deliver_upload_container_full.json", _values(disk), upload=disk) as server, \
+            pytest.raises(ContainerFull) as caught:
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), PASSWORD, lambda *_: None, Flag())
+    server.assert_played()
+    assert isinstance(caught.value, UserError)
+    message = str(caught.value)
+    _assert_container_full(message, f"receive the disk of image {IMAGE_UUID}", server)
+    assert "(Image upload failed: Insufficient space in storage container Images to write 5242880 bytes (0 bytes " \
+           "available). (INTERNAL_ERROR))" in message
+    assert server.seen[6].body == disk.read_bytes()
+
+
+def test_a_full_container_failing_the_image_task_deletes_the_half_image(ca: TestCA, disk: Path) -> None:
+    """Runs against a recording (deliver_image_task_container_full.json): the upload is taken, then the image's
+    create_image task ends FAILED with an error_detail saying the container has no space; the delivery says the
+    container is full and deletes the half image."""
+    with recorded_server(ca, RECORDINGS / "deliver_image_task_container_full.json", _values(disk),
+                         upload=disk) as server, pytest.raises(ContainerFull) as caught:
+        _connector().deliver(disk, sidecar_for(disk), _settings(server, ca), PASSWORD, lambda *_: None, Flag())
+    server.assert_played()
+    message = str(caught.value)
+    _assert_container_full(message, "store the image 'Gold-20250301-101500'", server)
+    assert "Image create failed: Not enough space in storage container Images)" in message
+
+
+@pytest.mark.parametrize(("text", "full"), [
+    ("Failed to clone the image disk: Not enough space in storage container Images.", True),
+    ("kDiskSpaceUnavailable", True),
+    ("No space left on device", True),
+    ("Image with name Gold already exists", False),
+    ("Authentication required.", False),
+])
+def test_prism_texts_that_mean_a_full_container(text: str, full: bool) -> None:
+    assert says_container_full(text) is full
 
 
 def test_settings_are_checked_when_the_connector_is_added() -> None:
