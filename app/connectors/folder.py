@@ -371,8 +371,6 @@ class ConnectorShare(ShareSession):
 
     #: How long signing in anew (to clean up after the connection was lost) may take.
     RECONNECT_TIMEOUT_S = 5.0
-    #: How long the server may go on holding the lost connection's open handle before a cleanup gives up.
-    HANDLE_RELEASE_S = 10.0
 
     def __init__(self, location: ShareLocation, username: str, password: str, *, port: int = 445) -> None:
         super().__init__(location, username, password, port=port)

@@ -36,6 +36,7 @@ import json
 import logging
 import re
 import struct
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -55,7 +56,7 @@ from smbprotocol.exceptions import (  # type: ignore[import-untyped]
     SMBOSError,
     SMBResponseException,
 )
-from smbprotocol.header import Commands, SMB2HeaderRequest  # type: ignore[import-untyped]
+from smbprotocol.header import Commands, NtStatus, SMB2HeaderRequest  # type: ignore[import-untyped]
 from smbprotocol.open import SMB2WriteRequest, SMB2WriteResponse  # type: ignore[import-untyped]
 
 from app.elastic.repository import (
@@ -459,6 +460,10 @@ def _drain(connection: Any, in_flight: deque[tuple[Any, int]]) -> None:
 class ShareSession:
     """One authenticated SMB session to a share, with its own connection cache; use ``with``."""
 
+    #: How long the server may go on holding open a file for a connection that was lost (after a network
+    #: cut it does until it notices): opening or deleting that file waits this long before giving up.
+    HANDLE_RELEASE_S = 10.0
+
     def __init__(self, location: ShareLocation, username: str, password: str, *, port: int = 445,
                  timeout_s: float = 15.0) -> None:
         self._smb: Any = smbclient
@@ -573,7 +578,7 @@ class ShareSession:
                         remote.close()
                         remote = None
                 if remote is None:
-                    remote = self._smb.open_file(self.location.path(partial), mode="wb", buffering=0, **self._kw())
+                    remote = self._open_released(partial, "wb")
                 if start:
                     log.info("resuming the upload of %s at byte %d of %d", relative, start, size)
                 if progress is not None:
@@ -590,11 +595,23 @@ class ShareSession:
     def _open_partial(self, partial: str) -> Any | None:
         """The existing ``.partial`` file opened for reading and writing (not truncated), or ``None``."""
         try:
-            return self._smb.open_file(self.location.path(partial), mode="r+b", buffering=0, **self._kw())
+            return self._open_released(partial, "r+b")
         except SMBOSError as exc:
             if exc.errno == 2:
                 return None
             raise
+
+    def _open_released(self, relative: str, mode: str) -> Any:
+        """Open ``relative`` (unbuffered), waiting up to :attr:`HANDLE_RELEASE_S` while the server still holds
+        it open for a connection that was lost (a sharing violation until the server notices)."""
+        held_until = time.monotonic() + self.HANDLE_RELEASE_S
+        while True:
+            try:
+                return self._smb.open_file(self.location.path(relative), mode=mode, buffering=0, **self._kw())
+            except SMBOSError as exc:
+                if exc.ntstatus != NtStatus.STATUS_SHARING_VIOLATION or time.monotonic() >= held_until:
+                    raise
+                time.sleep(0.2)
 
     @staticmethod
     def _verified_prefix(remote: Any, local: Any, size: int) -> int:
