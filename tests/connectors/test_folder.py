@@ -7,8 +7,6 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from app.services import Services
 from app.services.connectors import CONNECTOR_TYPES
 from app.tasks.base import TaskCanceled
 from tests.connectors.conftest import Flag, MiB, image_file, sidecar_for
+from tests.support.tools import small_filesystem
 from tests.unit.test_cli import Ctl, ctl  # noqa: F401 - the fixture
 
 NAME = "Gold_20250301T101500Z.vhdx"
@@ -91,22 +90,10 @@ def test_a_relative_folder_is_refused() -> None:
         FolderConnector().validate("images", "", {})
 
 
-@contextlib.contextmanager
-def _small_filesystem(where: Path, megabytes: int) -> Iterator[Path]:
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"a small file system needs mount (root): {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
 
 def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
     image = image_file(tmp_path / "published", size=12 * MiB)
-    with _small_filesystem(tmp_path / "small", 8) as out:
+    with small_filesystem(tmp_path / "small", "8m") as out:
         with pytest.raises(UserError, match="MiB free but the image needs 12 MiB; free some space"):
             FolderConnector().deliver(image, sidecar_for(image), _settings(out), None, lambda *_: None, Flag())
         assert os.listdir(out) == []

@@ -5,12 +5,10 @@ folder), and handing a delivered disk back (as it is now; gone, moved or cancell
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ from app.tasks.base import TaskCanceled
 from tests.connectors.conftest import Flag, MiB, image_file, sidecar_for
 from tests.support import samba_dc
 from tests.support.host_relay import HostRelay
+from tests.support.tools import small_filesystem
 
 ACCOUNT = f"Administrator@{samba_dc.DNS_DOMAIN}"
 SHARE = r"\\127.0.0.1\layers\connector-images"
@@ -157,29 +156,13 @@ def test_the_host_staying_down_names_the_partial_to_remove_by_hand(share_folder:
     assert samba_dc.ADMIN_PASSWORD not in message
 
 
-@contextlib.contextmanager
-def _small_filesystem(where: Path, megabytes: int) -> Iterator[Path]:
-    """A tmpfs of ``megabytes`` MiB mounted at ``where`` (made here), unmounted and removed afterwards."""
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0777", "tmpfs", str(where)],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        where.rmdir()
-        pytest.skip(f"a small file system needs mount (root): {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-        with contextlib.suppress(OSError):
-            where.rmdir()
-
 
 def test_a_full_share_is_a_clear_error_and_leaves_nothing(share_folder: Path, tmp_path: Path) -> None:
     """Runs against the real DC, writing into a subfolder of its share that is a real 8 MiB tmpfs: the 12 MiB
     image does not fit, Samba answers the write that finds no room with STATUS_DISK_FULL, and the connector
     says the share is full and deletes its ``.partial``."""
     image = image_file(tmp_path, size=12 * MiB)
-    with _small_filesystem(share_folder / "small", 8) as small:
+    with small_filesystem(share_folder / "small", "8m", options="mode=0777") as small:
         with pytest.raises(UserError) as caught:
             FolderConnector().deliver(image, sidecar_for(image), _settings(SHARE + r"\small"),
                                       samba_dc.ADMIN_PASSWORD, lambda *_: None, Flag())

@@ -8,7 +8,6 @@ port (the connector's ``smb_port``) that is cut, and the host's disk full a tiny
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -38,6 +37,7 @@ from tests.connectors.conftest import Flag, MiB, sidecar_for
 from tests.support import samba_dc
 from tests.support.host_relay import HostRelay
 from tests.support.hyperv_winrm import RecordedHyperVHost, TestCA, make_test_ca, recorded_hyperv
+from tests.support.tools import small_filesystem
 
 WINRM_USER = r"LAB\hvadmin"
 WINRM_PASSWORD = "Winrm-Secret-1"  # the recorded host's; the share uses the DC's Administrator
@@ -404,22 +404,6 @@ def test_the_host_staying_down_mid_copy_names_the_partial_to_remove(
     assert samba_dc.ADMIN_PASSWORD not in message
 
 
-@contextlib.contextmanager
-def _small_filesystem(where: Path, megabytes: int) -> Iterator[Path]:
-    """A tmpfs of ``megabytes`` MiB mounted at ``where`` (made here), unmounted and removed afterwards."""
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0777", "tmpfs", str(where)],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        where.rmdir()
-        pytest.skip(f"a small file system needs mount (root): {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-        with contextlib.suppress(OSError):
-            where.rmdir()
-
 
 def test_the_host_s_disk_full_is_a_clear_error_and_leaves_nothing(
         tmp_path: Path, ca: TestCA, lab: tuple[RecordedHyperVHost, int, Path]) -> None:
@@ -428,7 +412,7 @@ def test_the_host_s_disk_full_is_a_clear_error_and_leaves_nothing(
     says the share is full, deletes the ``.partial`` and makes no VM."""
     host, port, folder = lab
     image = _disk(tmp_path, "gpt", size=32 * MiB, fill=16)
-    with _small_filesystem(folder / "small", 8) as small:
+    with small_filesystem(folder / "small", "8m", options="mode=0777") as small:
         with pytest.raises(UserError) as caught:
             HyperVConnector().deliver(image, sidecar_for(image),
                                       _lab_settings(port, ca, target_folder=SHARE + r"\small"),

@@ -33,6 +33,7 @@ from app.engine.disk import image_info  # noqa: E402
 from app.errors import AuthenticationFailed, Conflict, EnvironmentProblem, NotFound, UserError  # noqa: E402
 from app.tasks.base import TaskCanceled  # noqa: E402
 from tests.connectors.conftest import Flag, MiB, sidecar_for  # noqa: E402
+from tests.support.tools import small_filesystem  # noqa: E402
 
 TEST_URI = "test:///default"
 
@@ -396,26 +397,18 @@ def test_cancel_mid_download_keeps_nothing(session_uri: str, tmp_path: Path) -> 
 @contextlib.contextmanager
 def _small_pool(daemon_uri: str, root: Path, megabytes: int) -> Iterator[str]:
     """A directory pool ``small`` on a tmpfs of ``megabytes`` MiB (real ENOSPC), removed afterwards."""
-    folder = root / "small"
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,uid=65534,gid=65534,mode=0755",
-                           "tmpfs", str(folder)], capture_output=True, check=False)
-    if done.returncode != 0:
-        folder.rmdir()
-        pytest.skip(f"a small file system needs mount (root): {done.stderr.decode().strip()}")
-    connection = libvirt.open(daemon_uri)
-    pool = None
-    try:
-        pool = connection.storagePoolCreateXML(
-            f"<pool type='dir'><name>small</name><target><path>{folder}</path></target></pool>", 0)
-        yield "small"
-    finally:
-        if pool is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                pool.destroy()
-        connection.close()
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-        folder.rmdir()
+    with small_filesystem(root / "small", f"{megabytes}m", options="uid=65534,gid=65534,mode=0755") as folder:
+        connection = libvirt.open(daemon_uri)
+        pool = None
+        try:
+            pool = connection.storagePoolCreateXML(
+                f"<pool type='dir'><name>small</name><target><path>{folder}</path></target></pool>", 0)
+            yield "small"
+        finally:
+            if pool is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    pool.destroy()
+            connection.close()
 
 
 def test_a_full_pool_is_a_clear_error_and_leaves_no_volume(session_uri: str, tmp_path: Path) -> None:

@@ -5,11 +5,9 @@ ntfssecaudit and libntfs-3g's security API, not with our code."""
 
 from __future__ import annotations
 
-import contextlib
 import lzma
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from tests.engine.test_compose import store
 from tests.support import ntfs_security as sec
 from tests.support.compose_stack import LayerDef, os_layer
 from tests.support.repository_checks import make_tree
-from tests.support.tools import run_ok, tool
+from tests.support.tools import run_ok, small_filesystem, tool
 
 MiB = 1024 * 1024
 HIVES = Path(__file__).parents[2].parent / "shared" / "testdata" / "hives"
@@ -89,24 +87,12 @@ def test_a_damaged_os_hive_is_refused_with_a_clear_message(tmp_path: Path) -> No
     assert os.listdir(tmp_path / "out") == []
 
 
-@contextlib.contextmanager
-def _small_filesystem(where: Path, megabytes: int) -> Iterator[Path]:
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"a small file system needs mount (root): {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
 
 def test_a_disk_that_fills_up_during_the_publish(tmp_path: Path) -> None:
     repository = LayerRepository(tmp_path / "repository").ensure()
     big = LayerDef("Big", "app", {f"Program Files/Big/blob{i}.bin": os.urandom(4 * MiB) for i in range(12)})
     stack = [store(repository, tmp_path, os_layer(tmp_path), 1), store(repository, tmp_path, big, 2)]
-    with _small_filesystem(tmp_path / "small", 40) as out:
+    with small_filesystem(tmp_path / "small", "40m") as out:
         with pytest.raises(UserError) as caught:
             compose(stack, repository, out, "vhdx", 1, name="full")
         assert "space" in str(caught.value).lower() or "full" in str(caught.value).lower(), caught.value

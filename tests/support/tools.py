@@ -1,9 +1,15 @@
 """The independent tools the engine tests check our output with (ntfs-3g, wimlib-imagex, qemu-img,
-sgdisk, hivex…), found the way the app finds programs (system folders included)."""
+sgdisk, hivex…), found the way the app finds programs (system folders included); and a small real file
+system, to show what a full disk does."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from app import procs
 from app.errors import EnvironmentProblem
@@ -21,3 +27,22 @@ def run_ok(*argv: str | Path, timeout_s: float = 120) -> procs.Outcome:
     outcome = procs.run([tool(str(argv[0])), *map(str, argv[1:])], timeout_s=timeout_s)
     assert outcome.ok, f"{outcome.argv}: {outcome.returncode}\n{outcome.stdout}\n{outcome.stderr}"
     return outcome
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size: str, *, options: str = "") -> Iterator[Path]:
+    """A tmpfs of ``size`` (``8m``, ``512k``) mounted at ``where`` (made here, with ``options`` such as
+    ``mode=0777``), unmounted and removed afterwards. Mounting needs root: the test is skipped without it
+    (and so fails in CI, which runs every test)."""
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(filter(None, (f"size={size}", options))),
+                           "tmpfs", str(where)], capture_output=True, check=False)
+    if done.returncode != 0:
+        where.rmdir()
+        pytest.skip(f"a small file system needs mount (root): {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+        with contextlib.suppress(OSError):
+            where.rmdir()

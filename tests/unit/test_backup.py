@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from app.tasks.base import CancelToken, LayerDeskTask, TaskCanceled, TaskContext
 from app.tasks.runner import TaskRunner
 from tests.conftest import ADMIN, ServicesFactory, demo_lab
 from tests.support.repository_checks import make_tree
+from tests.support.tools import small_filesystem
 from tests.unit.test_cli import Ctl
 
 #: Tables whose rows a publish running during the backup does not change.
@@ -251,18 +251,6 @@ def test_a_cancelled_backup_leaves_nothing(demo: Services, tmp_path: Path) -> No
     assert demo.audit.list_entries(operation="home.backup") == []
 
 
-@contextlib.contextmanager
-def small_filesystem(where: Path, kilobytes: int) -> Iterator[Path]:
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(where)],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"a small file system needs mount (root): {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
 
 @pytest.mark.parametrize("room", ["none for the catalog", "the catalog but not the layers"])
 def test_a_full_disk_during_the_backup_says_so_and_leaves_nothing(
@@ -272,7 +260,7 @@ def test_a_full_disk_during_the_backup_says_so_and_leaves_nothing(
     wait_ok(runner, demo, backup_service(demo).backup(runner, measured))
     snapshot_kb = (measured / CATALOG_FILE).stat().st_size // 1024
     kilobytes = 64 if room.startswith("none") else snapshot_kb + 8
-    with small_filesystem(tmp_path / "small", kilobytes) as small:
+    with small_filesystem(tmp_path / "small", f"{kilobytes}k") as small:
         task = backup_service(demo).backup(runner, small / "b")
         assert runner.wait(task, 60) is TaskState.FAILED
         error = demo.tasks.get_task(task).error
