@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,13 +32,8 @@ PARTIAL = re.escape(SHARE + r"\Gold_20250301T101500Z.vhdx.partial")
 @pytest.fixture
 def share_folder(samba: samba_dc.RunningDC) -> Iterator[Path]:
     """The DC's own folder behind ``SHARE`` (made empty, removed afterwards)."""
-    folder = samba.root / "layers" / "connector-images"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    try:
+    with samba.layers_folder("connector-images") as folder:
         yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _settings(endpoint: str = SHARE, **options: object) -> ConnectorSettings:

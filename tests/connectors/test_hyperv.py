@@ -13,7 +13,6 @@ import json
 import logging
 import random
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
@@ -185,13 +184,8 @@ def test_images_hyper_v_cannot_boot_are_refused(tmp_path: Path, ca: TestCA,
 @pytest.fixture
 def share_folder(samba: samba_dc.RunningDC) -> Iterator[Path]:
     """The DC's own folder behind ``SHARE`` (made empty, removed afterwards)."""
-    folder = samba.root / "layers" / "hyperv-images"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    try:
+    with samba.layers_folder("hyperv-images") as folder:
         yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # The account the connector signs in with is the DC's; the recorded WinRM host checks the same one.

@@ -11,7 +11,6 @@ Basic. The accounts the acceptor knows are an ``NTLM_USER_FILE`` in the test's t
 from __future__ import annotations
 
 import hashlib
-import shutil
 import ssl
 import threading
 import time
@@ -251,13 +250,8 @@ def test_hyperv_a_wrong_password_with_ntlm(ca: TestCA, hyperv: tuple[NtlmFront, 
 @pytest.fixture
 def share_folder(samba: samba_dc.RunningDC) -> Iterator[Path]:
     """The DC's own folder behind the connector's target folder (made empty, removed afterwards)."""
-    folder = samba.root / "layers" / "hyperv-images"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    try:
+    with samba.layers_folder("hyperv-images") as folder:
         yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_hyperv_test_signs_in_with_ntlm(ca: TestCA, hyperv: tuple[NtlmFront, RecordedHyperVHost],

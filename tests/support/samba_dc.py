@@ -307,6 +307,18 @@ class RunningDC:
     def log_file(self) -> Path:
         return self.root / "log.samba"
 
+    @contextlib.contextmanager
+    def layers_folder(self, name: str) -> Iterator[Path]:
+        """The DC's own folder behind ``\\\\127.0.0.1\\layers\\<name>`` (made empty, removed afterwards): what
+        a test writes over SMB is read back from here."""
+        folder = self.root / "layers" / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def tool(self, *args: str) -> str:
         """Run ``samba-tool ARGS`` on this DC's own database (samba locks it, so this is safe while it
         runs): for tests that change the directory, e.g. delete a user. Returns its output."""
