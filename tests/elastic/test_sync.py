@@ -28,8 +28,8 @@ from app.services import Services, open_catalog
 from app.services.elastic import ElasticService, ElasticSyncResult
 from app.tasks.runner import TaskEvent, TaskRunner
 from tests.conftest import ADMIN, ServicesFactory, make_deployable
-from tests.elastic.proxy import CuttableRelay
 from tests.support import samba_dc
+from tests.support.host_relay import HostRelay
 from tests.support.keyring_memory import MemoryKeyring
 from tests.support.repository_checks import make_tree
 from tests.unit.test_cli import Ctl
@@ -164,7 +164,7 @@ def test_an_interrupted_sync_keeps_the_previous_repository_and_a_rerun_finishes(
     _read_back(share)
 
     # The connection dropped mid-copy: a clear error, and still the previous repository.
-    relay = CuttableRelay(("127.0.0.1", 445))
+    relay = HostRelay(("127.0.0.1", 445))
     try:
         dropping = ShareSession(parse_share(SHARE), ACCOUNT, samba_dc.ADMIN_PASSWORD, port=relay.port)
 

@@ -22,9 +22,9 @@ from app.services.templates import TemplateSpec
 from tests.conftest import ServicesFactory, make_deployable
 from tests.directory.conftest import spec_for
 from tests.elastic.conftest import BREAK_GLASS_PASSWORD, sid_of
-from tests.elastic.proxy import CuttableRelay
 from tests.gui.test_tasks_page import answer, settled  # noqa: F401 - settled: an autouse fixture
 from tests.support import samba_dc
+from tests.support.host_relay import HostRelay
 from tests.support.samba_dc import RunningDC
 from ui.directory_picker import DirectoryPicker, DirectoryPickerDialog
 from ui.elastic_page import AssignDialog, AssociationDialog, ElasticPage
@@ -34,7 +34,7 @@ from ui.storage_tab import LocationDialog, LocationModel, LocationRole
 SLOW_CHUNK_S = 0.25
 
 
-class SlowRelay(CuttableRelay):
+class SlowRelay(HostRelay):
     """A relay to the DC that holds every chunk back a while: a slow directory."""
 
     @staticmethod

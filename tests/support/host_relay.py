@@ -2,9 +2,8 @@
 it relays (the peer sees a reset, not a polite close, as when a host or its network fails), and with
 ``stay_down`` refuses every later connection too (the host does not come back).
 
-The idea of ``tests/elastic/proxy.py``'s ``CuttableRelay``, with what a cut mid-upload needs: its shutdown
-alone leaves the uploader's writes filling kernel buffers until a timeout, so a cut here closes with a reset,
-and a relay can stay down.
+A cut closes with a reset because a polite shutdown alone leaves an uploader's writes filling kernel buffers
+until a timeout. A subclass may slow the relay down by overriding :meth:`HostRelay._pump`.
 """
 
 from __future__ import annotations
