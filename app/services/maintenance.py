@@ -88,10 +88,14 @@ class _Leftovers(Service):
 
     def purge(self, home: Home) -> list[str]:
         cutoff = (self._now() - STALE_AFTER).timestamp()
-        candidates = sorted(home.work.iterdir()) if home.work.is_dir() else []
-        if home.root.is_dir():
-            candidates += sorted(p for p in home.root.iterdir()
-                                 if p.name.startswith(RESTORE_STAGING_PREFIX) and p.is_dir())
+        try:
+            candidates = sorted(home.work.iterdir()) if home.work.is_dir() else []
+            if home.root.is_dir():
+                candidates += sorted(p for p in home.root.iterdir()
+                                     if p.name.startswith(RESTORE_STAGING_PREFIX) and p.is_dir())
+        except OSError as exc:  # an unreadable home: the next run tries again
+            log.warning("cannot look for leftovers of interrupted work in %s: %s", home.root, exc)
+            return []
         stale = [p for p in candidates if _last_change(p) < cutoff]
         if not stale:
             return []

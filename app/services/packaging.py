@@ -421,7 +421,11 @@ class PackagingService(Service):
         if (output_dir is None) == (connector is None):
             raise ValidationError("Deliver the packaging disk either to an output folder or through a connector "
                                   "(one of the two).", field="output")
-        delivery = ConnectorService(self._ctx).delivery(connector) if connector is not None else None
+        delivery = None
+        if connector is not None:
+            # The connector's credentials are a publisher's (audited when refused).
+            self._require(Operation.PUBLISH_IMAGES, "layer.package", layer, comment)
+            delivery = ConnectorService(self._ctx).delivery(connector)
         if output_dir is not None:
             folder = Path(output_dir)
             if not folder.is_dir():
@@ -483,7 +487,7 @@ class PackagingService(Service):
             raise Conflict(f"{ref} has no packaging disk yet (its packaging task has not finished).")
         fetch: _Fetch | None = None
         if disk is None:
-            fetch = self._fetch_plan(ref, record)
+            fetch = self._fetch_plan(ref, record, comment)
             source = f"{record.disk.path} (connector {fetch.delivery.name})"
         else:
             source = str(disk)
@@ -498,14 +502,16 @@ class PackagingService(Service):
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _fetch_plan(self, ref: str, record: PackagingInfo) -> _Fetch:
-        """How to fetch ``ref``'s packaging disk back from the connector it was delivered through."""
+    def _fetch_plan(self, ref: str, record: PackagingInfo, comment: str) -> _Fetch:
+        """How to fetch ``ref``'s packaging disk back from the connector it was delivered through (with the
+        connector's credentials, which are a publisher's: audited when refused)."""
         assert record.disk is not None
         delivered = record.disk.delivery
         if not delivered:
             raise ValidationError(f"The packaging disk of {ref} was delivered to {record.disk.path}, not through a "
                                   "connector: name the disk to finalize from (the packaging machine's disk, shut "
                                   "down).", field="disk")
+        self._require(Operation.PUBLISH_IMAGES, "layer.finalize", record.layer, comment)
         delivery = ConnectorService(self._ctx).delivery(str(delivered["connector"]))
         if delivery.settings.type != delivered.get("type"):
             raise UserError(f"Connector {delivery.name!r} is now of another type than the one the packaging disk of "

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from app.catalog.models import DiskFormat, TaskState, VersionState
-from app.errors import NotFound, UserError, ValidationError
+from app.catalog.models import DiskFormat, Role, TaskState, VersionState
+from app.errors import NotFound, PermissionDenied, UserError, ValidationError
 from app.services import Services
-from app.services.packaging import PackagingService
+from app.services.packaging import PackagingService, packaging_service
 from app.tasks.runner import TaskRunner
+from tests.conftest import ServicesFactory
 from tests.engine.test_packaging import SIZE_GB, OpenDisk, _wait, lab, runner  # noqa: F401 - fixtures
 from tests.engine.test_wim import wimlib_imagex_dir
 from tests.support.repository_checks import listing, outcome_snapshot
@@ -183,3 +184,41 @@ def test_layerctl_packages_through_a_connector_and_finalizes_from_it(
     finalized = json.loads(out)
     assert (finalized["state"], finalized["added"], finalized["changed"], finalized["deletions"]) == \
         ("deployable", 1, 0, 0)
+
+
+def test_delivering_through_a_connector_needs_the_publish_role_too(
+        lab: PackagingService, runner: TaskRunner, admin: Services, services_for: ServicesFactory,  # noqa: F811
+        tmp_path: Path) -> None:
+    """A connector's credentials are a publisher's: an app layer manager packages to a folder, not through one."""
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    admin.connectors.add_connector("Lab-Folder", "folder", endpoint=str(shelf))
+    packager = services_for(Role.MANAGE_APP_LAYERS, username="packager")
+    tasks = TaskRunner(packager.catalog, packager.caller, poll_s=0.05)
+    before = outcome_snapshot(lab.catalog)
+    try:
+        with pytest.raises(PermissionDenied, match=r"^packager \(Manage App Layers\) may not publish"):
+            packaging_service(packager).start_packaging(tasks, "Notes", "1", None, connector="Lab-Folder",
+                                                        size_gb=SIZE_GB)
+        assert outcome_snapshot(lab.catalog) == before and list(shelf.iterdir()) == [] and _leftovers(lab) == []
+        (refused,) = admin.audit.list_entries(user="packager")
+        assert (refused.operation, refused.outcome.value) == ("layer.package", "denied")
+        out = tmp_path / "out"
+        out.mkdir()
+        task_id = packaging_service(packager).start_packaging(tasks, "Notes", "1", out, size_gb=SIZE_GB)
+        assert tasks.wait(task_id, timeout_s=300) is TaskState.COMPLETE
+        assert [p.name for p in out.iterdir()] == ["Notes_1_packaging.vhdx"]
+        # Without a disk named, the finalize of a folder delivery asks for one (no connector is involved).
+        with pytest.raises(ValidationError, match="not through a connector: name the disk to finalize from"):
+            packaging_service(packager).start_finalize(tasks, "Notes:1")
+        # A version delivered through the connector (by an administrator) is not fetched back by the packager.
+        lab.abandon("Notes:1")
+        assert _wait(lab, runner, lab.start_packaging(runner, "Notes", "2", None, connector="Lab-Folder",
+                                                      size_gb=SIZE_GB)).state is TaskState.COMPLETE
+        with pytest.raises(PermissionDenied, match=r"^packager \(Manage App Layers\) may not publish"):
+            packaging_service(packager).start_finalize(tasks, "Notes:2")
+        assert admin.layers.get_version("Notes:2").state is VersionState.EDITING
+    finally:
+        tasks.shutdown()
+    assert [(e.operation, e.outcome.value) for e in admin.audit.list_entries(user="packager", outcome=None)
+            if e.outcome.value == "denied"] == [("layer.finalize", "denied"), ("layer.package", "denied")]
