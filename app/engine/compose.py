@@ -715,7 +715,7 @@ def _write_disk(
             pieces = [prefix, volume, suffix]
         checksum = disk.convert_hashed(pieces, out, fmt,  # type: ignore[arg-type]  # checked in compose()
                                        progress=steps.bytes_in(80, 98, "Writing the disk image"),
-                                       cancel=steps._cancel)
+                                       cancel=steps._cancel, consume=volume)
     return out, checksum
 
 

@@ -1179,15 +1179,19 @@ def convert_hashed(
     fmt: DiskFormat,
     progress: ProgressFn | None = None,
     cancel: Cancellable | None = None,
+    consume: Path | None = None,
 ) -> str:
     """:func:`convert`, returning ``"sha256:<hex>"`` of the image written.
 
-    VHDX, dynamic and fixed VHD and raw are written by :mod:`app.engine.vhd` in one pass that hashes the
-    image as it writes it (no read-back); the other formats go through :func:`convert` and are then read
-    once to hash them. Either way the image is verified (:func:`verify_image`) before it appears as ``out``,
-    and nothing is left behind on a failure or a cancel.
+    ``consume``: one of the pieces (the Windows volume, in the same folder as ``out``) that may become the
+    image itself: VHDX, fixed VHD and raw are then assembled around it in place where its file system
+    allows (:mod:`app.engine.in_place`), and the piece is gone afterwards. Otherwise VHDX, dynamic and
+    fixed VHD and raw are written by :mod:`app.engine.vhd` in one pass that hashes the image as it writes
+    it (no read-back), and the other formats go through :func:`convert` and are then read once to hash
+    them. Either way the image is verified (:func:`verify_image`) before it appears as ``out``, and nothing
+    is left behind on a failure or a cancel.
     """
-    from app.engine import vhd  # imported here: vhd builds on this module
+    from app.engine import in_place, vhd  # imported here: they build on this module
 
     writers: dict[str, Callable[..., str]] = {
         "vhdx": vhd.write_vhdx, "vhd-dynamic": vhd.write_vhd_dynamic, "vhd-fixed": vhd.write_vhd_fixed,
@@ -1202,6 +1206,13 @@ def convert_hashed(
         total = sum(source.stat().st_size for source in sources)
     except FileNotFoundError as exc:
         raise DiskError(f"The raw disk piece {exc.filename} does not exist.") from exc
+    if consume is not None and Path(consume) in sources:
+        checksum = in_place.assemble(sources, sources.index(Path(consume)), fmt, progress=progress, cancel=cancel)
+        if checksum is not None:
+            with _output(out) as tmp:
+                Path(consume).replace(tmp)
+                verify_image(tmp, fmt, total)
+            return checksum
     with _output(out) as tmp:
         if writer is None:
             convert(sources, tmp, fmt, progress, cancel)

@@ -249,14 +249,15 @@ class _Sink:
         self._ring[self._turn] = (buffer, None)
         return memoryview(buffer)[:size]
 
-    def write(self, data: bytes | memoryview) -> None:
-        """Write and hash ``data``: bytes, or a view of the latest :meth:`buffer`."""
+    def write(self, data: bytes | memoryview, *, store: bool = True) -> None:
+        """Write and hash ``data``: bytes, or a view of the latest :meth:`buffer` (``store=False``: only
+        hash it, as the bytes already in the file at this position)."""
         view = memoryview(data)
         self._hash(view)
         if isinstance(data, memoryview):
             buffer, _ = self._ring[self._turn]
             self._ring[self._turn] = (buffer, self._last)
-        done = 0
+        done = len(view) if not store else 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], self.position + done)
         self.position += len(view)
@@ -276,6 +277,10 @@ class _Sink:
 
     def finish(self) -> str:
         os.ftruncate(self.fd, self.position)  # a trailing hole still counts
+        return self.digest()
+
+    def digest(self) -> str:
+        """``sha256:<hex>`` of everything written (or hashed); the hashing thread ends."""
         self.close()
         return "sha256:" + self._digest.hexdigest()
 
@@ -534,39 +539,52 @@ def write_vhdx(
 
     def body(disk: _Disk, sink: _Sink, ticker: _Ticker) -> None:
         present = _present_blocks(disk, block_size, ticker, skip_zero_blocks)
-        chunk_ratio = (1 << 23) * SECTOR // block_size  # payload blocks per sector bitmap block
-        entries = len(present) + (len(present) - 1) // chunk_ratio
-        bat_size = -(-entries * 8 // MiB) * MiB
-        bat = array.array("Q", bytes(entries * 8))  # sector bitmap entries stay 0: SB_BLOCK_NOT_PRESENT
+        bat_size = vhdx_bat_size(len(present), block_size)
+        locations: list[int | None] = []
         next_block = _VHDX_BAT_AT + bat_size
-        for index, flag in enumerate(present):
-            if flag:
-                bat[index + index // chunk_ratio] = next_block | _VHDX_PAYLOAD_FULLY_PRESENT
-                next_block += block_size
-            else:
-                bat[index + index // chunk_ratio] = _VHDX_PAYLOAD_ZERO
-        if sys.byteorder == "big":
-            bat.byteswap()
-
-        sink.write(b"vhdxfile" + "LayerDesk".encode("utf-16-le"))
-        file_write, data_write = uuid.uuid4(), uuid.uuid4()
-        for sequence, at in enumerate(_VHDX_HEADER_AT, start=1):
+        for flag in present:
+            locations.append(next_block if flag else None)
+            next_block += block_size if flag else 0
+        for at, data in vhdx_front(disk.size, block_size, locations):
             sink.pad_to(at)
-            sink.write(_vhdx_header(sequence, file_write, data_write))
-        regions = [(_VHDX_BAT_GUID, _VHDX_BAT_AT, bat_size), (_VHDX_METADATA_GUID, _VHDX_METADATA_AT,
-                                                                _VHDX_METADATA_SIZE)]
-        table = _vhdx_region_table(regions)
-        for at in _VHDX_REGION_TABLE_AT:
-            sink.pad_to(at)
-            sink.write(table)
-        sink.pad_to(_VHDX_METADATA_AT)  # the log stays empty (zeros): there is nothing to replay
-        sink.write(_vhdx_metadata(disk.size, block_size))
-        sink.pad_to(_VHDX_BAT_AT)
-        sink.write(bat.tobytes())
-        sink.pad_to(_VHDX_BAT_AT + bat_size)
+            sink.write(data)
         _block_loop(disk, sink, ticker, present, block_size)
 
     return _write_image(pieces, out, "dynamic VHDX", body, progress, cancel, _check_sectors("VHDX", _VHDX_MAX))
+
+
+def vhdx_bat_size(blocks: int, block_size: int) -> int:
+    """Bytes of the BAT region (a whole number of MiB) for a disk of ``blocks`` payload blocks."""
+    chunk_ratio = (1 << 23) * SECTOR // block_size  # payload blocks per sector bitmap block
+    entries = blocks + (blocks - 1) // chunk_ratio
+    return -(-entries * 8 // MiB) * MiB
+
+
+def vhdx_front(disk_size: int, block_size: int, locations: Sequence[int | None]) -> list[tuple[int, bytes]]:
+    """What a dynamic VHDX holds before its payload blocks, as ``(file offset, bytes)`` in file order: the
+    file type identifier, the headers, the region tables, the metadata and the whole BAT region (zero
+    padded), which starts at 3 MiB. ``locations`` gives each payload block's file offset (a multiple of
+    1 MiB), or ``None`` for a block left out (``PAYLOAD_BLOCK_ZERO``). The log (1–2 MiB) stays zeros:
+    there is nothing to replay."""
+    chunk_ratio = (1 << 23) * SECTOR // block_size
+    bat_size = vhdx_bat_size(len(locations), block_size)
+    bat = array.array("Q", bytes(bat_size))  # sector bitmap entries stay 0: SB_BLOCK_NOT_PRESENT
+    for index, location in enumerate(locations):
+        if location is not None and location % MiB:
+            raise AssertionError(f"layout error: block {index} at {location}, not on a MiB")
+        bat[index + index // chunk_ratio] = (_VHDX_PAYLOAD_ZERO if location is None
+                                             else location | _VHDX_PAYLOAD_FULLY_PRESENT)
+    if sys.byteorder == "big":
+        bat.byteswap()
+    file_write, data_write = uuid.uuid4(), uuid.uuid4()
+    front = [(0, b"vhdxfile" + "LayerDesk".encode("utf-16-le"))]
+    front += [(at, _vhdx_header(sequence, file_write, data_write))
+              for sequence, at in enumerate(_VHDX_HEADER_AT, start=1)]
+    table = _vhdx_region_table([(_VHDX_BAT_GUID, _VHDX_BAT_AT, bat_size),
+                                (_VHDX_METADATA_GUID, _VHDX_METADATA_AT, _VHDX_METADATA_SIZE)])
+    front += [(at, table) for at in _VHDX_REGION_TABLE_AT]
+    front += [(_VHDX_METADATA_AT, _vhdx_metadata(disk_size, block_size)), (_VHDX_BAT_AT, bat.tobytes())]
+    return front
 
 
 def _vhdx_header(sequence: int, file_write: uuid.UUID, data_write: uuid.UUID) -> bytes:

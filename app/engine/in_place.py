@@ -1,0 +1,292 @@
+"""Disk images assembled around the Windows volume file instead of copied from it.
+
+A publish applies the merged layers to a sparse volume file, then has to turn it and the small pieces
+around it (the partition table, the ESP, a gold disk's other partitions) into the image. Copying the
+volume into the image writes every byte a second time. On file systems that can move a file's blocks
+(``fallocate`` with ``FALLOC_FL_INSERT_RANGE`` and ``FALLOC_FL_COLLAPSE_RANGE``: ext4 and XFS on Linux),
+the volume file itself becomes the image:
+
+* **raw** and **fixed VHD**: a hole the size of everything before the volume is inserted at the file's
+  start and those pieces' data is copied into it; the pieces after it are copied past its end (and a
+  fixed VHD gets its footer).
+* **dynamic VHDX**: the payload blocks that lie wholly inside the volume stay where they are. Room for the
+  headers, the metadata and the BAT is inserted before them, and runs of blocks that hold no data are
+  collapsed out of the file (the BAT marks them ``PAYLOAD_BLOCK_ZERO``), so the image is as compact as a
+  streamed one. Blocks outside the volume, and the two that hold the volume's edges together with a
+  neighbour's bytes, are copied to the end of the file. VHDX asks payload blocks to start on a MiB, not on
+  a block: a volume that starts on any MiB keeps its blocks in place.
+
+Only the pieces other than the volume, and at most two blocks of the volume's edges, are copied; then the
+file is read once to compute its SHA-256. :func:`assemble` says ``None`` (and has changed nothing) when it
+cannot work in place (another format, a file system without the two operations, a volume not aligned
+for it, a disk of a few blocks); the caller then streams the image with :mod:`app.engine.vhd`.
+
+The volume file is consumed: once :func:`assemble` has started changing it, it holds the image or, after
+an error or a cancel, garbage to delete.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.engine import vhd
+from app.engine.disk import DiskError, ProgressFn, _pwrite_all
+from app.procs import Cancellable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FORMATS", "assemble", "ranges_supported"]
+
+MiB = 1024 * 1024
+FORMATS = ("raw", "vhd-fixed", "vhdx")
+_BLOCK = 2 * MiB  # VHDX payload block, as the streamed writer uses
+_FALLOC_FL_COLLAPSE_RANGE = 0x08
+_FALLOC_FL_INSERT_RANGE = 0x20
+_supported: dict[int, int] = {}  # st_dev → the file system's block size, or 0 when it cannot move blocks
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def ranges_supported(folder: Path) -> int:
+    """The block size of ``folder``'s file system when it can insert and collapse ranges of a file
+    (tried once per file system on a small scratch file), else 0."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    device = Path(folder).stat().st_dev
+    if device not in _supported:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".layerdesk-probe-")
+        try:
+            block = os.fstatvfs(fd).f_bsize
+            os.pwrite(fd, b"\x01" * (4 * block), 0)
+            _fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, block)
+            _fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, 0, block)
+            works = os.fstat(fd).st_size == 4 * block and os.pread(fd, 1, 0) == b"\x01"
+            _supported[device] = block if works else 0
+        except OSError as exc:
+            log.info("%s cannot insert or collapse file ranges (%s); disk images are written by copying",
+                     folder, exc.strerror)
+            _supported[device] = 0
+        finally:
+            os.close(fd)
+            Path(name).unlink()
+    return _supported[device]
+
+
+def assemble(
+    pieces: Sequence[Path],
+    volume_index: int,
+    fmt: str,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: Cancellable | None = None,
+) -> str | None:
+    """Turn ``pieces[volume_index]`` (the Windows volume file) into the ``fmt`` image of all ``pieces`` read
+    as one disk, in place; returns the image's ``sha256:`` checksum, or ``None`` when this cannot be done
+    in place (nothing changed then). The caller verifies and renames the file.
+
+    The image's layout is planned first and its SHA-256 computed from the pieces as they are (the
+    volume's pages are still in the page cache then; moving its blocks drops them); only then is the
+    volume changed, so a cancel while hashing leaves it as it was."""
+    if fmt not in FORMATS:
+        return None
+    volume = Path(pieces[volume_index])
+    block = ranges_supported(volume.parent)
+    if not block:
+        return None
+    disk = vhd._Disk(pieces, volume.parent / f".{volume.name}.image")
+    try:
+        start = disk.starts[volume_index]
+        if fmt == "vhdx":
+            vhd._check_sectors("VHDX", vhd._VHDX_MAX)(disk.size)
+            plan: _Plan | None = _vhdx_plan(disk, volume_index) if not start % MiB and not MiB % block else None
+        else:
+            if fmt == "vhd-fixed":
+                vhd._check_sectors("VHD", vhd._VHD_MAX)(disk.size)
+            plan = _flat_plan(disk, volume_index, footer=fmt == "vhd-fixed") if not start % block else None
+        if plan is None:
+            return None
+        ticker = vhd._Ticker(plan.size, progress, cancel)
+        started = time.monotonic()
+        checksum = plan.sha256(disk, ticker)
+        ticker.check()
+        fd = os.open(volume, os.O_RDWR)
+        try:
+            plan.carry_out(disk, fd)
+        except OSError as exc:
+            raise DiskError(f"Cannot write the disk image in {volume}: {exc.strerror or exc}.") from exc
+        finally:
+            os.close(fd)
+        if volume.stat().st_size != plan.size:
+            raise DiskError(f"The disk image assembled in {volume} holds {volume.stat().st_size} bytes, "
+                            f"not the {plan.size} planned.")
+        log.info("assembled %s in place (%d bytes of disk, %d bytes of image) in %.1f s", fmt, disk.size,
+                 plan.size, time.monotonic() - started)
+        return checksum
+    finally:
+        disk.close()
+
+
+@dataclass
+class _Plan:
+    """The image file as a list of parts in file order, each ``(file offset, length, source)``: ``bytes`` to
+    write, or an ``int`` disk offset whose bytes are copied there unless ``in_place`` (already there once
+    the volume's blocks are moved). Bytes not covered read as zeros (holes)."""
+
+    size: int
+    parts: list[tuple[int, int, bytes | int]]
+    in_place: set[int]  # file offsets of the parts that are the volume's own blocks
+    move: Callable[[int], None]  # moves the volume's blocks into place (given the open volume)
+
+    def sha256(self, disk: vhd._Disk, ticker: vhd._Ticker) -> str:
+        sink = vhd._Sink(-1)
+        extents = disk.data_extents()
+        try:
+            ticker.at(0)
+            for at, length, source in self.parts:
+                sink.zeros(at - sink.position)
+                if isinstance(source, bytes):
+                    sink.write(source, store=False)
+                    continue
+                for begin, end in _clip(extents, source, source + length):
+                    sink.zeros(begin - source + at - sink.position)
+                    while sink.position < end - source + at:
+                        ticker.at(sink.position)
+                        view = sink.buffer(min(4 * MiB, end - source + at - sink.position))
+                        disk.read_into(view, sink.position - at + source)
+                        sink.write(view, store=False)
+                sink.zeros(at + length - sink.position)
+            sink.zeros(self.size - sink.position)
+            ticker.at(self.size)
+            return sink.digest()
+        finally:
+            sink.close()
+
+    def carry_out(self, disk: vhd._Disk, fd: int) -> None:
+        # only the other pieces' bytes are read once the volume has changed: the plan makers keep the
+        # volume's own bytes out of the parts copied from the disk (or hold them as ``bytes``)
+        extents = disk.data_extents()
+        self.move(fd)
+        os.ftruncate(fd, self.size)
+        for at, length, source in self.parts:
+            if at in self.in_place:
+                continue
+            if isinstance(source, bytes):
+                _pwrite_all(fd, source, at)
+                continue
+            for begin, end in _clip(extents, source, source + length):
+                _copy_disk(disk, begin, end, fd, begin - source + at)
+
+
+def _clip(extents: list[tuple[int, int]], begin: int, end: int) -> list[tuple[int, int]]:
+    """The parts of the data ``extents`` inside ``[begin, end)``."""
+    return [(max(a, begin), min(b, end)) for a, b in extents if a < end and b > begin]
+
+
+def _copy_disk(disk: vhd._Disk, begin: int, end: int, fd: int, at: int) -> None:
+    """Disk bytes ``[begin, end)`` (never the volume's: see :class:`_Plan`) to ``fd`` at ``at``, copied by
+    the kernel piece by piece."""
+    for index, source in enumerate(disk.fds):
+        low, high = disk.starts[index], disk.starts[index] + disk.sizes[index]
+        a, b = max(begin, low), min(end, high)
+        while a < b:
+            copied = os.copy_file_range(source, fd, b - a, a - low, at + a - begin)
+            if copied <= 0:
+                raise OSError(errno.EIO, f"copy_file_range stopped at {a - low} of {disk.paths[index]}")
+            a += copied
+
+
+def _flat_plan(disk: vhd._Disk, volume_index: int, *, footer: bool) -> _Plan:
+    """raw (and fixed VHD): the pieces before the volume go into a hole inserted at its start, those
+    after it past its end."""
+    start, size = disk.starts[volume_index], disk.sizes[volume_index]
+    parts: list[tuple[int, int, bytes | int]] = [(0, start, 0)] if start else []
+    parts.append((start, size, start))
+    if start + size < disk.size:
+        parts.append((start + size, disk.size - start - size, start + size))
+    if footer:
+        parts.append((disk.size, vhd.SECTOR, vhd._vhd_footer(disk.size, vhd._VHD_FIXED, 0xFFFFFFFFFFFFFFFF,
+                                                             uuid.uuid4())))
+
+    def move(fd: int) -> None:
+        if start:
+            _fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, start)
+
+    return _Plan(disk.size + (vhd.SECTOR if footer else 0), parts, {start}, move)
+
+
+def _vhdx_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
+    """dynamic VHDX (see the module docstring); ``None`` when the volume holds no whole block."""
+    start, size = disk.starts[volume_index], disk.sizes[volume_index]
+    first, end = -(-start // _BLOCK), (start + size) // _BLOCK  # the blocks wholly inside the volume
+    if end <= first:
+        return None
+    present = vhd._present_blocks(disk, _BLOCK, vhd._Ticker(disk.size, None, None), skip_zero_blocks=False)
+    head = first * _BLOCK - start  # volume bytes before its first whole block
+    whole_end = end * _BLOCK - start  # volume bytes up to the end of its last whole block
+    front = vhd._VHDX_BAT_AT + vhd.vhdx_bat_size(len(present), _BLOCK)
+    locations: list[int | None] = [None] * len(present)
+    parts: list[tuple[int, int, bytes | int]] = []
+    position = front
+    for index in range(first, end):
+        if present[index]:
+            locations[index] = position
+            parts.append((position, _BLOCK, index * _BLOCK))
+            position += _BLOCK
+    in_place = {at for at, _, _ in parts}
+    buffer = bytearray(_BLOCK)
+    for index, flag in enumerate(present):
+        if not flag or first <= index < end:
+            continue
+        length = min(_BLOCK, disk.size - index * _BLOCK)
+        source: bytes | int = index * _BLOCK
+        if (index == first - 1 and head) or (index == end and whole_end < size):  # shares bytes with the volume
+            view = memoryview(buffer)[:length]
+            disk.read_into(view, index * _BLOCK)
+            source = bytes(view)
+        locations[index] = position
+        parts.append((position, length, source))
+        position += _BLOCK  # a short last block still takes a whole one
+    front_parts = vhd.vhdx_front(disk.size, _BLOCK, locations)
+    parts[:0] = [(at, len(data), data) for at, data in front_parts]
+
+    def move(fd: int) -> None:
+        os.ftruncate(fd, whole_end)
+        _fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, front - head)  # block ``first`` now starts at ``front``
+        # collapse the runs of empty blocks, from the last, so that the runs before keep their offsets
+        index = end
+        while index > first:
+            if present[index - 1]:
+                index -= 1
+                continue
+            run_end = index
+            while index > first and not present[index - 1]:
+                index -= 1
+            at, length = front + (index - first) * _BLOCK, (run_end - index) * _BLOCK
+            if at + length >= os.fstat(fd).st_size:
+                os.ftruncate(fd, at)
+            else:
+                _fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, at, length)
+
+    return _Plan(position, parts, in_place, move)

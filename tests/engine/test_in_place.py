@@ -1,0 +1,209 @@
+"""Disk images assembled around the volume file in place (app.engine.in_place), checked with qemu-img.
+
+The layouts are described as in test_vhd: each piece a size and the data written at offsets in it. The
+raw disk the pieces make is written separately as the reference; qemu-img compares it with the image.
+tmp_path is on the machine's disk (ext4 here and in CI), which can insert and collapse file ranges; a
+tmpfs cannot, and shows the fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app.engine import disk, in_place, vhd
+from app.engine.disk import DiskError
+from app.tasks.base import CancelToken, TaskCanceled
+from tests.engine.test_vhd import Piece, assert_image_holds, make_pieces, sha256
+from tests.support.tools import run_ok, small_filesystem
+
+KiB = 1024
+MiB = 1024 * KiB
+RANDOM = random.Random(23)
+QEMU_NAMES = {"vhdx": "vhdx", "raw": "raw", "vhd-fixed": "vpc"}
+
+LAYOUTS: dict[str, list[Piece]] = {
+    # a GPT-like prefix ending on an odd MiB (the volume's first block is shared with it), a volume with
+    # data at both edges, empty runs inside it (collapsed) and an end inside a block, then a suffix
+    "odd-mib-start": [
+        (3 * MiB, [(0, RANDOM.randbytes(17 * KiB)), (2 * MiB + 5, RANDOM.randbytes(9000))]),
+        (40 * MiB + 512 * KiB, [(0, b"\xebR\x90NTFS    "), (MiB - 10, RANDOM.randbytes(20)),
+                                (5 * MiB, RANDOM.randbytes(3 * MiB)), (21 * MiB + 7, RANDOM.randbytes(100)),
+                                (40 * MiB + 100 * KiB, RANDOM.randbytes(4 * KiB))]),
+        (MiB + 512 * KiB, [(MiB + 512 * KiB - 16 * KiB, RANDOM.randbytes(16 * KiB))]),
+    ],
+    # a volume on a block edge, whole blocks only, its first and last blocks empty (a run collapsed at
+    # the start, one cut off at the end)
+    "block-aligned": [
+        (2 * MiB, [(0, RANDOM.randbytes(512))]),
+        (16 * MiB, [(4 * MiB + 1, RANDOM.randbytes(MiB)), (9 * MiB, RANDOM.randbytes(2 * MiB))]),
+        (2 * MiB, [(2 * MiB - 512, RANDOM.randbytes(512))]),
+    ],
+    # the volume first (no piece before it), then a gold disk's partition with data of its own
+    "volume-first": [
+        (10 * MiB, [(0, RANDOM.randbytes(4 * KiB)), (7 * MiB, RANDOM.randbytes(MiB))]),
+        (6 * MiB, [(0, RANDOM.randbytes(5 * MiB))]),
+    ],
+}
+VOLUME = {"odd-mib-start": 1, "block-aligned": 1, "volume-first": 0}
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    folder = tmp_path / "disks"
+    folder.mkdir()
+    return folder
+
+
+def present_blocks(layout: list[Piece]) -> int:
+    """Blocks of 2 MiB the data touches (what a compact dynamic VHDX stores)."""
+    touched: set[int] = set()
+    start = 0
+    for size, writes in layout:
+        for offset, data in writes:
+            touched.update(range((start + offset) // (2 * MiB), (start + offset + len(data) - 1) // (2 * MiB) + 1))
+        start += size
+    return len(touched)
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed"])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_the_volume_becomes_an_image_of_the_whole_disk(work: Path, name: str, fmt: str) -> None:
+    pieces, reference = make_pieces(work, LAYOUTS[name])
+    volume = pieces[VOLUME[name]]
+    inode = volume.stat().st_ino
+    checksum = in_place.assemble(pieces, VOLUME[name], fmt)
+    assert checksum == sha256(volume)
+    assert volume.stat().st_ino == inode  # the same file, not a copy
+    disk_size = reference.stat().st_size
+    if fmt == "vhd-fixed":
+        assert volume.stat().st_size == disk_size + 512
+        disk.verify_image(volume, "vhd-fixed", disk_size)  # the footer, and qemu-img reads it as VHD of this size
+        shutil.copyfile(volume, work / "body.raw")
+        os.truncate(work / "body.raw", disk_size)
+        assert sha256(work / "body.raw") == sha256(reference)
+    else:
+        assert_image_holds(volume, QEMU_NAMES[fmt], reference)
+    if fmt == "vhdx":  # as compact as a streamed one: the front, then only the blocks holding data
+        streamed = work / "streamed.vhdx"
+        assert volume.stat().st_size == 4 * MiB + present_blocks(LAYOUTS[name]) * 2 * MiB
+        vhd.write_vhdx([reference], streamed)
+        assert volume.stat().st_size == streamed.stat().st_size
+    else:  # holes stay holes
+        data_bytes = sum(len(data) for _, writes in LAYOUTS[name] for _, data in writes)
+        assert volume.stat().st_blocks * 512 < data_bytes + 2 * MiB
+
+
+def test_the_pieces_around_the_volume_are_left_as_they_were(work: Path) -> None:
+    pieces, _ = make_pieces(work, LAYOUTS["odd-mib-start"])
+    before = [sha256(piece) for piece in (pieces[0], pieces[2])]
+    assert in_place.assemble(pieces, 1, "vhdx") is not None
+    assert [sha256(piece) for piece in (pieces[0], pieces[2])] == before
+
+
+@pytest.mark.parametrize(("fmt", "prefix"), [
+    ("vhdx", MiB + 512),  # VHDX blocks start on a MiB
+    ("raw", 3 * 512),  # raw: on the file system's block
+    ("vhd-fixed", 7 * 512),
+])
+def test_a_volume_off_the_alignment_is_left_untouched(work: Path, fmt: str, prefix: int) -> None:
+    pieces, _ = make_pieces(work, [(prefix, [(0, b"head")]), (8 * MiB, [(0, RANDOM.randbytes(MiB))])])
+    before = sha256(pieces[1])
+    assert in_place.assemble(pieces, 1, fmt) is None
+    assert sha256(pieces[1]) == before
+
+
+def test_a_disk_with_no_whole_block_in_the_volume_is_left_untouched(work: Path) -> None:
+    pieces, _ = make_pieces(work, [(MiB, [(0, b"head")]), (2 * MiB, [(0, RANDOM.randbytes(MiB))])])
+    before = sha256(pieces[1])
+    assert in_place.assemble(pieces, 1, "vhdx") is None
+    assert sha256(pieces[1]) == before
+
+
+@pytest.mark.parametrize("fmt", ["vhd-dynamic", "qcow2", "vmdk"])
+def test_other_formats_are_not_done_in_place(work: Path, fmt: str) -> None:
+    pieces, _ = make_pieces(work, LAYOUTS["block-aligned"])
+    before = sha256(pieces[1])
+    assert in_place.assemble(pieces, 1, fmt) is None
+    assert sha256(pieces[1]) == before
+
+
+def test_a_file_system_that_cannot_move_blocks_is_left_untouched(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(in_place, "_supported", {})
+    with small_filesystem(tmp_path / "tmpfs", "64m") as folder:
+        assert in_place.ranges_supported(folder) == 0
+        pieces, _ = make_pieces(folder, LAYOUTS["block-aligned"])
+        before = sha256(pieces[1])
+        assert in_place.assemble(pieces, 1, "vhdx") is None
+        assert sha256(pieces[1]) == before
+        assert sorted(p.name for p in folder.iterdir()) == ["piece0.raw", "piece1.raw", "piece2.raw",
+                                                              "reference.raw"]  # no probe file left
+
+
+def test_the_machine_disk_can_move_blocks(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rest of this file relies on it: ext4 (tmp_path here and in CI) inserts and collapses ranges."""
+    monkeypatch.setattr(in_place, "_supported", {})  # probe again
+    assert in_place.ranges_supported(work) == os.statvfs(work).f_bsize
+    assert list(work.iterdir()) == []  # the probe's scratch file is gone
+
+
+def test_cancel_while_hashing_is_a_cancel(work: Path) -> None:
+    pieces, _ = make_pieces(work, LAYOUTS["odd-mib-start"])
+    token = CancelToken()
+
+    def progress(done: int, total: int) -> None:
+        if done > 0:
+            token.cancel()
+
+    with pytest.raises(TaskCanceled):
+        in_place.assemble(pieces, 1, "raw", progress=progress, cancel=token)
+
+
+def test_a_too_large_vhd_is_refused_before_anything_changes(work: Path) -> None:
+    pieces, _ = make_pieces(work, [(MiB, []), (8 * MiB, [(0, b"x")])])
+    os.truncate(pieces[1], 2041 * 1024 * MiB)  # sparse: past VHD's 2040 GiB
+    with pytest.raises(DiskError, match="at most 2040 GiB"):
+        in_place.assemble(pieces, 1, "vhd-fixed")
+    assert pieces[1].stat().st_size == 2041 * 1024 * MiB
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed", "vhd-dynamic"])
+def test_convert_hashed_consumes_the_volume_and_verifies_the_image(work: Path, fmt: str) -> None:
+    pieces, reference = make_pieces(work, LAYOUTS["odd-mib-start"])
+    out = work / f"disk.{fmt}"
+    checksum = disk.convert_hashed(pieces, out, fmt, consume=pieces[1])  # type: ignore[arg-type]
+    assert checksum == sha256(out)
+    assert pieces[1].exists() == (fmt == "vhd-dynamic")  # consumed where done in place, else read
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []
+    if fmt == "vhd-fixed":
+        disk.verify_image(out, "vhd-fixed", reference.stat().st_size)
+    else:
+        assert_image_holds(out, {"vhd-dynamic": "vpc"}.get(fmt, QEMU_NAMES.get(fmt, fmt)), reference)
+
+
+def test_an_image_that_fails_verification_leaves_nothing(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pieces, _ = make_pieces(work, LAYOUTS["block-aligned"])
+
+    def broken(image: Path, fmt: str, disk_size: int) -> None:
+        raise DiskError(f"{image} did not pass qemu-img check")
+
+    monkeypatch.setattr(disk, "verify_image", broken)
+    with pytest.raises(DiskError, match="did not pass"):
+        disk.convert_hashed(pieces, work / "disk.vhdx", "vhdx", consume=pieces[1])
+    assert not (work / "disk.vhdx").exists()
+    assert [p.name for p in work.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_qemu_img_reads_every_block_of_a_larger_volume(work: Path) -> None:
+    """Many runs to collapse: a block of data every third block over 600 MiB."""
+    data = [(index * 6 * MiB + 1000, hashlib.sha256(bytes([index % 256])).digest() * 64) for index in range(100)]
+    pieces, reference = make_pieces(work, [(MiB, [(0, b"GPT")]), (600 * MiB, data), (MiB, [(MiB - 512, b"tail")])])
+    assert in_place.assemble(pieces, 1, "vhdx") is not None
+    assert_image_holds(pieces[1], "vhdx", reference)
+    run_ok("qemu-img", "check", "-f", "vhdx", pieces[1])
