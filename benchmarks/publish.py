@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("PYTHON_KEYRING_BACKEND", "keyring.backends.null.Keyring")  # never the user's keyring
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -235,22 +236,24 @@ class Bench:
     runner: TaskRunner
     out: Path
 
-    def wait(self, task_id: int, what: str) -> dict:
+    def wait(self, task_id: int, what: str) -> dict[str, Any]:
         state = self.runner.wait(task_id, 3600)
         info = self.services.tasks.get_task(task_id)
         if state is not TaskState.COMPLETE:
             raise SystemExit(f"{what} ended {state.name}: {info.error}")
         return info.result or {}
 
-    def import_version(self, name: str, version: str, folder: Path, reg: Path | None) -> tuple[float, dict]:
+    def import_version(self, name: str, version: str, folder: Path, reg: Path | None) -> tuple[float, dict[str, Any]]:
         started = time.perf_counter()
         task_id = self.services.imports.start_import(self.runner, name, version, folder,
                                                      registry_files=[reg] if reg else [])
         result = self.wait(task_id, f"import of {name}:{version}")
         return time.perf_counter() - started, result
 
-    def publish(self) -> tuple[float, float, dict[str, float]]:
-        """(wall seconds, the worker's own seconds, per-step timings); the image and its record are removed."""
+    def publish(self) -> tuple[float, float, dict[str, float], float]:
+        """(wall seconds, the worker's own seconds, per-step timings, seconds of a ``sync`` right after it);
+        the image and its record are removed after the sync (removed first, its pages would never be
+        written)."""
         started = time.perf_counter()
         task_id = self.services.publishing.publish(self.runner, TEMPLATE, self.out)
         result = self.wait(task_id, "publish")
@@ -261,9 +264,10 @@ class Bench:
                 for part in line.text.split("steps: ", 1)[1].rstrip(".").split(", "):
                     key, value, _ = part.split(" ")
                     steps[key] = float(value)
+        synced = sync_time()
         self.services.publishing.delete_image_record(str(result["image"]))
         Path(str(result["path"])).unlink()
-        return wall, float(result.get("seconds", 0.0)), steps
+        return wall, float(result.get("seconds", 0.0)), steps, synced
 
 
 def copy_layers(sources: list[Path], target: Path) -> None:
@@ -382,8 +386,8 @@ def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files:
             if what == "publish":
                 shutil.rmtree(home.layer_cache, ignore_errors=True)  # cold: every layer staged from its WIM
                 with phase(sampler, "publish"):
-                    wall, inner, steps = bench.publish()
-                cold.append((wall, sync_time()))
+                    wall, inner, steps, synced = bench.publish()
+                cold.append((wall, synced))
                 worker_s.append(inner)
                 cold_steps.append(steps)
             else:
@@ -398,7 +402,7 @@ def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files:
     warm_steps: list[dict[str, float]] = []
     for number in range(1, runs + 1):
         with phase(sampler, "publish"):
-            wall, _, steps = bench.publish()
+            wall, _, steps, _ = bench.publish()
         warm.append(wall)
         warm_steps.append(steps)
         print(f"warm run {number}: publish {wall:.2f} s", flush=True)
@@ -431,7 +435,7 @@ def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files:
             services.templates.update_template(TEMPLATE, TemplateSpec(
                 os="Win11:1", apps=apps_now, disk_format=DiskFormat.VHDX, size_gb=size_gb))
             with phase(sampler, "publish"):
-                wall, _, steps = bench.publish()
+                wall, _, steps, _ = bench.publish()
             republish.append(wall)
             republish_steps.append(steps)
             line += f"; re-publish {wall:.2f} s"
