@@ -5,6 +5,7 @@ ours (wimlib-imagex, qemu-img, sgdisk, dd + ntfsls/ntfscat, hivexget) against th
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import subprocess
 from pathlib import Path
@@ -29,7 +30,7 @@ from tests.support.compose_stack import (
     LayerDef,
     os_layer,
 )
-from tests.support.tools import run_ok, tool
+from tests.support.tools import run_ok, small_filesystem, tool
 
 MiB = 1024 * 1024
 
@@ -266,3 +267,32 @@ def test_publish_to_the_other_disk_formats(stack: tuple[LayerRepository, list[St
     run_ok("qemu-img", "convert", "-f", driver, "-O", "raw", result.path, raw)
     (tmp_path / "check").mkdir()
     _check_disk(raw, tmp_path / "check", 1024 * MiB)
+
+
+def test_a_disk_image_is_assembled_around_the_volume_where_the_file_system_allows(
+    stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On the machine's disk (ext4) the applied volume becomes the VHDX in place; on a tmpfs, which cannot
+    move file blocks, the VHDX is streamed from it. Both read back the same through qemu-img, sgdisk and
+    ntfs-3g's tools, and each checksum is the file's SHA-256."""
+    repository, layers = stack
+    out = tmp_path / "out"
+    out.mkdir()
+    caplog.set_level(logging.INFO, logger="app.engine.in_place")
+    in_place = compose(layers, repository, out, "vhdx", 1, name="InPlace")
+    assert any("assembled vhdx in place" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with small_filesystem(tmp_path / "tmpfs", "256m") as small:
+        streamed = compose(layers, repository, small, "vhdx", 1, name="Streamed")
+        assert not any("in place" in r.getMessage() for r in caplog.records)
+        assert streamed.manifest_digest == in_place.manifest_digest
+        for number, result in enumerate((in_place, streamed)):
+            assert result.checksum == "sha256:" + hashlib.sha256(result.path.read_bytes()).hexdigest()
+            run_ok("qemu-img", "check", "-f", "vhdx", result.path)
+            raw = tmp_path / f"converted-{number}.raw"
+            run_ok("qemu-img", "convert", "-f", "vhdx", "-O", "raw", result.path, raw)
+            (tmp_path / f"read-{number}").mkdir()
+            _check_disk(raw, tmp_path / f"read-{number}", 1024 * MiB)
+            raw.unlink()
+        assert sorted(p.name for p in small.iterdir()) == ["Streamed.vhdx"]
+    assert sorted(p.name for p in out.iterdir()) == ["InPlace.vhdx"]
