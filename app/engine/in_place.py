@@ -15,6 +15,9 @@ the volume file itself becomes the image:
   streamed one. Blocks outside the volume, and the two that hold the volume's edges together with a
   neighbour's bytes, are copied to the end of the file. VHDX asks payload blocks to start on a MiB, not on
   a block: a volume that starts on any MiB keeps its blocks in place.
+* **qcow2** (version 3, 64 KiB clusters as qemu-img makes them): the same, cluster by cluster, with the
+  header, the L1 table, the refcount table and blocks and the L2 tables in front. Every cluster of the
+  file is referenced once and counted once (``qemu-img check``: no leak, no corruption).
 
 Only the pieces other than the volume, and at most two blocks of the volume's edges, are copied; then the
 file is read once to compute its SHA-256. :func:`assemble` says ``None`` (and has changed nothing) when it
@@ -27,11 +30,13 @@ an error or a cancel, garbage to delete.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import errno
 import logging
 import os
+import struct
 import sys
 import tempfile
 import time
@@ -49,8 +54,10 @@ log = logging.getLogger(__name__)
 __all__ = ["FORMATS", "assemble", "ranges_supported"]
 
 MiB = 1024 * 1024
-FORMATS = ("raw", "vhd-fixed", "vhdx")
+FORMATS = ("raw", "vhd-fixed", "vhdx", "qcow2")
 _BLOCK = 2 * MiB  # VHDX payload block, as the streamed writer uses
+_QCOW2_CLUSTER = 64 * 1024
+_QCOW2_COPIED = 1 << 63  # the cluster's refcount is exactly one
 _FALLOC_FL_COLLAPSE_RANGE = 0x08
 _FALLOC_FL_INSERT_RANGE = 0x20
 _supported: dict[int, int] = {}  # st_dev → the file system's block size, or 0 when it cannot move blocks
@@ -121,6 +128,9 @@ def assemble(
         if fmt == "vhdx":
             vhd._check_sectors("VHDX", vhd._VHDX_MAX)(disk.size)
             plan: _Plan | None = _vhdx_plan(disk, volume_index) if not start % MiB and not MiB % block else None
+        elif fmt == "qcow2":
+            aligned = not start % _QCOW2_CLUSTER and not _QCOW2_CLUSTER % block
+            plan = _qcow2_plan(disk, volume_index) if aligned else None
         else:
             if fmt == "vhd-fixed":
                 vhd._check_sectors("VHD", vhd._VHD_MAX)(disk.size)
@@ -200,8 +210,15 @@ class _Plan:
 
 
 def _clip(extents: list[tuple[int, int]], begin: int, end: int) -> list[tuple[int, int]]:
-    """The parts of the data ``extents`` inside ``[begin, end)``."""
-    return [(max(a, begin), min(b, end)) for a, b in extents if a < end and b > begin]
+    """The parts of the sorted, disjoint data ``extents`` inside ``[begin, end)``."""
+    found = []
+    for index in range(max(0, bisect.bisect_right(extents, (begin, begin)) - 1), len(extents)):
+        a, b = extents[index]
+        if a >= end:
+            break
+        if b > begin:
+            found.append((max(a, begin), min(b, end)))
+    return found
 
 
 def _copy_disk(disk: vhd._Disk, begin: int, end: int, fd: int, at: int) -> None:
@@ -238,42 +255,121 @@ def _flat_plan(disk: vhd._Disk, volume_index: int, *, footer: bool) -> _Plan:
 
 def _vhdx_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
     """dynamic VHDX (see the module docstring); ``None`` when the volume holds no whole block."""
+    def front_size(present: bytearray) -> int:
+        return vhd._VHDX_BAT_AT + vhd.vhdx_bat_size(len(present), _BLOCK)
+
+    def front(locations: list[int | None], _size: int) -> list[tuple[int, bytes]]:
+        return vhd.vhdx_front(disk.size, _BLOCK, locations)
+
+    return _mapped_plan(disk, volume_index, _BLOCK, front_size, front)
+
+
+def _qcow2_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
+    """qcow2 version 3 with 64 KiB clusters (qemu-img's default): the header, the L1 table, the refcount
+    table and blocks and the L2 tables first, then the data clusters; every cluster of the file referenced
+    once has a refcount of 1, as ``qemu-img check`` wants. ``None`` when the volume holds no whole cluster."""
+    cluster = _QCOW2_CLUSTER
+    per_l2 = cluster // 8  # guest clusters an L2 table maps
+    per_refblock = cluster // 2  # host clusters a refcount block counts (16-bit refcounts)
+    l1_size = -(-disk.size // (cluster * per_l2))
+    l1_clusters = -(-l1_size * 8 // cluster)
+    shape: dict[str, int] = {}
+
+    def front_size(present: bytearray) -> int:
+        tables = [any(present[t * per_l2:(t + 1) * per_l2]) for t in range(l1_size)]
+        shape["l2"] = sum(tables)
+        data = sum(present)
+        refblocks = 1
+        while True:  # the refcount blocks count themselves too
+            host = 1 + l1_clusters + -(-refblocks * 8 // cluster) + refblocks + shape["l2"] + data
+            needed = -(-host // per_refblock)
+            if needed <= refblocks:
+                break
+            refblocks = needed
+        shape["refblocks"], shape["reftable"] = refblocks, -(-refblocks * 8 // cluster)
+        return (1 + l1_clusters + shape["reftable"] + refblocks + shape["l2"]) * cluster
+
+    def front(locations: list[int | None], size: int) -> list[tuple[int, bytes]]:
+        reftable_at = (1 + l1_clusters) * cluster
+        refblocks_at = reftable_at + shape["reftable"] * cluster
+        l2_at = refblocks_at + shape["refblocks"] * cluster
+        l1 = bytearray(l1_clusters * cluster)
+        tables: list[tuple[int, bytes]] = []
+        for table in range(l1_size):
+            entries = locations[table * per_l2:(table + 1) * per_l2]
+            if not any(location is not None for location in entries):
+                continue
+            at = l2_at + len(tables) * cluster
+            struct.pack_into(">Q", l1, table * 8, at | _QCOW2_COPIED)
+            l2 = bytearray(cluster)
+            for number, location in enumerate(entries):
+                if location is not None:
+                    struct.pack_into(">Q", l2, number * 8, location | _QCOW2_COPIED)
+            tables.append((at, bytes(l2)))
+        used = {at // cluster for at, _ in tables} | set(range(l2_at // cluster))
+        used |= {location // cluster for location in locations if location is not None}
+        refblocks = bytearray(shape["refblocks"] * cluster)
+        for host in used:
+            struct.pack_into(">H", refblocks, host * 2, 1)
+        reftable = bytearray(shape["reftable"] * cluster)
+        for number in range(shape["refblocks"]):
+            struct.pack_into(">Q", reftable, number * 8, refblocks_at + number * cluster)
+        header = struct.pack(">4sIQIIQIIQQIIQQQQII", b"QFI\xfb", 3, 0, 0, 16, disk.size, 0, l1_size, cluster,
+                             reftable_at, shape["reftable"], 0, 0, 0, 0, 0, 4, 104) + bytes(8)  # no extensions
+        return [(0, header), (cluster, bytes(l1)), (reftable_at, bytes(reftable)), (refblocks_at, bytes(refblocks)),
+                *tables]
+
+    return _mapped_plan(disk, volume_index, cluster, front_size, front)
+
+
+def _mapped_plan(
+    disk: vhd._Disk, volume_index: int, block: int, front_size: Callable[[bytearray], int],
+    front: Callable[[list[int | None], int], list[tuple[int, bytes]]],
+) -> _Plan | None:
+    """A format that maps each ``block`` of the disk to any place in the file (VHDX, qcow2): ``front_size``
+    gives the bytes of metadata before the data (a multiple of ``block``... or of a MiB for VHDX), ``front``
+    its parts once each block's file offset (or ``None``: not stored) and the file's size are known.
+    ``None`` when the volume holds no whole block."""
     start, size = disk.starts[volume_index], disk.sizes[volume_index]
-    first, end = -(-start // _BLOCK), (start + size) // _BLOCK  # the blocks wholly inside the volume
+    first, end = -(-start // block), (start + size) // block  # the blocks wholly inside the volume
     if end <= first:
         return None
-    present = vhd._present_blocks(disk, _BLOCK, vhd._Ticker(disk.size, None, None), skip_zero_blocks=False)
-    head = first * _BLOCK - start  # volume bytes before its first whole block
-    whole_end = end * _BLOCK - start  # volume bytes up to the end of its last whole block
-    front = vhd._VHDX_BAT_AT + vhd.vhdx_bat_size(len(present), _BLOCK)
+    present = vhd._present_blocks(disk, block, vhd._Ticker(disk.size, None, None), skip_zero_blocks=False)
+    head = first * block - start  # volume bytes before its first whole block
+    whole_end = end * block - start  # volume bytes up to the end of its last whole block
+    before = front_size(present)
     locations: list[int | None] = [None] * len(present)
     parts: list[tuple[int, int, bytes | int]] = []
-    position = front
+    position = before
     for index in range(first, end):
         if present[index]:
             locations[index] = position
-            parts.append((position, _BLOCK, index * _BLOCK))
-            position += _BLOCK
+            last = parts[-1] if parts else None
+            if last is not None and isinstance(last[2], int) and last[0] + last[1] == position and \
+                    last[2] + last[1] == index * block:  # one part for a run of blocks: read in large pieces
+                parts[-1] = (last[0], last[1] + block, last[2])
+            else:
+                parts.append((position, block, index * block))
+            position += block
     in_place = {at for at, _, _ in parts}
-    buffer = bytearray(_BLOCK)
+    buffer = bytearray(block)
     for index, flag in enumerate(present):
         if not flag or first <= index < end:
             continue
-        length = min(_BLOCK, disk.size - index * _BLOCK)
-        source: bytes | int = index * _BLOCK
+        length = min(block, disk.size - index * block)
+        source: bytes | int = index * block
         if (index == first - 1 and head) or (index == end and whole_end < size):  # shares bytes with the volume
             view = memoryview(buffer)[:length]
-            disk.read_into(view, index * _BLOCK)
+            disk.read_into(view, index * block)
             source = bytes(view)
         locations[index] = position
         parts.append((position, length, source))
-        position += _BLOCK  # a short last block still takes a whole one
-    front_parts = vhd.vhdx_front(disk.size, _BLOCK, locations)
-    parts[:0] = [(at, len(data), data) for at, data in front_parts]
+        position += block  # a short last block still takes a whole one
+    parts[:0] = [(at, len(data), data) for at, data in front(locations, position)]
 
     def move(fd: int) -> None:
         os.ftruncate(fd, whole_end)
-        _fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, front - head)  # block ``first`` now starts at ``front``
+        _fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, before - head)  # block ``first`` now starts at ``before``
         # collapse the runs of empty blocks, from the last, so that the runs before keep their offsets
         index = end
         while index > first:
@@ -283,7 +379,7 @@ def _vhdx_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
             run_end = index
             while index > first and not present[index - 1]:
                 index -= 1
-            at, length = front + (index - first) * _BLOCK, (run_end - index) * _BLOCK
+            at, length = before + (index - first) * block, (run_end - index) * block
             if at + length >= os.fstat(fd).st_size:
                 os.ftruncate(fd, at)
             else:

@@ -9,6 +9,7 @@ tmpfs cannot, and shows the fallback.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -25,7 +26,7 @@ from tests.support.tools import run_ok, small_filesystem
 KiB = 1024
 MiB = 1024 * KiB
 RANDOM = random.Random(23)
-QEMU_NAMES = {"vhdx": "vhdx", "raw": "raw", "vhd-fixed": "vpc"}
+QEMU_NAMES = {"vhdx": "vhdx", "raw": "raw", "vhd-fixed": "vpc", "qcow2": "qcow2"}
 
 LAYOUTS: dict[str, list[Piece]] = {
     # a GPT-like prefix ending on an odd MiB (the volume's first block is shared with it), a volume with
@@ -60,18 +61,18 @@ def work(tmp_path: Path) -> Path:
     return folder
 
 
-def present_blocks(layout: list[Piece]) -> int:
-    """Blocks of 2 MiB the data touches (what a compact dynamic VHDX stores)."""
+def present_blocks(layout: list[Piece], block: int = 2 * MiB) -> int:
+    """Blocks the data touches (what a compact dynamic VHDX, or qcow2 with 64 KiB clusters, stores)."""
     touched: set[int] = set()
     start = 0
     for size, writes in layout:
         for offset, data in writes:
-            touched.update(range((start + offset) // (2 * MiB), (start + offset + len(data) - 1) // (2 * MiB) + 1))
+            touched.update(range((start + offset) // block, (start + offset + len(data) - 1) // block + 1))
         start += size
     return len(touched)
 
 
-@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed"])
+@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed", "qcow2"])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_the_volume_becomes_an_image_of_the_whole_disk(work: Path, name: str, fmt: str) -> None:
     pieces, reference = make_pieces(work, LAYOUTS[name])
@@ -89,7 +90,11 @@ def test_the_volume_becomes_an_image_of_the_whole_disk(work: Path, name: str, fm
         assert sha256(work / "body.raw") == sha256(reference)
     else:
         assert_image_holds(volume, QEMU_NAMES[fmt], reference)
-    if fmt == "vhdx":  # as compact as a streamed one: the front, then only the blocks holding data
+    if fmt == "qcow2":  # every cluster counted once, none leaked; only the clusters holding data stored
+        checked = json.loads(run_ok("qemu-img", "check", "--output=json", "-f", "qcow2", volume).stdout)
+        assert (checked.get("corruptions", 0), checked.get("leaks", 0)) == (0, 0), checked
+        assert checked["allocated-clusters"] == present_blocks(LAYOUTS[name], 64 * KiB)
+    elif fmt == "vhdx":  # as compact as a streamed one: the front, then only the blocks holding data
         streamed = work / "streamed.vhdx"
         assert volume.stat().st_size == 4 * MiB + present_blocks(LAYOUTS[name]) * 2 * MiB
         vhd.write_vhdx([reference], streamed)
@@ -125,7 +130,7 @@ def test_a_disk_with_no_whole_block_in_the_volume_is_left_untouched(work: Path) 
     assert sha256(pieces[1]) == before
 
 
-@pytest.mark.parametrize("fmt", ["vhd-dynamic", "qcow2", "vmdk"])
+@pytest.mark.parametrize("fmt", ["vhd-dynamic", "vmdk-sparse", "vmdk-stream"])
 def test_other_formats_are_not_done_in_place(work: Path, fmt: str) -> None:
     pieces, _ = make_pieces(work, LAYOUTS["block-aligned"])
     before = sha256(pieces[1])
@@ -173,7 +178,7 @@ def test_a_too_large_vhd_is_refused_before_anything_changes(work: Path) -> None:
     assert pieces[1].stat().st_size == 2041 * 1024 * MiB
 
 
-@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed", "vhd-dynamic"])
+@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed", "qcow2", "vhd-dynamic"])
 def test_convert_hashed_consumes_the_volume_and_verifies_the_image(work: Path, fmt: str) -> None:
     pieces, reference = make_pieces(work, LAYOUTS["odd-mib-start"])
     out = work / f"disk.{fmt}"
@@ -200,10 +205,24 @@ def test_an_image_that_fails_verification_leaves_nothing(work: Path, monkeypatch
     assert [p.name for p in work.iterdir() if p.name.endswith(".partial")] == []
 
 
-def test_qemu_img_reads_every_block_of_a_larger_volume(work: Path) -> None:
-    """Many runs to collapse: a block of data every third block over 600 MiB."""
+@pytest.mark.parametrize("fmt", ["vhdx", "qcow2"])
+def test_qemu_img_reads_every_block_of_a_larger_volume(work: Path, fmt: str) -> None:
+    """Many runs to collapse: a block of data every third block over 600 MiB (two qcow2 L2 tables)."""
     data = [(index * 6 * MiB + 1000, hashlib.sha256(bytes([index % 256])).digest() * 64) for index in range(100)]
     pieces, reference = make_pieces(work, [(MiB, [(0, b"GPT")]), (600 * MiB, data), (MiB, [(MiB - 512, b"tail")])])
-    assert in_place.assemble(pieces, 1, "vhdx") is not None
-    assert_image_holds(pieces[1], "vhdx", reference)
-    run_ok("qemu-img", "check", "-f", "vhdx", pieces[1])
+    assert in_place.assemble(pieces, 1, fmt) is not None
+    assert_image_holds(pieces[1], fmt, reference)
+    run_ok("qemu-img", "check", "-f", fmt, pieces[1])
+
+
+def test_a_qcow2_whose_clusters_need_two_refcount_blocks(work: Path) -> None:
+    """A byte in each of 34,000 clusters of 64 KiB: more host clusters than one refcount block counts
+    (32,768), so the refcount table holds two blocks, and they count themselves. Sparse on disk."""
+    clusters = 34_000
+    data = [(number * 64 * KiB + number % 997, bytes([1 + number % 255])) for number in range(clusters)]
+    pieces, reference = make_pieces(work, [(MiB, [(0, b"GPT")]), (clusters * 64 * KiB, data)])
+    assert in_place.assemble(pieces, 1, "qcow2") is not None
+    checked = json.loads(run_ok("qemu-img", "check", "--output=json", "-f", "qcow2", pieces[1]).stdout)
+    assert (checked.get("corruptions", 0), checked.get("leaks", 0)) == (0, 0), checked
+    assert checked["allocated-clusters"] == clusters + 1
+    assert_image_holds(pieces[1], "qcow2", reference)
