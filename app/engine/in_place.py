@@ -18,6 +18,9 @@ the volume file itself becomes the image:
 * **qcow2** (version 3, 64 KiB clusters as qemu-img makes them): the same, cluster by cluster, with the
   header, the L1 table, the refcount table and blocks and the L2 tables in front. Every cluster of the
   file is referenced once and counted once (``qemu-img check``: no leak, no corruption).
+* **dynamic VHD**: the same with 2 MiB blocks, but each block's 512-byte sector bitmap must sit right
+  before its data, and the volume's blocks lie back to back: 4 KiB (one file system block) is inserted
+  before each, holding the bitmap in its last sector (the rest is an unreferenced hole).
 
 Only the pieces other than the volume, and at most two blocks of the volume's edges, are copied; then the
 file is read once to compute its SHA-256. :func:`assemble` says ``None`` (and has changed nothing) when it
@@ -30,6 +33,7 @@ an error or a cancel, garbage to delete.
 
 from __future__ import annotations
 
+import array
 import bisect
 import ctypes
 import ctypes.util
@@ -54,10 +58,13 @@ log = logging.getLogger(__name__)
 __all__ = ["FORMATS", "assemble", "ranges_supported"]
 
 MiB = 1024 * 1024
-FORMATS = ("raw", "vhd-fixed", "vhdx", "qcow2")
+FORMATS = ("raw", "vhd-fixed", "vhd-dynamic", "vhdx", "qcow2")
 _BLOCK = 2 * MiB  # VHDX payload block, as the streamed writer uses
 _QCOW2_CLUSTER = 64 * 1024
 _QCOW2_COPIED = 1 << 63  # the cluster's refcount is exactly one
+_VHD_GAP = 4096  # before each dynamic VHD block: its sector bitmap at the end, a whole file system block
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_COLLAPSE_RANGE = 0x08
 _FALLOC_FL_INSERT_RANGE = 0x20
 _supported: dict[int, int] = {}  # st_dev → the file system's block size, or 0 when it cannot move blocks
@@ -131,6 +138,10 @@ def assemble(
         elif fmt == "qcow2":
             aligned = not start % _QCOW2_CLUSTER and not _QCOW2_CLUSTER % block
             plan = _qcow2_plan(disk, volume_index) if aligned else None
+        elif fmt == "vhd-dynamic":
+            vhd._check_sectors("VHD", vhd._VHD_MAX)(disk.size)
+            aligned = not start % block and not _VHD_GAP % block and not vhd._VHD_BLOCK % block
+            plan = _vhd_dynamic_plan(disk, volume_index) if aligned else None
         else:
             if fmt == "vhd-fixed":
                 vhd._check_sectors("VHD", vhd._VHD_MAX)(disk.size)
@@ -322,14 +333,46 @@ def _qcow2_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
     return _mapped_plan(disk, volume_index, cluster, front_size, front)
 
 
+def _vhd_dynamic_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
+    """dynamic VHD: each 2 MiB block stored after its 512-byte sector bitmap, which must sit right before
+    the block's data. The volume's blocks lie back to back, so 4 KiB (a file system block) is inserted
+    before each: its last sector holds the bitmap, the rest stays a hole nothing points at. Then the
+    BAT (the sector of each block's bitmap) and the footer, before and after."""
+    table_bytes: dict[str, int] = {}
+
+    def front_size(present: bytearray) -> int:
+        table_bytes["n"] = -(-len(present) * 4 // vhd.SECTOR) * vhd.SECTOR
+        return -(-(vhd.SECTOR + vhd._VHD_DYNAMIC_HEADER.size + table_bytes["n"]) // _VHD_GAP) * _VHD_GAP
+
+    def front(locations: list[int | None], size: int) -> list[tuple[int, bytes]]:
+        footer = vhd._vhd_footer(disk.size, vhd._VHD_DYNAMIC, vhd.SECTOR, uuid.uuid4())
+        table_at = vhd.SECTOR + vhd._VHD_DYNAMIC_HEADER.size
+        fields: list[object] = [b"cxsparse", 0xFFFFFFFFFFFFFFFF, table_at, 0x00010000, len(locations),
+                                vhd._VHD_BLOCK, 0, bytes(16), 0, bytes(512), bytes(192)]
+        fields[6] = vhd._vhd_checksum(vhd._VHD_DYNAMIC_HEADER.pack(*fields))
+        table = array.array("I", [0xFFFFFFFF]) * (table_bytes["n"] // 4)
+        bitmaps = []
+        for index, location in enumerate(locations):
+            if location is not None:
+                table[index] = (location - vhd._VHD_BITMAP) // vhd.SECTOR
+                bitmaps.append((location - vhd._VHD_BITMAP, b"\xff" * vhd._VHD_BITMAP))
+        if sys.byteorder == "little":
+            table.byteswap()
+        return [(0, footer), (vhd.SECTOR, vhd._VHD_DYNAMIC_HEADER.pack(*fields)), (table_at, table.tobytes()),
+                *bitmaps, (size, footer)]
+
+    return _mapped_plan(disk, volume_index, vhd._VHD_BLOCK, front_size, front, gap=_VHD_GAP)
+
+
 def _mapped_plan(
     disk: vhd._Disk, volume_index: int, block: int, front_size: Callable[[bytearray], int],
-    front: Callable[[list[int | None], int], list[tuple[int, bytes]]],
+    front: Callable[[list[int | None], int], list[tuple[int, bytes]]], *, gap: int = 0,
 ) -> _Plan | None:
-    """A format that maps each ``block`` of the disk to any place in the file (VHDX, qcow2): ``front_size``
-    gives the bytes of metadata before the data (a multiple of ``block``... or of a MiB for VHDX), ``front``
-    its parts once each block's file offset (or ``None``: not stored) and the file's size are known.
-    ``None`` when the volume holds no whole block."""
+    """A format that maps each ``block`` of the disk to a place in the file (VHDX, qcow2, dynamic VHD):
+    ``front_size`` gives the bytes of metadata before the first block (aligned as the format wants its
+    blocks), ``front`` the metadata's parts (any offsets: before, between and after the blocks) once each
+    block's file offset (or ``None``: not stored) and the end of the last block are known. ``gap``: bytes
+    kept before each block (dynamic VHD's sector bitmap). ``None`` when the volume holds no whole block."""
     start, size = disk.starts[volume_index], disk.sizes[volume_index]
     first, end = -(-start // block), (start + size) // block  # the blocks wholly inside the volume
     if end <= first:
@@ -337,12 +380,14 @@ def _mapped_plan(
     present = vhd._present_blocks(disk, block, vhd._Ticker(disk.size, None, None), skip_zero_blocks=False)
     head = first * block - start  # volume bytes before its first whole block
     whole_end = end * block - start  # volume bytes up to the end of its last whole block
-    before = front_size(present)
+    # the volume's bytes before its first whole block stay in front of it: room for them at least
+    before = max(front_size(present), head - gap)
     locations: list[int | None] = [None] * len(present)
     parts: list[tuple[int, int, bytes | int]] = []
     position = before
     for index in range(first, end):
         if present[index]:
+            position += gap
             locations[index] = position
             last = parts[-1] if parts else None
             if last is not None and isinstance(last[2], int) and last[0] + last[1] == position and \
@@ -362,14 +407,23 @@ def _mapped_plan(
             view = memoryview(buffer)[:length]
             disk.read_into(view, index * block)
             source = bytes(view)
+        position += gap
         locations[index] = position
         parts.append((position, length, source))
         position += block  # a short last block still takes a whole one
-    parts[:0] = [(at, len(data), data) for at, data in front(locations, position)]
+    parts += [(at, len(data), data) for at, data in front(locations, position)]
+    parts.sort(key=lambda part: part[0])
+    size = max(position, *(at + length for at, length, _ in parts))
+    whole = [index for index in range(first, end) if present[index]]
 
     def move(fd: int) -> None:
         os.ftruncate(fd, whole_end)
-        _fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, before - head)  # block ``first`` now starts at ``before``
+        inserted = before + gap - head  # then block ``first`` starts at ``before`` + ``gap``
+        if inserted:
+            _fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, inserted)
+        if head:  # those bytes are in an edge block, copied: zeros here, under the metadata written later
+            _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, inserted, head)
+        before_blocks = before + gap
         # collapse the runs of empty blocks, from the last, so that the runs before keep their offsets
         index = end
         while index > first:
@@ -379,10 +433,13 @@ def _mapped_plan(
             run_end = index
             while index > first and not present[index - 1]:
                 index -= 1
-            at, length = before + (index - first) * block, (run_end - index) * block
+            at, length = before_blocks + (index - first) * block, (run_end - index) * block
             if at + length >= os.fstat(fd).st_size:
                 os.ftruncate(fd, at)
             else:
                 _fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, at, length)
+        if gap:  # the stored blocks lie back to back now: room before each but the first, from the last
+            for number in range(len(whole) - 1, 0, -1):
+                _fallocate(fd, _FALLOC_FL_INSERT_RANGE, before_blocks + number * block, gap)
 
-    return _Plan(position, parts, in_place, move)
+    return _Plan(size, parts, in_place, move)
