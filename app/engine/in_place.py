@@ -18,6 +18,8 @@ the volume file itself becomes the image:
 * **qcow2** (version 3, 64 KiB clusters as qemu-img makes them): the same, cluster by cluster, with the
   header, the L1 table, the refcount table and blocks and the L2 tables in front. Every cluster of the
   file is referenced once and counted once (``qemu-img check``: no leak, no corruption).
+* **monolithicSparse VMDK**: the same with 64 KiB grains, the header, the embedded descriptor and both
+  grain directories with all their grain tables in front.
 * **dynamic VHD**: the same with 2 MiB blocks, but each block's 512-byte sector bitmap must sit right
   before its data, and the volume's blocks lie back to back: 4 KiB (one file system block) is inserted
   before each, holding the bitmap in its last sector (the rest is an unreferenced hole).
@@ -58,10 +60,13 @@ log = logging.getLogger(__name__)
 __all__ = ["FORMATS", "assemble", "ranges_supported"]
 
 MiB = 1024 * 1024
-FORMATS = ("raw", "vhd-fixed", "vhd-dynamic", "vhdx", "qcow2")
+FORMATS = ("raw", "vhd-fixed", "vhd-dynamic", "vhdx", "qcow2", "vmdk-sparse")
 _BLOCK = 2 * MiB  # VHDX payload block, as the streamed writer uses
 _QCOW2_CLUSTER = 64 * 1024
 _QCOW2_COPIED = 1 << 63  # the cluster's refcount is exactly one
+_VMDK_GRAIN = 64 * 1024
+_VMDK_GTES = 512  # grain table entries: a grain table maps 32 MiB
+_VMDK_DESCRIPTOR_SECTORS = 20
 _VHD_GAP = 4096  # before each dynamic VHD block: its sector bitmap at the end, a whole file system block
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -138,6 +143,9 @@ def assemble(
         elif fmt == "qcow2":
             aligned = not start % _QCOW2_CLUSTER and not _QCOW2_CLUSTER % block
             plan = _qcow2_plan(disk, volume_index) if aligned else None
+        elif fmt == "vmdk-sparse":
+            aligned = not start % _VMDK_GRAIN and not _VMDK_GRAIN % block
+            plan = _vmdk_sparse_plan(disk, volume_index) if aligned else None
         elif fmt == "vhd-dynamic":
             vhd._check_sectors("VHD", vhd._VHD_MAX)(disk.size)
             aligned = not start % block and not _VHD_GAP % block and not vhd._VHD_BLOCK % block
@@ -362,6 +370,56 @@ def _vhd_dynamic_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
                 *bitmaps, (size, footer)]
 
     return _mapped_plan(disk, volume_index, vhd._VHD_BLOCK, front_size, front, gap=_VHD_GAP)
+
+
+def _vmdk_sparse_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
+    """monolithicSparse VMDK (hosted sparse extent, as qemu-img writes it): the header, the embedded
+    descriptor, the redundant and the primary grain directory with all their grain tables, then 64 KiB
+    grains; a grain table entry of 0 reads as zeros."""
+    grain = _VMDK_GRAIN
+    sector = vhd.SECTOR
+    if disk.size % sector:
+        return None
+    capacity = disk.size // sector
+    tables = -(-disk.size // (grain * _VMDK_GTES))
+    directory_sectors = -(-tables * 4 // sector)
+    table_sectors = _VMDK_GTES * 4 // sector
+    rgd = 1 + _VMDK_DESCRIPTOR_SECTORS
+    gd = rgd + directory_sectors + tables * table_sectors
+    overhead = -(-(gd + directory_sectors + tables * table_sectors) * sector // grain) * grain
+
+    def front(locations: list[int | None], _size: int) -> list[tuple[int, bytes]]:
+        cylinders = min(capacity // (16 * 63), 16383)
+        descriptor = (
+            "# Disk DescriptorFile\nversion=1\n"
+            f"CID={int.from_bytes(os.urandom(4), 'little') | 1:08x}\nparentCID=ffffffff\n"
+            'createType="monolithicSparse"\n\n# Extent description\n'
+            f'RW {capacity} SPARSE "image.vmdk"\n\n# The Disk Data Base\n#DDB\n\n'
+            'ddb.virtualHWVersion = "4"\n'
+            f'ddb.geometry.cylinders = "{cylinders}"\nddb.geometry.heads = "16"\nddb.geometry.sectors = "63"\n'
+            'ddb.adapterType = "ide"\n'
+        ).encode()
+        header = struct.pack("<4sIIQQQQIQQQB4sH433x", b"KDMV", 1, 3, capacity, grain // sector, 1,
+                             _VMDK_DESCRIPTOR_SECTORS, _VMDK_GTES, rgd, gd, overhead // sector, 0, b"\n \r\n", 0)
+        entries = array.array("I", [0]) * (tables * _VMDK_GTES)
+        for index, location in enumerate(locations):
+            if location is not None:
+                entries[index] = location // sector
+        if sys.byteorder == "big":
+            entries.byteswap()
+        grain_tables = entries.tobytes()
+
+        def directory(first_table: int) -> bytes:
+            pointers = array.array("I", [first_table + number * table_sectors for number in range(tables)])
+            if sys.byteorder == "big":
+                pointers.byteswap()
+            return pointers.tobytes()
+
+        return [(0, header), (sector, descriptor),
+                (rgd * sector, directory(rgd + directory_sectors)), ((rgd + directory_sectors) * sector, grain_tables),
+                (gd * sector, directory(gd + directory_sectors)), ((gd + directory_sectors) * sector, grain_tables)]
+
+    return _mapped_plan(disk, volume_index, grain, lambda present: overhead, front)
 
 
 def _mapped_plan(

@@ -20,13 +20,14 @@ import pytest
 from app.engine import disk, in_place, vhd
 from app.engine.disk import DiskError
 from app.tasks.base import CancelToken, TaskCanceled
-from tests.engine.test_vhd import Piece, assert_image_holds, make_pieces, sha256
+from tests.engine.test_vhd import Piece, assert_image_holds, make_pieces, qemu_info, sha256
 from tests.support.tools import run_ok, small_filesystem
 
 KiB = 1024
 MiB = 1024 * KiB
 RANDOM = random.Random(23)
-QEMU_NAMES = {"vhdx": "vhdx", "raw": "raw", "vhd-fixed": "vpc", "qcow2": "qcow2", "vhd-dynamic": "vpc"}
+QEMU_NAMES = {"vhdx": "vhdx", "raw": "raw", "vhd-fixed": "vpc", "qcow2": "qcow2", "vhd-dynamic": "vpc",
+              "vmdk-sparse": "vmdk", "vmdk-stream": "vmdk"}
 
 LAYOUTS: dict[str, list[Piece]] = {
     # a GPT-like prefix ending on an odd MiB (the volume's first block is shared with it), a volume with
@@ -72,7 +73,7 @@ def present_blocks(layout: list[Piece], block: int = 2 * MiB) -> int:
     return len(touched)
 
 
-@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed", "qcow2", "vhd-dynamic"])
+@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed", "qcow2", "vhd-dynamic", "vmdk-sparse"])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_the_volume_becomes_an_image_of_the_whole_disk(work: Path, name: str, fmt: str) -> None:
     pieces, reference = make_pieces(work, LAYOUTS[name])
@@ -90,7 +91,12 @@ def test_the_volume_becomes_an_image_of_the_whole_disk(work: Path, name: str, fm
         assert sha256(work / "body.raw") == sha256(reference)
     else:
         assert_image_holds(volume, QEMU_NAMES[fmt], reference)
-    if fmt == "qcow2":  # every cluster counted once, none leaked; only the clusters holding data stored
+    if fmt == "vmdk-sparse":  # grains of 64 KiB: only those holding data stored
+        run_ok("qemu-img", "check", "-f", "vmdk", volume)
+        info = qemu_info(volume, "vmdk")
+        assert info["format-specific"]["data"]["create-type"] == "monolithicSparse"  # type: ignore[index]
+        assert volume.stat().st_size <= 2 * MiB + present_blocks(LAYOUTS[name], 64 * KiB) * 64 * KiB
+    elif fmt == "qcow2":  # every cluster counted once, none leaked; only the clusters holding data stored
         checked = json.loads(run_ok("qemu-img", "check", "--output=json", "-f", "qcow2", volume).stdout)
         assert (checked.get("corruptions", 0), checked.get("leaks", 0)) == (0, 0), checked
         assert checked["allocated-clusters"] == present_blocks(LAYOUTS[name], 64 * KiB)
@@ -135,7 +141,7 @@ def test_a_disk_with_no_whole_block_in_the_volume_is_left_untouched(work: Path) 
     assert sha256(pieces[1]) == before
 
 
-@pytest.mark.parametrize("fmt", ["vmdk-sparse", "vmdk-stream", "wim"])
+@pytest.mark.parametrize("fmt", ["vmdk-stream", "wim"])
 def test_other_formats_are_not_done_in_place(work: Path, fmt: str) -> None:
     pieces, _ = make_pieces(work, LAYOUTS["block-aligned"])
     before = sha256(pieces[1])
@@ -183,18 +189,18 @@ def test_a_too_large_vhd_is_refused_before_anything_changes(work: Path) -> None:
     assert pieces[1].stat().st_size == 2041 * 1024 * MiB
 
 
-@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed", "qcow2", "vhd-dynamic", "vmdk-sparse"])
+@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed", "qcow2", "vhd-dynamic", "vmdk-sparse", "vmdk-stream"])
 def test_convert_hashed_consumes_the_volume_and_verifies_the_image(work: Path, fmt: str) -> None:
     pieces, reference = make_pieces(work, LAYOUTS["odd-mib-start"])
     out = work / f"disk.{fmt}"
     checksum = disk.convert_hashed(pieces, out, fmt, consume=pieces[1])  # type: ignore[arg-type]
     assert checksum == sha256(out)
-    assert pieces[1].exists() == (fmt == "vmdk-sparse")  # consumed where done in place, else read
+    assert pieces[1].exists() == (fmt == "vmdk-stream")  # consumed where done in place, else read
     assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []
     if fmt == "vhd-fixed":
         disk.verify_image(out, "vhd-fixed", reference.stat().st_size)
     else:
-        assert_image_holds(out, {"vmdk-sparse": "vmdk"}.get(fmt, QEMU_NAMES.get(fmt, fmt)), reference)
+        assert_image_holds(out, QEMU_NAMES[fmt], reference)
 
 
 def test_an_image_that_fails_verification_leaves_nothing(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,7 +216,7 @@ def test_an_image_that_fails_verification_leaves_nothing(work: Path, monkeypatch
     assert [p.name for p in work.iterdir() if p.name.endswith(".partial")] == []
 
 
-@pytest.mark.parametrize("fmt", ["vhdx", "qcow2", "vhd-dynamic"])
+@pytest.mark.parametrize("fmt", ["vhdx", "qcow2", "vhd-dynamic", "vmdk-sparse"])
 def test_qemu_img_reads_every_block_of_a_larger_volume(work: Path, fmt: str) -> None:
     """Many runs to collapse: a block of data every third block over 600 MiB (two qcow2 L2 tables), the
     volume on an odd MiB as after a GPT's ESP and MSR."""
@@ -219,8 +225,8 @@ def test_qemu_img_reads_every_block_of_a_larger_volume(work: Path, fmt: str) -> 
                                            (MiB, [(MiB - 512, b"tail")])])
     assert in_place.assemble(pieces, 1, fmt) is not None
     assert_image_holds(pieces[1], QEMU_NAMES[fmt], reference)
-    if fmt != "vhd-dynamic":  # qemu-img checks VHDX and qcow2, not VHD
-        run_ok("qemu-img", "check", "-f", fmt, pieces[1])
+    if fmt != "vhd-dynamic":  # qemu-img checks VHDX, qcow2 and VMDK, not VHD
+        run_ok("qemu-img", "check", "-f", QEMU_NAMES[fmt], pieces[1])
 
 
 def test_a_qcow2_whose_clusters_need_two_refcount_blocks(work: Path) -> None:
