@@ -152,7 +152,7 @@ def write_layer_disk(
             layer_wim.extract_image_to_ntfs_volume(index, volume, progress=progress, cancel=cancel)
         prefix, suffix = work / "prefix.raw", work / "suffix.raw"
         disk.build_gpt_pieces(volume, prefix, suffix, disk_size=disk_size, esp_size=36 * MiB, msr_size=MiB)
-        disk.convert([prefix, volume, suffix], out, fmt, cancel=cancel)
+        disk.convert_hashed([prefix, volume, suffix], out, fmt, cancel=cancel, consume=volume)  # in place if it can
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return info
