@@ -95,7 +95,11 @@ def ranges_supported(folder: Path) -> int:
         return 0
     device = Path(folder).stat().st_dev
     if device not in _supported:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".layerdesk-probe-")
+        try:
+            fd, name = tempfile.mkstemp(dir=folder, prefix=".layerdesk-probe-")
+        except OSError as exc:
+            log.info("cannot try moving file blocks in %s (%s)", folder, exc.strerror)
+            return 0
         try:
             block = os.fstatvfs(fd).f_bsize
             os.pwrite(fd, b"\x01" * (4 * block), 0)
@@ -106,7 +110,10 @@ def ranges_supported(folder: Path) -> int:
         except OSError as exc:
             log.info("%s cannot insert or collapse file ranges (%s); disk images are written by copying",
                      folder, exc.strerror)
-            _supported[device] = 0
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # the file system's answer
+                _supported[device] = 0
+            else:  # e.g. a full disk: not an answer, ask again next time
+                return 0
         finally:
             os.close(fd)
             Path(name).unlink()

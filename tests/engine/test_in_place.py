@@ -8,6 +8,7 @@ tmpfs cannot, and shows the fallback.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from app.engine import disk, in_place, vhd
 from app.engine.disk import DiskError
 from app.tasks.base import CancelToken, TaskCanceled
 from tests.engine.test_vhd import Piece, assert_image_holds, make_pieces, qemu_info, sha256
-from tests.support.tools import run_ok, small_filesystem
+from tests.support.tools import run_ok, small_ext4, small_filesystem
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -240,3 +241,41 @@ def test_a_qcow2_whose_clusters_need_two_refcount_blocks(work: Path) -> None:
     assert (checked.get("corruptions", 0), checked.get("leaks", 0)) == (0, 0), checked
     assert checked["allocated-clusters"] == clusters + 1
     assert_image_holds(pieces[1], "qcow2", reference)
+
+
+def test_a_disk_that_fills_up_while_the_image_is_assembled(tmp_path: Path) -> None:
+    """On a small real ext4: the volume's blocks move, but the partitions before it (12 MiB of data) no
+    longer fit. One clear message; no image and no partial file."""
+    with small_ext4(tmp_path / "small", 64) as folder:
+        prefix, volume = folder / "prefix.raw", folder / "windows.ntfs"
+        for path, size, data in ((prefix, 13 * MiB, RANDOM.randbytes(12 * MiB)),
+                                 (volume, 16 * MiB, RANDOM.randbytes(12 * MiB))):
+            with path.open("wb") as file:
+                file.truncate(size)
+                file.write(data)
+        filler = folder / "filler"
+        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        with filler.open("wb") as file:
+            file.write(bytes(free - 8 * MiB))  # leaves less room than the copied partitions need
+        with pytest.raises(DiskError, match="Cannot write the disk image in .*No space left on device"):
+            disk.convert_hashed([prefix, volume], folder / "disk.vhdx", "vhdx", consume=volume)
+        assert sorted(p.name for p in folder.iterdir() if p.name != "lost+found") == ["filler", "prefix.raw",
+                                                                                       "windows.ntfs"]
+
+
+def test_a_full_file_system_is_asked_again_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe that fails because the disk is full says nothing about the file system: it is not kept."""
+    monkeypatch.setattr(in_place, "_supported", {})
+    with small_ext4(tmp_path / "small", 16) as folder:
+        filler = folder / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        for step in (MiB, 64 * KiB, 4 * KiB):  # to the last block
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, bytes(step))
+        os.fsync(fd)
+        os.close(fd)
+        assert in_place.ranges_supported(folder) == 0
+        assert in_place._supported == {}
+        filler.unlink()
+        assert in_place.ranges_supported(folder) == os.statvfs(folder).f_bsize

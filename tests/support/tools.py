@@ -46,3 +46,26 @@ def small_filesystem(where: Path, size: str, *, options: str = "") -> Iterator[P
         subprocess.run(["umount", "-l", str(where)], check=False)
         with contextlib.suppress(OSError):
             where.rmdir()
+
+
+@contextlib.contextmanager
+def small_ext4(where: Path, size_mib: int) -> Iterator[Path]:
+    """An ext4 file system of ``size_mib`` MiB (a file in ``where``'s parent, loop-mounted at ``where``):
+    one that can move file blocks (unlike a tmpfs) and fills up. Needs root, like :func:`small_filesystem`."""
+    image = where.with_name(where.name + ".ext4")
+    with image.open("wb") as file:
+        file.truncate(size_mib * 1024 * 1024)
+    run_ok("mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096", image)
+    where.mkdir()
+    done = subprocess.run(["mount", "-o", "loop", str(image), str(where)], capture_output=True, check=False)
+    if done.returncode != 0:
+        where.rmdir()
+        image.unlink()
+        pytest.skip(f"a small ext4 needs a loop mount (root): {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+        with contextlib.suppress(OSError):
+            where.rmdir()
+        image.unlink(missing_ok=True)
