@@ -257,7 +257,7 @@ def test_a_disk_that_fills_up_while_the_image_is_assembled(tmp_path: Path) -> No
         free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
         with filler.open("wb") as file:
             file.write(bytes(free - 8 * MiB))  # leaves less room than the copied partitions need
-        with pytest.raises(DiskError, match="Cannot write the disk image in .*No space left on device"):
+        with pytest.raises(DiskError, match=r"Cannot write the disk image in .*No space left on device"):
             disk.convert_hashed([prefix, volume], folder / "disk.vhdx", "vhdx", consume=volume)
         assert sorted(p.name for p in folder.iterdir() if p.name != "lost+found") == ["filler", "prefix.raw",
                                                                                        "windows.ntfs"]
