@@ -1,5 +1,5 @@
-"""How fast LayerDesk writes a VHDX or a dynamic VHD itself (hashing as it writes), against ``qemu-img convert``
-followed by a separate SHA-256 of its output (what publishing did before). A standalone script, not a test.
+"""How fast LayerDesk writes a disk image itself, against ``qemu-img convert`` followed by a separate SHA-256
+of its output (what publishing did before). A standalone script, not a test.
 
     python benchmarks/disk_write.py [--dir DIR] [--gb 1.5] [--data 0.5] [--runs 6]
 
@@ -7,9 +7,13 @@ Makes the pieces of a disk: ``prefix.raw`` (1 MiB, a partition table's worth of 
 ``--gb`` GiB about ``--data`` of which is data (random extents from 4 KiB to 16 MiB; one in twenty written
 as zeros, as a volume holds zero-filled files and preallocated areas) and ``suffix.raw`` (1 MiB). Then,
 side by side and ``--runs`` times each (median; the order changes from run to run, as on this machine the
-run right after another is often slower), for VHDX and dynamic VHD:
+run right after another is often slower), for VHDX, dynamic VHD, qcow2 and monolithicSparse VMDK:
 
-* ours: :func:`app.engine.vhd.write_vhdx` / :func:`~app.engine.vhd.write_vhd_dynamic` (checksum included),
+* in place: :func:`app.engine.in_place.assemble` turns a copy of the volume into the image (checksum
+  included); the copy is made (and synced) before the clock starts, as publishing's volume is there
+  already;
+* ours (VHDX and VHD): :func:`app.engine.vhd.write_vhdx` / :func:`~app.engine.vhd.write_vhd_dynamic`
+  (checksum included),
 * ours, skip zeros: the same with ``skip_zero_blocks=True`` (a first read of the data finds blocks of zeros),
 * qemu: ``qemu-img convert`` with the options :func:`app.engine.disk.convert` uses, then SHA-256 of the image
   (read back in 4 MiB pieces, as compose did).
@@ -37,12 +41,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.engine import vhd
+from app.engine import in_place, vhd
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 QEMU = {"vhdx": ["-O", "vhdx", "-o", "subformat=dynamic,block_size=2M"],
-        "vhd-dynamic": ["-O", "vpc", "-o", "subformat=dynamic,force_size=on"]}
+        "vhd-dynamic": ["-O", "vpc", "-o", "subformat=dynamic,force_size=on"],
+        "qcow2": ["-O", "qcow2"],
+        "vmdk-sparse": ["-O", "vmdk", "-o", "subformat=monolithicSparse"]}
 OURS: dict[str, Callable[..., str]] = {"vhdx": vhd.write_vhdx, "vhd-dynamic": vhd.write_vhd_dynamic}
 
 
@@ -81,10 +87,28 @@ def qemu_then_hash(fmt: str, pieces: list[Path], out: Path) -> str:
     return sha256(out)
 
 
-def timed(action: Callable[[], str], out: Path) -> tuple[float, int]:
-    """Seconds for ``action``, which writes ``out`` and returns its checksum (checked afterwards). The
-    previous image is removed and everything synced first, so no side pays for another's writeback."""
+def in_place_from_copy(fmt: str, pieces: list[Path], out: Path) -> Callable[[], str]:
+    """Copy the volume (sparse) beside it, untimed; the returned action assembles the image in that copy."""
+    copy = pieces[1].with_name("volume-copy.raw")
+    copy.unlink(missing_ok=True)
+    subprocess.run(["cp", "--sparse=always", str(pieces[1]), str(copy)], check=True)
+
+    def action() -> str:
+        checksum = in_place.assemble([pieces[0], copy, pieces[2]], 1, fmt)
+        assert checksum is not None, "this file system cannot move file blocks"
+        copy.replace(out)
+        return checksum
+    return action
+
+
+def timed(action: Callable[[], str], out: Path, prepare: Callable[[], Callable[[], str]] | None = None,
+          ) -> tuple[float, int]:
+    """Seconds for ``action`` (or the action ``prepare`` returns, untimed), which writes ``out`` and returns
+    its checksum (checked afterwards). The previous image is removed and everything synced first, so no
+    side pays for another's writeback."""
     out.unlink(missing_ok=True)
+    if prepare is not None:
+        action = prepare()
     os.sync()
     started = time.perf_counter()
     checksum = action()
@@ -105,19 +129,23 @@ def main() -> None:
         pieces, written = make_pieces(folder, int(args.gb * GiB) // MiB * MiB, args.data)
         disk_size = sum(p.stat().st_size for p in pieces)
         print(f"disk {disk_size / 1e9:.2f} GB, {written / 1e9:.2f} GB of data written ({written / disk_size:.0%})")
-        for fmt in ("vhdx", "vhd-dynamic"):
+        for fmt in ("vhdx", "vhd-dynamic", "qcow2", "vmdk-sparse"):
             out = folder / f"disk.{fmt}"
             sides: dict[str, Callable[[], str]] = {
-                "ours": lambda fmt=fmt, out=out: OURS[fmt](pieces, out),  # type: ignore[misc]
-                "ours, skip zeros": lambda fmt=fmt, out=out: OURS[fmt](pieces, out, skip_zero_blocks=True),  # type: ignore[misc]
+                "in place": lambda: "",  # prepared for each run: see below
                 "qemu-img + sha256": lambda fmt=fmt, out=out: qemu_then_hash(fmt, pieces, out),  # type: ignore[misc]
             }
+            if fmt in OURS:
+                sides["ours"] = lambda fmt=fmt, out=out: OURS[fmt](pieces, out)  # type: ignore[misc]
+                sides["ours, skip zeros"] = lambda fmt=fmt, out=out: OURS[fmt](pieces, out, skip_zero_blocks=True)  # type: ignore[misc]
             times: dict[str, list[float]] = {name: [] for name in sides}
             sizes: dict[str, int] = {}
             orders = list(itertools.permutations(sides))
             for run in range(args.runs):  # the order changes from run to run: each side follows each other one
                 for name in orders[run % len(orders)]:
-                    seconds, sizes[name] = timed(sides[name], out)
+                    prepare = (lambda fmt=fmt, out=out: in_place_from_copy(fmt, pieces, out)) if name == "in place" \
+                        else None
+                    seconds, sizes[name] = timed(sides[name], out, prepare)
                     times[name].append(seconds)
             base = statistics.median(times["qemu-img + sha256"])
             print(f"\n{fmt}:")
