@@ -98,7 +98,8 @@ def ranges_supported(folder: Path) -> int:
         try:
             fd, name = tempfile.mkstemp(dir=folder, prefix=".layerdesk-probe-")
         except OSError as exc:
-            log.info("cannot try moving file blocks in %s (%s)", folder, exc.strerror)
+            log.info("Cannot try moving file blocks in %s (%s): the disk image is written by copying.", folder,
+                     exc.strerror)
             return 0
         try:
             block = os.fstatvfs(fd).f_bsize
@@ -108,8 +109,8 @@ def ranges_supported(folder: Path) -> int:
             works = os.fstat(fd).st_size == 4 * block and os.pread(fd, 1, 0) == b"\x01"
             _supported[device] = block if works else 0
         except OSError as exc:
-            log.info("%s cannot insert or collapse file ranges (%s); disk images are written by copying",
-                     folder, exc.strerror)
+            log.info("The file system of %s cannot move file blocks (%s): disk images are written there by "
+                     "copying the Windows volume.", folder, exc.strerror)
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # the file system's answer
                 _supported[device] = 0
             else:  # e.g. a full disk: not an answer, ask again next time
@@ -177,8 +178,8 @@ def assemble(
         if volume.stat().st_size != plan.size:
             raise DiskError(f"The disk image assembled in {volume} holds {volume.stat().st_size} bytes, "
                             f"not the {plan.size} planned.")
-        log.info("assembled %s in place (%d bytes of disk, %d bytes of image) in %.1f s", fmt, disk.size,
-                 plan.size, time.monotonic() - started)
+        log.info("Disk image (%s) assembled around the Windows volume in place: a %.1f GiB disk in a %.1f GiB "
+                 "file, %.1f s.", fmt, disk.size / 2**30, plan.size / 2**30, time.monotonic() - started)
         return checksum
     finally:
         disk.close()

@@ -83,7 +83,7 @@ class LayerDiskCache:
         cached = self.root / name
         if self.enabled and cached.is_file():
             os.utime(cached)  # most recently used
-            log.info("layer disk cache hit: %s", name)
+            log.info("Layer %s from the layer disk cache (%s).", label, name)
             return CachedVolume(cached, True)
         size = staging_size(manifest)
         # what the sparse volume will occupy: its data and its files' MFT records, not its apparent size

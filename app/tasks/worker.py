@@ -9,6 +9,9 @@ the command line), and reads JSON lines from its stdout:
 * ``{"result": {...}}`` as the last line of a run that worked, or
 * ``{"error": {"kind": "user" | "environment" | "internal", "message": "…"}}``.
 
+LayerDesk's own log records in the child (the ``app`` loggers, INFO and up: a layer disk cache hit, a
+file system that cannot move blocks, a wimlib warning) go to the task's log too.
+
 The function runs as ``function(args: dict, report: WorkerReport) -> dict``. Only functions under
 ``app.`` can be named. A cancel terminates the child (then kills it if it does not stop).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import signal
 import sys
 import traceback
@@ -48,6 +52,20 @@ class WorkerReport:
         self._send({"log": text, "level": level})
 
 
+class _ToTaskLog(logging.Handler):
+    """Sends the child's ``app`` log records to the task's log."""
+
+    def __init__(self, report: WorkerReport) -> None:
+        super().__init__(logging.INFO)
+        self.report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.report.log(record.getMessage(), record.levelname)
+        except Exception:  # noqa: BLE001 - logging must never break the work
+            self.handleError(record)
+
+
 def resolve(name: str) -> WorkerFunction:
     module_name, _, attribute = name.partition(":")
     if not module_name.startswith("app.") or not attribute:
@@ -70,6 +88,11 @@ def main(
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = WorkerReport(stdout)
+    ours = logging.getLogger("app")
+    handler, level, propagate = _ToTaskLog(report), ours.level, ours.propagate
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False  # once in the task's log is enough
     try:
         spec = json.loads(stdin.readline())
         result = resolver(spec["function"])(dict(spec.get("args") or {}), report)
@@ -82,6 +105,10 @@ def main(
     except Exception as exc:  # noqa: BLE001 - any bug is reported to the parent, which shows it as one
         report.log("".join(traceback.format_exception(exc)), "ERROR")
         report._send({"error": {"kind": "internal", "message": f"{type(exc).__name__}: {exc}"}})
+    finally:
+        ours.removeHandler(handler)
+        ours.setLevel(level)
+        ours.propagate = propagate
     return 1
 
 

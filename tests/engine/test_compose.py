@@ -280,7 +280,7 @@ def test_a_disk_image_is_assembled_around_the_volume_where_the_file_system_allow
     out.mkdir()
     caplog.set_level(logging.INFO, logger="app.engine.in_place")
     in_place = compose(layers, repository, out, "vhdx", 1, name="InPlace")
-    assert any("assembled vhdx in place" in r.getMessage() for r in caplog.records)
+    assert any("(vhdx) assembled around the Windows volume in place" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with small_filesystem(tmp_path / "tmpfs", "256m") as small:
         streamed = compose(layers, repository, small, "vhdx", 1, name="Streamed")

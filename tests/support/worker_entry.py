@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -39,7 +40,16 @@ def die(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
     os._exit(137)
 
 
-FUNCTIONS = {"count": count, "forever": forever, "refuse": refuse, "bug": bug, "die": die}
+def chatty(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
+    """Logs as LayerDesk's modules do, and as a library does."""
+    logging.getLogger("app.engine.example").info("layer disk cache hit: %s", "2-2-abc.ntfs")
+    logging.getLogger("app.engine.example").warning("wimlib: %s", "a warning")
+    logging.getLogger("app.engine.example").debug("too detailed for the task log")
+    logging.getLogger("somelibrary").warning("not LayerDesk's")
+    return {"summary": "logged"}
+
+
+FUNCTIONS = {"chatty": chatty, "count": count, "forever": forever, "refuse": refuse, "bug": bug, "die": die}
 
 if __name__ == "__main__":
     sys.exit(main(resolver=lambda name: FUNCTIONS[name]))

@@ -56,6 +56,13 @@ def test_progress_log_and_result_cross_from_the_child(runner: TaskRunner, admin:
     assert lines == [f"did item {i}" for i in range(1, 6)] + ["a library printing to stdout"]
 
 
+def test_layerdesk_log_records_in_the_child_reach_the_task_log(runner: TaskRunner, admin: Services) -> None:
+    task = _run(runner, admin, ProbeWorkerTask("chatty"))
+    assert task.state is TaskState.COMPLETE
+    lines = [(line.level, line.text) for line in admin.tasks.log(task.id)]
+    assert lines == [("INFO", "layer disk cache hit: 2-2-abc.ntfs"), ("WARNING", "wimlib: a warning")]
+
+
 def test_arguments_travel_on_stdin_never_on_the_command_line(runner: TaskRunner, admin: Services) -> None:
     task_id = runner.submit(ProbeWorkerTask("forever", secret="s3cr3t"))
     try:
