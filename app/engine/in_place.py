@@ -178,11 +178,15 @@ def assemble(
         if volume.stat().st_size != plan.size:
             raise DiskError(f"The disk image assembled in {volume} holds {volume.stat().st_size} bytes, "
                             f"not the {plan.size} planned.")
-        log.info("Disk image (%s) assembled around the Windows volume in place: a %.1f GiB disk in a %.1f GiB "
-                 "file, %.1f s.", fmt, disk.size / 2**30, plan.size / 2**30, time.monotonic() - started)
+        log.info("Disk image (%s) assembled around the Windows volume in place: a %s disk in a %s file, %.1f s.",
+                 fmt, _size_text(disk.size), _size_text(plan.size), time.monotonic() - started)
         return checksum
     finally:
         disk.close()
+
+
+def _size_text(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{-(-count // MiB)} MiB"
 
 
 @dataclass
