@@ -22,7 +22,7 @@ from app.engine import disk, in_place, vhd
 from app.engine.disk import DiskError
 from app.tasks.base import CancelToken, TaskCanceled
 from tests.engine.test_vhd import Piece, assert_image_holds, make_pieces, qemu_info, sha256
-from tests.support.tools import run_ok, small_ext4, small_filesystem
+from tests.support.tools import loop_filesystem, run_ok, small_filesystem
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -246,7 +246,7 @@ def test_a_qcow2_whose_clusters_need_two_refcount_blocks(work: Path) -> None:
 def test_a_disk_that_fills_up_while_the_image_is_assembled(tmp_path: Path) -> None:
     """On a small real ext4: the volume's blocks move, but the partitions before it (12 MiB of data) no
     longer fit. One clear message; no image and no partial file."""
-    with small_ext4(tmp_path / "small", 64) as folder:
+    with loop_filesystem(tmp_path / "small", 64) as folder:
         prefix, volume = folder / "prefix.raw", folder / "windows.ntfs"
         for path, size, data in ((prefix, 13 * MiB, RANDOM.randbytes(12 * MiB)),
                                  (volume, 16 * MiB, RANDOM.randbytes(12 * MiB))):
@@ -266,7 +266,7 @@ def test_a_disk_that_fills_up_while_the_image_is_assembled(tmp_path: Path) -> No
 def test_a_full_file_system_is_asked_again_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A probe that fails because the disk is full says nothing about the file system: it is not kept."""
     monkeypatch.setattr(in_place, "_supported", {})
-    with small_ext4(tmp_path / "small", 16) as folder:
+    with loop_filesystem(tmp_path / "small", 16) as folder:
         filler = folder / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
         for step in (MiB, 64 * KiB, 4 * KiB):  # to the last block
@@ -279,3 +279,18 @@ def test_a_full_file_system_is_asked_again_later(tmp_path: Path, monkeypatch: py
         assert in_place._supported == {}
         filler.unlink()
         assert in_place.ranges_supported(folder) == os.statvfs(folder).f_bsize
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed", "qcow2", "vhd-dynamic", "vmdk-sparse"])
+def test_xfs_moves_file_blocks_too(tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other common Linux file system that can: the same images, read back alike."""
+    monkeypatch.setattr(in_place, "_supported", {})
+    with loop_filesystem(tmp_path / "xfs", 320, "xfs") as folder:
+        assert in_place.ranges_supported(folder) == os.statvfs(folder).f_bsize
+        pieces, reference = make_pieces(folder, LAYOUTS["odd-mib-start"])
+        checksum = in_place.assemble(pieces, 1, fmt)
+        assert checksum == sha256(pieces[1])
+        if fmt == "vhd-fixed":
+            disk.verify_image(pieces[1], "vhd-fixed", reference.stat().st_size)
+        else:
+            assert_image_holds(pieces[1], QEMU_NAMES[fmt], reference)

@@ -49,19 +49,23 @@ def small_filesystem(where: Path, size: str, *, options: str = "") -> Iterator[P
 
 
 @contextlib.contextmanager
-def small_ext4(where: Path, size_mib: int) -> Iterator[Path]:
-    """An ext4 file system of ``size_mib`` MiB (a file in ``where``'s parent, loop-mounted at ``where``):
-    one that can move file blocks (unlike a tmpfs) and fills up. Needs root, like :func:`small_filesystem`."""
-    image = where.with_name(where.name + ".ext4")
+def loop_filesystem(where: Path, size_mib: int, fstype: str = "ext4") -> Iterator[Path]:
+    """A real ext4 or XFS file system of ``size_mib`` MiB (XFS needs 300), in a file beside ``where`` and
+    loop-mounted at ``where``: one that can move file blocks (unlike a tmpfs) and fills up. Needs root,
+    like :func:`small_filesystem`."""
+    image = where.with_name(where.name + f".{fstype}")
     with image.open("wb") as file:
         file.truncate(size_mib * 1024 * 1024)
-    run_ok("mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096", image)
+    if fstype == "xfs":
+        run_ok("mkfs.xfs", "-q", "-f", image)
+    else:
+        run_ok("mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096", image)
     where.mkdir()
     done = subprocess.run(["mount", "-o", "loop", str(image), str(where)], capture_output=True, check=False)
     if done.returncode != 0:
         where.rmdir()
         image.unlink()
-        pytest.skip(f"a small ext4 needs a loop mount (root): {done.stderr.decode().strip()}")
+        pytest.skip(f"a loop-mounted file system needs root: {done.stderr.decode().strip()}")
     try:
         yield where
     finally:
