@@ -203,22 +203,28 @@ class _Plan:
     def sha256(self, disk: vhd._Disk, ticker: vhd._Ticker) -> str:
         sink = vhd._Sink(-1)
         extents = disk.data_extents()
+
+        def zeros_to(offset: int) -> None:  # a raw disk's holes can be gigabytes: progress and cancel inside
+            while sink.position < offset:
+                ticker.at(sink.position)
+                sink.zeros(min(offset - sink.position, 256 * MiB))
+
         try:
             ticker.at(0)
             for at, length, source in self.parts:
-                sink.zeros(at - sink.position)
+                zeros_to(at)
                 if isinstance(source, bytes):
                     sink.write(source, store=False)
                     continue
                 for begin, end in _clip(extents, source, source + length):
-                    sink.zeros(begin - source + at - sink.position)
+                    zeros_to(begin - source + at)
                     while sink.position < end - source + at:
                         ticker.at(sink.position)
                         view = sink.buffer(min(4 * MiB, end - source + at - sink.position))
                         disk.read_into(view, sink.position - at + source)
                         sink.write(view, store=False)
-                sink.zeros(at + length - sink.position)
-            sink.zeros(self.size - sink.position)
+                zeros_to(at + length)
+            zeros_to(self.size)
             ticker.at(self.size)
             return sink.digest()
         finally:

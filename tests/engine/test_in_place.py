@@ -182,6 +182,29 @@ def test_cancel_while_hashing_is_a_cancel(work: Path) -> None:
         in_place.assemble(pieces, 1, "raw", progress=progress, cancel=token)
 
 
+def test_a_cancel_inside_a_large_hole_stops_the_hashing_and_changes_nothing(work: Path) -> None:
+    """A raw disk of 3 GiB that is mostly one hole: the cancel is seen while its zeros are hashed, and the
+    volume is as it was."""
+    pieces, _ = make_pieces(work, [(MiB, [(0, b"GPT")]), (3 * 1024 * MiB, [(0, b"NTFS")])])
+    stat = pieces[1].stat()
+    before = (stat.st_size, stat.st_mtime_ns, stat.st_blocks)  # written to or moved, these would change
+    token = CancelToken()
+    seen: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(done)
+        if done >= 512 * MiB:
+            token.cancel()
+
+    with pytest.raises(TaskCanceled):
+        in_place.assemble(pieces, 1, "raw", progress=progress, cancel=token)
+    assert max(seen) < 1536 * MiB  # stopped long before the 3 GiB were hashed
+    stat = pieces[1].stat()
+    assert (stat.st_size, stat.st_mtime_ns, stat.st_blocks) == before
+    with pieces[1].open("rb") as volume:
+        assert volume.read(4) == b"NTFS"
+
+
 def test_a_too_large_vhd_is_refused_before_anything_changes(work: Path) -> None:
     pieces, _ = make_pieces(work, [(MiB, []), (8 * MiB, [(0, b"x")])])
     os.truncate(pieces[1], 2041 * 1024 * MiB)  # sparse: past VHD's 2040 GiB
