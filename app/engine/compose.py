@@ -55,6 +55,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -713,9 +714,16 @@ def _write_disk(
                                   disk_guid=gpt.disk_guid if gpt else None,
                                   partition_guids=gpt.partition_guids if gpt else None)
             pieces = [prefix, volume, suffix]
-        checksum = disk.convert_hashed(pieces, out, fmt,  # type: ignore[arg-type]  # checked in compose()
-                                       progress=steps.bytes_in(80, 98, "Writing the disk image"),
-                                       cancel=steps._cancel, consume=volume)
+        try:
+            checksum = disk.convert_hashed(pieces, out, fmt,  # type: ignore[arg-type]  # checked in compose()
+                                           progress=steps.bytes_in(80, 98, "Writing the disk image"),
+                                           cancel=steps._cancel, consume=volume)
+        except disk.DiskError as exc:
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOSPC:
+                raise ComposeError(f"The disk image does not fit in {work.parent}: no space is left on its device "
+                                   "(No space left on device). Free some space there or publish to another "
+                                   "folder.") from exc
+            raise
     return out, checksum
 
 

@@ -5,6 +5,7 @@ ntfssecaudit and libntfs-3g's security API, not with our code."""
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import os
 import subprocess
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from app.engine import in_place
 from app.engine.compose import ComposeError, StackLayer, compose
+from app.engine.disk import DiskError
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind
 from app.engine.wim import Wim, make_ntfs_volume
 from app.errors import UserError
@@ -20,7 +23,7 @@ from tests.engine.test_compose import store
 from tests.support import ntfs_security as sec
 from tests.support.compose_stack import LayerDef, os_layer
 from tests.support.repository_checks import make_tree
-from tests.support.tools import run_ok, small_filesystem, tool
+from tests.support.tools import loop_filesystem, run_ok, small_filesystem, tool
 
 MiB = 1024 * 1024
 HIVES = Path(__file__).parents[2].parent / "shared" / "testdata" / "hives"
@@ -100,3 +103,37 @@ def test_a_disk_that_fills_up_during_the_publish(tmp_path: Path) -> None:
     # the repository is intact: the same stack publishes elsewhere
     (tmp_path / "out").mkdir()
     assert compose(stack, repository, tmp_path / "out", "wim", 1, name="fine").files > 12
+
+
+def test_a_disk_that_fills_up_while_the_image_is_assembled_in_place(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a real ext4, where the image is built around the applied volume: another writer takes nearly all
+    the free space right before that (a file fills the disk). One clear message, nothing left in the output
+    folder, and the repository is intact: it checks clean and the same stack publishes elsewhere."""
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    stack = [store(repository, tmp_path, os_layer(tmp_path), 1)]
+    real = in_place.assemble
+
+    def fill_then_assemble(pieces: list[Path], volume_index: int, fmt: str, **kwargs: object) -> str | None:
+        fd = os.open(Path(pieces[volume_index]).parents[1] / "filler", os.O_WRONLY | os.O_CREAT)
+        for step in (MiB, 64 * 1024, 4096):  # to the last block
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, bytes(step))
+        os.ftruncate(fd, os.fstat(fd).st_size - 64 * 1024)  # room for the probe, not for the image's metadata
+        os.close(fd)
+        return real(pieces, volume_index, fmt, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(in_place, "assemble", fill_then_assemble)
+    with loop_filesystem(tmp_path / "small", 96) as out:
+        with pytest.raises(UserError) as caught:
+            compose(stack, repository, out, "vhdx", 1, name="full")
+        message = str(caught.value)
+        assert message.startswith(f"The disk image does not fit in {out}: no space is left"), message
+        assert isinstance(caught.value.__cause__, DiskError)
+        assert "Cannot write the disk image in" in str(caught.value.__cause__)  # the in-place path hit it
+        assert sorted(p.name for p in out.iterdir()) == ["filler", "lost+found"]  # no image, no work folder
+    assert repository.check({(1, stack[0].version_id): stack[0].checksum}) == []
+    monkeypatch.setattr(in_place, "assemble", real)
+    (tmp_path / "out").mkdir()
+    assert compose(stack, repository, tmp_path / "out", "vhdx", 1, name="fine").path.is_file()
