@@ -63,15 +63,17 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, get_args
 
 from app.engine import disk, gold
-from app.engine.layer_cache import LayerDiskCache
+from app.engine.layer_cache import CachedVolume, LayerDiskCache
 from app.engine.registry.delta import (
     CreateKey,
     DeleteKey,
@@ -327,6 +329,7 @@ class _Steps:
         self._report = report
         self._cancel = cancel
         self._last = (-1, 0.0)
+        self._lock = threading.Lock()  # layers are staged in several threads
         self.timings: dict[str, float] = {}
         self.cache_hits = 0
 
@@ -336,10 +339,11 @@ class _Steps:
 
     def at(self, percent: float, message: str) -> None:
         self.check()
-        now = time.monotonic()
-        if self._report is not None and (int(percent) != self._last[0] or now - self._last[1] >= 0.2):
-            self._last = (int(percent), now)
-            self._report(percent, message)
+        with self._lock:
+            now = time.monotonic()
+            if self._report is not None and (int(percent) != self._last[0] or now - self._last[1] >= 0.2):
+                self._last = (int(percent), now)
+                self._report(percent, message)
 
     def bytes_in(self, low: float, high: float, message: str) -> Callable[[int, int], None]:
         def on_bytes(done: int, total: int) -> None:
@@ -447,25 +451,79 @@ def _merge(
     if index is None:
         raise ComposeError(f"The repository's WIM of layer {os_layer.name} has no image {os_manifest.image}.")
     uppers = list(zip(stack[1:], manifests[1:], strict=True))
-    in_use = {cache.name_for(layer.layer_id, layer.version_id, manifest.checksum) for layer, manifest in uppers}
-    for number, (layer, manifest) in enumerate(uppers, 1):
-        low = 5 + 35 * (number - 1) / len(uppers)
-        high = 5 + 35 * number / len(uppers)
-        steps.at(low, f"Staging layer {layer.name}")
-        with steps.timed("stage"):
-            staged = cache.volume(
-                repository, layer.layer_id, layer.version_id, layer.checksum, label=layer.name, scratch=work,
-                keep=in_use, progress=steps.bytes_in(low, high, f"Staging layer {layer.name}"), cancel=steps._cancel,
-            )
-        volume = staged.path
-        steps.cache_hits += staged.hit
+    with steps.timed("stage"):
+        volumes = _stage(uppers, repository, work, steps, cache)
+    for number, ((layer, manifest), volume) in enumerate(zip(uppers, volumes, strict=True), 1):
         commands: list[UpdateCommand] = [DeleteCommand(d.image_path, recursive=True, missing_ok=True)
                                          for d in manifest.deletions]
         commands.append(AddCommand(volume, "/", ntfs=True))
-        steps.at(high, f"Merging layer {layer.name}")
+        steps.at(30 + 10 * number / len(uppers), f"Merging layer {layer.name}")
         with steps.timed("merge"):
             merged.update_image(index, commands, cancel=steps._cancel)
     return merged, index
+
+
+#: Layers staged at once: each staging is one thread in wimlib and NTFS-3G (decompressing, checking SHA-1s,
+#: writing the volume), so the cores share them; more than four would mostly wait for the disk.
+_STAGING_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+class _StagingAbort:
+    """Cancel for one staging thread: the task's cancel, or another staging that failed."""
+
+    def __init__(self, cancel: Cancellable | None) -> None:
+        self._cancel = cancel
+        self.failed = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.failed.is_set() or (self._cancel is not None and self._cancel.cancelled)
+
+
+def _stage(
+    uppers: Sequence[tuple[StackLayer, VersionManifest]], repository: LayerRepository, work: Path, steps: _Steps,
+    cache: LayerDiskCache,
+) -> list[Path]:
+    """Every layer's volume, in stack order: from the layer disk cache, or staged from the repository. Layers
+    not in the cache are staged in up to :data:`_STAGING_THREADS` threads at once (each on its own WIM and
+    volume); progress is their bytes together. When one staging fails the others stop, and its error is
+    raised (the first in stack order when several fail); a cancel stops them all."""
+    in_use = {cache.name_for(layer.layer_id, layer.version_id, manifest.checksum) for layer, manifest in uppers}
+    total = sum(manifest.data_bytes for _, manifest in uppers) or 1
+    done: dict[int, int] = {}
+    abort = _StagingAbort(steps._cancel)
+    lock = threading.Lock()
+
+    def stage(number: int) -> CachedVolume:
+        layer = uppers[number][0]
+
+        def on_bytes(value: int, _of: int) -> None:
+            with lock:
+                done[number] = value
+                share = sum(done.values()) / total
+            steps.at(5 + 25 * min(1.0, share), f"Staging layer {layer.name}")
+
+        try:
+            on_bytes(0, 0)
+            return cache.volume(repository, layer.layer_id, layer.version_id, layer.checksum, label=layer.name,
+                                scratch=work, keep=in_use, progress=on_bytes, cancel=abort)
+        except BaseException:
+            abort.failed.set()
+            raise
+
+    workers = min(_STAGING_THREADS, len(uppers))
+    if workers <= 1:
+        staged = [stage(number) for number in range(len(uppers))]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="stage") as pool:
+            futures = [pool.submit(stage, number) for number in range(len(uppers))]
+        failures = [exc for exc in (f.exception() for f in futures) if exc is not None]
+        steps.check()  # the task's own cancel first: the stagings it stopped raised TaskCanceled
+        if failures:
+            raise next((exc for exc in failures if not isinstance(exc, TaskCanceled)), failures[0])
+        staged = [f.result() for f in futures]
+    steps.cache_hits += sum(volume.hit for volume in staged)
+    return [volume.path for volume in staged]
 
 
 # --- registry ------------------------------------------------------------------------------------------

@@ -350,11 +350,15 @@ class _Library:
         self._proto("wimlib_register_progress_function", None, [vp, _PROGRESS_CALLBACK, vp])
         self._proto("wimlib_set_error_file_by_name", i, [vp])
         self._messages: BinaryIO | None = None
+        self._messages_lock = threading.Lock()
+        self._calls = 0  # library calls running now, in any thread
+        self._logged: set[int] = set()  # offsets in the message file of the warnings logged
 
     def capture_messages(self) -> None:
         """Have wimlib write its error and warning lines to an (unlinked) temporary file that :meth:`run`
-        reads after each call. wimlib's message file is process-wide: with calls running in several
-        threads at once, a message may be reported with another thread's call."""
+        reads after each call. wimlib's message file is process-wide: while calls run in several threads at
+        once (each on its own WIM), a failing call's error lines may include another call's; each warning
+        is logged once."""
         if _WINDOWS:  # an open file cannot be unlinked there; wimlib's generic error texts must do
             return
         fd, name = tempfile.mkstemp(prefix="layerdesk-wimlib-", suffix=".log")
@@ -369,20 +373,35 @@ class _Library:
     def run(self, call: Callable[[], Any]) -> tuple[int, list[str]]:
         """Make one library call; its return code and the error lines wimlib wrote meanwhile (warnings
         go to the log)."""
-        if self._messages is None:
+        messages = self._messages
+        if messages is None:
             return int(call()), []
-        mark = self._messages.seek(0, os.SEEK_END)
-        code = int(call())
-        self._messages.seek(mark)
-        written = self._messages.read()
-        self._messages.truncate(0)  # wimlib appends (O_APPEND), so the file never grows past one call's lines
-        errors = []
-        for raw in written.decode("utf-8", "replace").splitlines():
-            line = raw.strip("\r").strip()
-            if line.startswith("[ERROR] "):
-                errors.append(line.removeprefix("[ERROR] "))
-            elif line:
-                log.warning("wimlib: %s", line.removeprefix("[WARNING] "))
+        with self._messages_lock:
+            mark = messages.seek(0, os.SEEK_END)
+            self._calls += 1
+        errors: list[str] = []
+        warnings: list[str] = []
+        try:
+            code = int(call())
+        finally:
+            with self._messages_lock:
+                self._calls -= 1
+                end = messages.seek(0, os.SEEK_END)
+                messages.seek(mark)
+                offset = mark
+                for raw in messages.read(end - mark).splitlines(keepends=True):
+                    line = raw.decode("utf-8", "replace").strip()
+                    if line.startswith("[ERROR] "):
+                        errors.append(line.removeprefix("[ERROR] "))
+                    elif line and offset not in self._logged:  # a call that overlapped may have logged it
+                        self._logged.add(offset)
+                        warnings.append(line.removeprefix("[WARNING] "))
+                    offset += len(raw)
+                if self._calls == 0:  # wimlib appends (O_APPEND): emptied, the file never outgrows one call's lines
+                    messages.truncate(0)
+                    self._logged.clear()
+        for line in warnings:
+            log.warning("wimlib: %s", line)
         return code, errors
 
     def check(self, doing: str, call: Callable[[], Any]) -> None:

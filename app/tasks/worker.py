@@ -23,6 +23,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +41,13 @@ class WorkerReport:
 
     def __init__(self, out: TextIO) -> None:
         self._out = out
+        self._lock = threading.Lock()  # a worker may report from several threads; a line is never split
 
     def _send(self, message: dict[str, Any]) -> None:
-        self._out.write(json.dumps(message, ensure_ascii=False) + "\n")
-        self._out.flush()
+        line = json.dumps(message, ensure_ascii=False) + "\n"
+        with self._lock:
+            self._out.write(line)
+            self._out.flush()
 
     def progress(self, percent: float, message: str = "") -> None:
         self._send({"progress": percent, "message": message})

@@ -1,18 +1,22 @@
 """The layer disk cache: a second publish takes app and platform layers' volumes from the cache and
 gives the same image; the cache stays within its bound, evicting the least recently used volume; a
-changed version never matches an old entry."""
+changed version never matches an old entry; layers missing from it are staged side by side, and one that
+fails stops the others."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from app.engine import compose as compose_module
 from app.engine.compose import StackLayer, compose
 from app.engine.layer_cache import LayerDiskCache
-from app.engine.repository import LayerRepository
+from app.engine.repository import LayerRepository, RepositoryDamaged
 from tests.engine.test_compose import store
 from tests.support.compose_stack import CITRIX, OFFICE, TOOLS, os_layer
 from tests.support.tools import run_ok
@@ -94,3 +98,70 @@ def test_a_changed_version_or_a_disabled_cache_never_uses_old_entries(
                              scratch=scratch)
     assert staged.path.parent == scratch and not (tmp_path / "off").exists()
     os.unlink(staged.path)
+
+
+def _barrier_volumes(monkeypatch: pytest.MonkeyPatch, parties: int) -> list[str]:
+    """Make the first ``parties`` stagings wait for each other before they start: a staging that ran alone
+    would time out the barrier. Returns the thread names the stagings ran in."""
+    barrier = threading.Barrier(parties, timeout=20)
+    threads: list[str] = []
+    real = LayerDiskCache.volume
+
+    def volume(self: LayerDiskCache, *args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        if len(threads) <= parties:
+            barrier.wait()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LayerDiskCache, "volume", volume)
+    return threads
+
+
+def test_layers_missing_from_the_cache_are_staged_side_by_side(
+    stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repository, layers = stack
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(compose_module, "_STAGING_THREADS", 1)
+    alone = compose(layers, repository, out, "wim", 1, name="alone", cache=LayerDiskCache(tmp_path / "c1", 1 << 30))
+    monkeypatch.setattr(compose_module, "_STAGING_THREADS", 2)
+    threads = _barrier_volumes(monkeypatch, 2)
+    seen: list[float] = []
+    together = compose(layers, repository, out, "wim", 1, name="together",
+                       cache=LayerDiskCache(tmp_path / "c2", 1 << 30), progress=lambda p, _m: seen.append(p))
+    assert len(threads) == 3 and len(set(threads)) == 2 and all(t.startswith("stage") for t in threads)
+    assert together.manifest_digest == alone.manifest_digest
+    assert _listing(together.path) == _listing(alone.path)
+    assert seen == sorted(seen) and together.cache_hits == 0
+    assert sorted(p.name.split("-")[0] for p, _, _ in LayerDiskCache(tmp_path / "c2", 1).entries()) == ["2", "3", "4"]
+
+
+def test_a_staging_that_fails_stops_the_others_and_its_error_is_the_one_reported(
+    stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repository, layers = stack
+    office, tools, citrix = layers[1:]
+    stale = StackLayer(tools.role, tools.name, tools.layer_id, tools.version_id, "sha256:" + "0" * 64)
+    monkeypatch.setattr(compose_module, "_STAGING_THREADS", 2)
+    failed = threading.Event()
+    real = LayerDiskCache.volume
+
+    def volume(self: LayerDiskCache, repo: LayerRepository, layer_id: int, *args: Any, **kwargs: Any) -> Any:
+        if layer_id == office.layer_id:  # still to start when the other staging fails
+            assert failed.wait(20)
+        try:
+            return real(self, repo, layer_id, *args, **kwargs)
+        except RepositoryDamaged:
+            failed.set()
+            raise
+
+    monkeypatch.setattr(LayerDiskCache, "volume", volume)
+    out = tmp_path / "out"
+    out.mkdir()
+    cache = LayerDiskCache(tmp_path / "cache", 1 << 30)
+    with pytest.raises(RepositoryDamaged, match="does not match the catalog"):
+        compose([layers[0], office, stale, citrix], repository, out, "vhdx", 1, name="Broken", cache=cache)
+    assert list(out.iterdir()) == []
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []  # office never staged
+    assert repository.check() == []

@@ -5,13 +5,15 @@ Checked against the real wimlib and, where it matters, against ``wimlib-imagex``
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from app import procs
-from app.engine.wim import Wim, WimError
+from app.engine.wim import Wim, WimError, load_library
 from app.tasks.base import CancelToken, TaskCanceled
 from tests.engine.test_wim import wimlib_imagex_dir
 from tests.support.repository_checks import flip_bytes, make_tree
@@ -117,3 +119,43 @@ def test_verify_can_be_cancelled(tmp_path: Path, two_trees: tuple[Path, Path]) -
     token = CancelToken()
     with Wim.open(source) as w, pytest.raises(TaskCanceled):
         w.verify(progress=lambda done, total: token.cancel(), cancel=token)
+
+
+def test_messages_of_calls_in_two_threads_are_each_logged_once_and_errors_reach_the_calls(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two library calls overlap (layers staged side by side): what wimlib writes to its one process-wide
+    message file meanwhile is logged once per warning, a failing call sees the error lines written during it,
+    and the file is emptied when no call runs. The calls write to the file as wimlib does (appending)."""
+    lib = load_library()
+    assert lib._messages is not None
+    fd = os.open(f"/proc/self/fd/{lib._messages.fileno()}", os.O_WRONLY | os.O_APPEND)
+    first_in, second_done = threading.Event(), threading.Event()
+
+    def first_call() -> int:
+        os.write(fd, b"[WARNING] first warns\n")
+        first_in.set()
+        assert second_done.wait(10)
+        os.write(fd, b"[ERROR] first fails\n")
+        return 1
+
+    def second_call() -> int:
+        os.write(fd, b"[WARNING] second warns\n")
+        return 0
+
+    results: dict[str, tuple[int, list[str]]] = {}
+    try:
+        with caplog.at_level(logging.WARNING, logger="app.engine.wim"):
+            thread = threading.Thread(target=lambda: results.__setitem__("first", lib.run(first_call)))
+            thread.start()
+            assert first_in.wait(10)  # the second call starts after the first one's warning
+            results["second"] = lib.run(second_call)
+            second_done.set()
+            thread.join(10)
+    finally:
+        os.close(fd)
+    assert results["first"] == (1, ["first fails"])
+    assert results["second"] == (0, [])
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wimlib: ")]
+    assert sorted(warnings) == ["wimlib: first warns", "wimlib: second warns"]
+    assert os.fstat(lib._messages.fileno()).st_size == 0
