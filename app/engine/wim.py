@@ -43,6 +43,7 @@ from typing import Any, BinaryIO, Literal, Self
 
 from app import procs
 from app.errors import EnvironmentProblem, UserError
+from app.files import writing_back
 from app.procs import Cancellable
 from app.tasks.base import TaskCanceled
 
@@ -881,7 +882,8 @@ class Wim:
         volume = Path(volume_path)
         _require_empty_ntfs_volume(volume)
         buf = _tstr(volume)
-        with self._progress(progress, cancel, f"Cannot apply image {index} to the NTFS volume {volume}") as run:
+        with (self._progress(progress, cancel, f"Cannot apply image {index} to the NTFS volume {volume}") as run,
+              writing_back(volume)):  # NTFS-3G syncs the volume when done: the disk starts early
             run(lambda: self._lib.wimlib_extract_image(self._wim, index, buf, _EXTRACT_FLAG_NTFS))
 
     def extract_image_to_folder(
