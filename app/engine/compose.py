@@ -412,18 +412,21 @@ def compose(
         with contextlib.ExitStack() as held:
             merged, index = _merge(stack, manifests, repository, work, held, steps,
                                    cache if cache is not None else LayerDiskCache(work / "staged", 0))
-            hives = _merge_registry(stack, manifests, merged, index, work, steps, into_image=fmt == "wim")
-            steps.at(45, "Listing the merged image")
-            entries = list(merged.iterate_dir_tree(index))
-            files, data_bytes, digest = _tree_manifest(entries, hives)
+            job = _extract_hives(stack, manifests, merged, index, work, steps)
             if fmt == "wim":
+                hives = _merge_registry(job, stack, manifests, merged, index, steps)
+                steps.at(45, "Listing the merged image")
+                entries = list(merged.iterate_dir_tree(index))
                 built = _write_wim(merged, index, name, work, steps)
                 steps.at(98, "Computing the image's checksum")
                 with steps.timed("checksum"):
                     checksum = _sha256(built, steps)
-            else:  # the disk writer hashes what it writes
-                built, checksum = _write_disk(merged, index, fmt, disk_size, entries, work, steps, stack[0],
-                                              manifests[0], repository, hives)
+            else:  # the disk writer hashes what it writes, and merges the hives while it applies the image
+                steps.at(45, "Listing the merged image")
+                entries = list(merged.iterate_dir_tree(index))
+                built, checksum, hives = _write_disk(merged, index, fmt, disk_size, entries, work, steps, stack,
+                                                     manifests, repository, job)
+            files, data_bytes, digest = _tree_manifest(entries, hives)
         steps.check()
         try:
             os.link(built, final)  # never replaces an image another publish wrote meanwhile
@@ -468,8 +471,8 @@ def _merge(
 _STAGING_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
-class _StagingAbort:
-    """Cancel for one staging thread: the task's cancel, or another staging that failed."""
+class _Abort:
+    """Cancel for work running beside other work: the task's cancel, or the other work failed."""
 
     def __init__(self, cancel: Cancellable | None) -> None:
         self._cancel = cancel
@@ -491,7 +494,7 @@ def _stage(
     in_use = {cache.name_for(layer.layer_id, layer.version_id, manifest.checksum) for layer, manifest in uppers}
     total = sum(manifest.data_bytes for _, manifest in uppers) or 1
     done: dict[int, int] = {}
-    abort = _StagingAbort(steps._cancel)
+    abort = _Abort(steps._cancel)
     lock = threading.Lock()
 
     def stage(number: int) -> CachedVolume:
@@ -583,17 +586,28 @@ class _NewHive:
     sha256: str
 
 
-def _merge_registry(
+@dataclass(frozen=True)
+class _HiveJob:
+    """The hive files a publish rewrites, extracted from the merged image: by hive name, the image's entry
+    (``found``, SYSTEM always when the image has it) and the ones some delta changes (``changed``)."""
+
+    found: Mapping[str, DirEntry]
+    changed: Sequence[str]
+    source: Path
+    target: Path
+
+
+def _extract_hives(
     stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], merged: Wim, index: int, work: Path,
-    steps: _Steps, *, into_image: bool,
-) -> dict[str, _NewHive]:
-    """Apply every layer's delta to the merged image's hives; returns the new hive files by hive name.
-    ``into_image``: they replace the old ones in the merged image (a WIM output; they carry no ACL of their
-    own); otherwise the image keeps the old files, which the disk writer overwrites in place on the applied
-    volume (keeping their ACLs and attributes). Their stale transaction logs leave the image either way."""
+    steps: _Steps,
+) -> _HiveJob | None:
+    """Extract the hives some delta changes (and SYSTEM, for its current control set) from the merged image,
+    and remove their stale transaction logs from it; ``None`` when no layer changes the registry. (The
+    extraction is the first read of the merged image: wimlib computes the SHA-1 of every file the app layers
+    added here, once.)"""
     changed = sorted({hive for manifest in manifests for hive in manifest.registry.hives})
     if not changed:
-        return {}
+        return None
     steps.at(40, "Merging the registry")
     with steps.timed("registry"):
         found: dict[str, DirEntry] = {}
@@ -621,35 +635,57 @@ def _merge_registry(
         source = work / "hives-in"
         source.mkdir()
         merged.extract_paths_to_folder(index, [e.path for e in found.values()] + logs, source)
-        hives = {}
-        for hive, entry in found.items():
-            try:
-                hives[hive] = read_hive(source / entry.path.lstrip("/"))
-            except HiveError as exc:
-                detail = str(exc).removeprefix(f"{source / entry.path.lstrip('/')}: ")
-                raise ComposeError(
-                    f"The OS layer {stack[0].name}'s {hive} hive ({_windows_path(entry.path)}) cannot be used: "
-                    f"{detail}. Import the OS layer again from a machine that was shut down cleanly."
-                ) from None
-        control_set = _current_control_set(hives[HiveName.SYSTEM]) if HiveName.SYSTEM in hives else None
-        for manifest in manifests:
-            delta = manifest.registry
-            if control_set is not None:
-                delta = _retarget(delta, control_set)
-            delta.apply(hives)
-        target = work / "hives-out"
-        target.mkdir()
-        commands: list[UpdateCommand] = [DeleteCommand(path, recursive=False, missing_ok=True) for path in logs]
-        written: dict[str, _NewHive] = {}
-        for hive in changed:
-            file = target / hive
-            write_hive(hives[hive], file)
-            written[hive] = _NewHive(found[hive].path, file, hashlib.sha256(file.read_bytes()).hexdigest())
-            if into_image:
-                commands.append(AddCommand(file, found[hive].path, ntfs=False))
         steps.check()
-        if commands:
-            merged.update_image(index, commands, cancel=steps._cancel)
+        if logs:
+            merged.update_image(index, [DeleteCommand(path, recursive=False, missing_ok=True) for path in logs],
+                                cancel=steps._cancel)
+    target = work / "hives-out"
+    target.mkdir()
+    return _HiveJob(found, changed, source, target)
+
+
+def _rewrite_hives(job: _HiveJob, stack: Sequence[StackLayer], manifests: Sequence[VersionManifest],
+                   ) -> dict[str, _NewHive]:
+    """Read the extracted hives, apply every layer's delta in stack order and write the new hive files.
+    Touches nothing but the job's files, so it may run while the image is being applied."""
+    hives = {}
+    for hive, entry in job.found.items():
+        try:
+            hives[hive] = read_hive(job.source / entry.path.lstrip("/"))
+        except HiveError as exc:
+            detail = str(exc).removeprefix(f"{job.source / entry.path.lstrip('/')}: ")
+            raise ComposeError(
+                f"The OS layer {stack[0].name}'s {hive} hive ({_windows_path(entry.path)}) cannot be used: "
+                f"{detail}. Import the OS layer again from a machine that was shut down cleanly."
+            ) from None
+    control_set = _current_control_set(hives[HiveName.SYSTEM]) if HiveName.SYSTEM in hives else None
+    for manifest in manifests:
+        delta = manifest.registry
+        if control_set is not None:
+            delta = _retarget(delta, control_set)
+        delta.apply(hives)
+    written: dict[str, _NewHive] = {}
+    for hive in job.changed:
+        file = job.target / hive
+        write_hive(hives[hive], file)
+        written[hive] = _NewHive(job.found[hive].path, file, hashlib.sha256(file.read_bytes()).hexdigest())
+    return written
+
+
+def _merge_registry(
+    job: _HiveJob | None, stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], merged: Wim,
+    index: int, steps: _Steps,
+) -> dict[str, _NewHive]:
+    """For a WIM output: the new hive files (see :func:`_rewrite_hives`) replace the old ones in the merged
+    image. They carry no ACL of their own there (a disk output overwrites the old files in place on the
+    applied volume instead, keeping their ACLs and attributes)."""
+    if job is None:
+        return {}
+    with steps.timed("hives"):
+        written = _rewrite_hives(job, stack, manifests)
+    steps.check()
+    merged.update_image(index, [AddCommand(h.file, h.image_path, ntfs=False) for h in written.values()],
+                        cancel=steps._cancel)
     return written
 
 
@@ -715,13 +751,19 @@ def _needed_volume_bytes(entries: Sequence[DirEntry]) -> int:
 
 def _write_disk(
     merged: Wim, index: int, fmt: str, disk_size: int, entries: Sequence[DirEntry], work: Path, steps: _Steps,
-    os_layer: StackLayer, os_manifest: VersionManifest, repository: LayerRepository, hives: Mapping[str, _NewHive],
-) -> tuple[Path, str]:
-    """The merged image on a disk, and the disk file's ``sha256:`` checksum (computed while it is written
-    for VHD, VHDX and raw). An OS layer imported from a gold disk gives the disk its layout, its
-    other partitions byte for byte and its Windows boot code (:mod:`app.engine.gold`); any other OS layer
-    gets a new GPT disk (ESP formatted but empty, MSR, Windows), keeping the disk and partition GUIDs an
-    OS layer imported from a GPT disk recorded (Windows knows its boot disk by them)."""
+    stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository,
+    job: _HiveJob | None,
+) -> tuple[Path, str, dict[str, _NewHive]]:
+    """The merged image on a disk, the disk file's ``sha256:`` checksum (computed while it is written for
+    VHD, VHDX and raw) and the new hive files. An OS layer imported from a gold disk gives the disk its
+    layout, its other partitions byte for byte and its Windows boot code (:mod:`app.engine.gold`); any
+    other OS layer gets a new GPT disk (ESP formatted but empty, MSR, Windows), keeping the disk and
+    partition GUIDs an OS layer imported from a GPT disk recorded (Windows knows its boot disk by them).
+
+    The hives are merged (:func:`_rewrite_hives`, seconds for a real SOFTWARE hive) in a thread while wimlib
+    applies the image, then overwrite the old files in place on the volume. A hive that cannot be used
+    stops the apply at once, and its error is the one raised."""
+    os_layer, os_manifest = stack[0], manifests[0]
     plan: gold.DiskPlan | None = None
     boot_contents: dict[int, Path] = {}
     vbr = b""
@@ -739,17 +781,44 @@ def _write_disk(
         layout = disk.gpt_layout(disk_size)
         data_start_lba, data_size = layout.data_start_lba, layout.data_size
         room = f"a disk of {disk_size / GiB:g} GB leaves {data_size // MiB} MiB for it (after the ESP and the MSR)"
-    needed = _needed_volume_bytes(entries) + sum(-(-h.file.stat().st_size // 4096) * 4096 for h in hives.values())
-    if needed > data_size:
-        raise ComposeError(f"The merged layers need about {-(-needed // MiB)} MiB on the Windows volume, but {room}; "
-                           "make the template's disk larger.")
+    def check_room(hives: Mapping[str, _NewHive]) -> None:
+        """The old hive files are in ``entries``; the new ones replace them."""
+        needed = _needed_volume_bytes(entries) + sum(
+            _rounded(h.file.stat().st_size) - _rounded(job.found[name].size) for name, h in hives.items()
+        ) if job is not None else _needed_volume_bytes(entries)
+        if needed > data_size:
+            raise ComposeError(f"The merged layers need about {-(-needed // MiB)} MiB on the Windows volume, but "
+                               f"{room}; make the template's disk larger.")
+
+    check_room({})
     volume = work / "windows.ntfs"
     steps.at(50, "Applying the merged image to the Windows volume")
-    with steps.timed("apply"):
+    abort = _Abort(steps._cancel)
+
+    def rewrite() -> dict[str, _NewHive]:
+        started = time.monotonic()
+        try:
+            return _rewrite_hives(job, stack, manifests) if job is not None else {}
+        except BaseException:
+            abort.failed.set()
+            raise
+        finally:
+            steps.timings["hives"] = round(time.monotonic() - started, 3)
+
+    with steps.timed("apply"), ThreadPoolExecutor(1, thread_name_prefix="hives") as pool:
+        merging = pool.submit(rewrite)
         make_ntfs_volume(volume, data_size, label="Windows", partition_start_sector=data_start_lba)
         try:
-            merged.extract_image_to_ntfs_volume(index, volume, progress=steps.bytes_in(50, 78, "Applying the image"),
-                                                cancel=steps._cancel)
+            try:
+                merged.extract_image_to_ntfs_volume(index, volume, cancel=abort,
+                                                    progress=steps.bytes_in(50, 78, "Applying the image"))
+            except TaskCanceled:
+                failure = merging.exception() if abort.failed.is_set() else None
+                if failure is not None:
+                    raise failure from None
+                raise
+            hives = merging.result()
+            check_room(hives)
             for hive in hives.values():  # in place: the hive files keep their ACLs and attributes
                 overwrite_file_in_ntfs_volume(volume, hive.file, hive.image_path)
         except (WimError, EnvironmentProblem) as exc:
@@ -782,7 +851,11 @@ def _write_disk(
                                    "(No space left on device). Free some space there or publish to another "
                                    "folder.") from exc
             raise
-    return out, checksum
+    return out, checksum, hives
+
+
+def _rounded(size: int) -> int:
+    return -(-size // 4096) * 4096
 
 
 def _sha256(path: Path, steps: _Steps) -> str:

@@ -8,10 +8,13 @@ import hashlib
 import logging
 import re
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from app.engine import compose as compose_module
 from app.engine import in_place as in_place_module
 from app.engine.compose import ComposeError, StackLayer, compose, conflicts
 from app.engine.disk import DiskError
@@ -19,6 +22,7 @@ from app.engine.importer import scan_folder
 from app.engine.registry.delta import RegistryDelta
 from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind
+from app.engine.wim import Wim
 from app.tasks.base import CancelToken, TaskCanceled
 from tests.support.compose_stack import (
     CITRIX,
@@ -194,6 +198,36 @@ def test_publish_to_vhdx_and_raw(stack: tuple[LayerRepository, list[StackLayer]]
     assert direct.manifest_digest == result.manifest_digest
     (tmp_path / "from-raw").mkdir()
     _check_disk(direct.path, tmp_path / "from-raw", 1024 * MiB)
+
+
+def test_the_hives_are_merged_while_the_image_is_applied(stack: tuple[LayerRepository, list[StackLayer]],
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SOFTWARE hive takes seconds to read, merge and write: a disk publish does it in a thread while
+    wimlib applies the image. Here the merge waits until the apply has begun (it would wait in vain if it
+    ran first), and the disk still carries the merged hives."""
+    repository, layers = stack
+    applying = threading.Event()
+    merged_in: list[str] = []
+    real_extract, real_rewrite = Wim.extract_image_to_ntfs_volume, compose_module._rewrite_hives
+
+    def extract(self: Wim, index: int, volume: Path, **kwargs: Any) -> None:
+        if volume.name == "windows.ntfs":  # the image, not a layer being staged
+            applying.set()
+        real_extract(self, index, volume, **kwargs)
+
+    def rewrite(*args: Any) -> Any:
+        assert applying.wait(20), "the hives were merged before the image was applied"
+        merged_in.append(threading.current_thread().name)
+        return real_rewrite(*args)
+
+    monkeypatch.setattr(Wim, "extract_image_to_ntfs_volume", extract)
+    monkeypatch.setattr(compose_module, "_rewrite_hives", rewrite)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = compose(layers, repository, out, "raw", 1, name="Overlap")
+    assert len(merged_in) == 1 and merged_in[0].startswith("hives")
+    assert {"registry", "hives", "apply"} <= set(result.timings)
+    _check_disk(result.path, tmp_path, 1024 * MiB)
 
 
 # --- bad input ----------------------------------------------------------------------------------------

@@ -9,10 +9,13 @@ import contextlib
 import lzma
 import os
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from app.engine import compose as compose_module
 from app.engine import in_place
 from app.engine.compose import ComposeError, StackLayer, compose
 from app.engine.disk import DiskError
@@ -88,6 +91,50 @@ def test_a_damaged_os_hive_is_refused_with_a_clear_message(tmp_path: Path) -> No
     message = str(caught.value)
     assert "OS layer Win11" in message and "SOFTWARE hive" in message and "cannot be used" in message
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_damaged_os_hive_stops_a_disk_publish_that_is_applying_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk publish merges the hives while wimlib applies the image: a hive that cannot be used stops the
+    apply (here it waits until the merge failed, then sees the stop at once) and its message is the error."""
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    broken = LayerDef("Win11", "os", {
+        "Windows/System32/config/SYSTEM": lzma.decompress((HIVES / "corrupted_system_hive.xz").read_bytes()),
+    })
+    app = LayerDef("Tools", "app", {"tool.exe": b"MZ"}, reg=(
+        "[HKEY_LOCAL_MACHINE\\SYSTEM\\CurrentControlSet\\Services\\Tools]\r\n\"Start\"=dword:00000002\r\n\r\n"))
+    stack = [store(repository, tmp_path, broken, 1), store(repository, tmp_path, app, 2)]
+    failed = threading.Event()
+    applies: list[str] = []
+    real_extract, real_rewrite = Wim.extract_image_to_ntfs_volume, compose_module._rewrite_hives
+
+    def rewrite(*args: Any) -> Any:
+        try:
+            return real_rewrite(*args)
+        except ComposeError:
+            failed.set()
+            raise
+
+    def extract(self: Wim, index: int, volume: Path, **kwargs: Any) -> None:
+        if volume.name != "windows.ntfs":  # a layer being staged
+            real_extract(self, index, volume, **kwargs)
+            return
+        applies.append("started")
+        assert failed.wait(20)
+        real_extract(self, index, volume, **kwargs)
+        applies.append("finished")
+
+    monkeypatch.setattr(compose_module, "_rewrite_hives", rewrite)
+    monkeypatch.setattr(Wim, "extract_image_to_ntfs_volume", extract)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ComposeError) as caught:
+        compose(stack, repository, tmp_path / "out", "vhdx", 1, name="broken")
+    message = str(caught.value)
+    assert "OS layer Win11" in message and "SYSTEM hive" in message and "cannot be used" in message
+    assert applies == ["started"]  # stopped, not finished
+    assert os.listdir(tmp_path / "out") == []
+    assert repository.check() == []
 
 
 
