@@ -1,21 +1,25 @@
 """Publishing a layered image end to end, against ``cp -a`` of the same layer folders (issue 3, "Proof").
 A standalone script, not a test.
 
-    python benchmarks/publish.py [--full] [--dir DIR] [--apps N] [--runs N]
+    python benchmarks/publish.py [--full] [--dir DIR] [--apps N] [--runs N] [--drop-caches] [--hive-keys N]
 
 Generates an OS layer folder (default ~300 MB / ~4,000 files; ``--full``: ~1.6 GB / ~20,000 files) with
-small SOFTWARE and SYSTEM hives, and ``--apps`` app layers (default 10 of 5–20 MB; ``--full``: 10 of
-50–200 MB) whose paths overlap: every app layer holds some files at the same shared paths and some at
-OS-layer paths, each with its own content, plus a ``.reg`` file. Half the files are random bytes, half
-repetitive text. The layers are imported through the real services (``ImportService`` via a
-``TaskRunner``, the capture in a child process) into a fresh LayerDesk home, a VHDX template is made of
-them, and then:
+SOFTWARE and SYSTEM hives (small, or of Windows' size with ``--hive-keys 250000``), and ``--apps`` app
+layers (default 10 of 5–20 MB; ``--full``: 10 of 50–200 MB) whose paths overlap: every app layer holds some
+files at the same shared paths and some at OS-layer paths, each with its own content, plus a ``.reg`` file.
+Half the files are random bytes, half repetitive text. The layers are imported through the real services
+(``ImportService`` via a ``TaskRunner``, the capture in a child process) into a fresh LayerDesk home, a VHDX
+template is made of them, and then:
 
 (a) cold publish (``PublishingService.publish``, wall time from submit to the task's end, the layer disk
     cache emptied first) and ``cp -a``
     of the OS folder then every app folder into one fresh target folder, alternated, ``--runs`` times
     each (median; 3, or 5 with ``--full``); each followed by a timed ``sync``; then warm publishes (every
-    app layer's volume in the layer disk cache);
+    app layer's volume in the layer disk cache). With ``--drop-caches`` (root) the page cache is dropped
+    before each cold publish and each ``cp -a``, so both read their inputs from the disk, and warm
+    publishes are compared with warm ``cp -a`` runs too (their sources read just before). Without it,
+    whatever the machine kept cached decides: a machine that evicts idle pages (DAMON reclaim) makes
+    ``cp -a`` read its sources from the disk in some runs and not in others;
 (b) re-publish after one change: the first app layer gets a new version with 5 % of its bytes changed,
     the template is updated to it and published, ``--runs`` times; median ÷ the cold median;
 (c) repository bytes of that app layer (its WIM and manifests) after ten 5 %-changed versions on top of
@@ -85,8 +89,22 @@ def _sz(text: str) -> bytes:
     return (text + "\0").encode("utf-16-le")
 
 
-def generate_os(root: Path, total_mb: float, files: int) -> tuple[list[str], int]:
-    """The OS layer folder; returns its file paths and byte count."""
+def _fill(hive: Hive, keys: int, rng: random.Random) -> None:
+    """``keys`` keys of the shapes Windows' hives are made of: class registrations, components and services,
+    each with a few string, DWORD and binary values."""
+    for n in range(keys):
+        area = ("Classes\\CLSID", "Microsoft\\Windows\\CurrentVersion\\Component Based Servicing\\Packages",
+                "Microsoft\\Windows\\CurrentVersion\\Installer\\UserData")[n % 3]
+        key = hive.ensure(f"{area}\\{{{rng.getrandbits(128):032X}}}\\Item{n % 4}")
+        key.set_value("", ValueType.SZ, _sz(f"Component {n}"))
+        key.set_value("InprocServer32", ValueType.EXPAND_SZ, _sz(f"%SystemRoot%\\System32\\comp{n}.dll"))
+        key.set_value("Flags", ValueType.DWORD, (n % 8).to_bytes(4, "little"))
+        key.set_value("Data", ValueType.BINARY, rng.randbytes(64))
+
+
+def generate_os(root: Path, total_mb: float, files: int, hive_keys: int) -> tuple[list[str], int]:
+    """The OS layer folder; returns its file paths and byte count. Its SOFTWARE hive gets ``hive_keys`` keys
+    (a Windows 11 SOFTWARE hive has some 300,000 keys and 80–100 MB) and SYSTEM a fifth of them."""
     rng = random.Random(2024)
     paths, written = [], 0
     for n, size in enumerate(_sizes(rng, files, total_mb)):
@@ -102,12 +120,14 @@ def generate_os(root: Path, total_mb: float, files: int) -> tuple[list[str], int
     software.ensure("Microsoft\\Windows NT\\CurrentVersion").set_value("ProductName", ValueType.SZ,
                                                                         _sz("Windows 11 Pro"))
     software.ensure("Shared").set_value("Owner", ValueType.SZ, _sz("OS"))
+    _fill(software, hive_keys, rng)
     write_hive(software, config / "SOFTWARE")
     system = Hive(RegistryKey("ROOT"), file_name="\\SystemRoot\\System32\\Config\\SYSTEM")
     for name in ("Current", "Default"):
         system.ensure("Select").set_value(name, ValueType.DWORD, (1).to_bytes(4, "little"))
     system.ensure("ControlSet001\\Control\\Session Manager\\Environment").set_value(
         "Path", ValueType.EXPAND_SZ, _sz("%SystemRoot%\\system32;%SystemRoot%"))
+    _fill(system, hive_keys // 5, rng)
     write_hive(system, config / "SYSTEM")
     written += (config / "SOFTWARE").stat().st_size + (config / "SYSTEM").stat().st_size
     return paths, written
@@ -130,10 +150,10 @@ def generate_app(root: Path, number: int, total_mb: float, os_paths: list[str]) 
     layer = AppLayer(name, root / name, root / f"{name}.reg")
     files = max(40, int(total_mb * 8))
     for n, size in enumerate(_sizes(rng, files, total_mb)):
-        if n % 10 == 1:
-            rel = f"Program Files/Common Files/Shared/lib{n % 60:02d}.dll"
+        if n % 10 == 1:  # the same names in every app layer, never twice in one
+            rel = f"Program Files/Common Files/Shared/lib{n:05d}.dll"
         elif n % 10 == 2:
-            rel = os_paths[(n * 7) % 400]
+            rel = os_paths[(n // 10 * 7) % len(os_paths)]
         else:
             rel = f"Program Files/{name}/Dir{n % 11}/file{n:05d}.{'dll' if n % 2 else 'dat'}"
         text = n % 2 == 0
@@ -141,6 +161,7 @@ def generate_app(root: Path, number: int, total_mb: float, os_paths: list[str]) 
         (layer.folder / rel).write_bytes(_content(rng, size, text))
         layer.files[rel] = text
         layer.bytes += size
+    assert layer.bytes == sum((layer.folder / rel).stat().st_size for rel in layer.files)  # no path written twice
     layer.reg.write_text(
         "Windows Registry Editor Version 5.00\r\n\r\n"
         f"[HKEY_LOCAL_MACHINE\\SOFTWARE\\Vendor\\{name}]\r\n"
@@ -153,23 +174,30 @@ def generate_app(root: Path, number: int, total_mb: float, os_paths: list[str]) 
 
 def change_app(layer: AppLayer, version: int) -> tuple[int, int, int]:
     """Rewrite files (same size, new content) in random order until 5 % of the layer's bytes changed, skipping
-    files that would overshoot; returns (files, bytes, bytes of random content) changed. New random bytes
-    cannot be compressed or deduplicated by any store: they bound (c) from below."""
+    files that would overshoot; returns (files, bytes, bytes of random content) changed.
+
+    Each kind of content changes by 5 % of its own bytes: 5 % of the random bytes and 5 % of the text bytes.
+    Drawn from all files at once, a few large files decide the mix, and it swings from version to version
+    (in one run 71 % of the changed bytes were random, against 50 % of the layer). New random bytes cannot be
+    compressed or deduplicated by any store: they bound (c) from below."""
     rng = random.Random(version * 7919)
     order = sorted(layer.files)
     rng.shuffle(order)
-    budget, changed, count, random_bytes = layer.bytes * CHANGE, 0, 0, 0
-    for rel in order:
-        path = layer.folder / rel
-        size = path.stat().st_size
-        if changed + size > budget:
-            continue
-        path.write_bytes(_content(rng, size, layer.files[rel], variant=version))
-        changed += size
-        count += 1
-        random_bytes += 0 if layer.files[rel] else size
-        if changed > budget * 0.98:
-            break
+    sizes = {rel: (layer.folder / rel).stat().st_size for rel in order}
+    changed, count, random_bytes = 0, 0, 0
+    for text in (False, True):
+        kind = [rel for rel in order if layer.files[rel] is text]
+        budget, done = sum(sizes[rel] for rel in kind) * CHANGE, 0
+        for rel in kind:
+            if done + sizes[rel] > budget:
+                continue
+            (layer.folder / rel).write_bytes(_content(rng, sizes[rel], text, variant=version))
+            done += sizes[rel]
+            count += 1
+            if done > budget * 0.98:
+                break
+        changed += done
+        random_bytes += 0 if text else done
     return count, changed, random_bytes
 
 
@@ -220,6 +248,16 @@ class MemorySampler:
                         kb = int(line.split()[1])
                         if kb > self.peaks.get(self.phase, (0, ""))[0]:
                             self.peaks[self.phase] = (kb, cmdline.strip())
+
+
+def drop_caches() -> bool:
+    """Write back, then drop the page cache (root only): the next run reads its inputs from the disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+    except OSError:
+        return False
+    return True
 
 
 def sync_time() -> float:
@@ -303,6 +341,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, help="runs of each measurement (default 3, with --full 5)")
     parser.add_argument("--os-mb", type=float, help="OS layer size in MB (default 300, with --full 1600)")
     parser.add_argument("--os-files", type=int, help="OS layer file count (default 4000, with --full 20000)")
+    parser.add_argument("--hive-keys", type=int, default=0,
+                        help="keys in the OS layer's SOFTWARE hive (SYSTEM gets a fifth); 0: a few (default)")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="(a): drop the page cache before each cold publish and each cp -a, so both read their "
+                             "inputs from the disk (needs root); warm publishes then compare with warm cp -a runs")
     args = parser.parse_args()
     runs = args.runs or (5 if args.full else 3)
     os_mb = args.os_mb or (1600 if args.full else 300)
@@ -329,7 +372,7 @@ def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files:
     shutil.rmtree(sources, ignore_errors=True)
     started = time.perf_counter()
     os_folder = sources / "Win11"
-    os_paths, os_bytes = generate_os(os_folder, os_mb, os_files)
+    os_paths, os_bytes = generate_os(os_folder, os_mb, os_files, args.hive_keys)
     apps = [generate_app(sources, k, app_low + (app_high - app_low) * k / max(1, args.apps - 1), os_paths)
             for k in range(args.apps)]
     total = os_bytes + sum(a.bytes for a in apps)
@@ -385,6 +428,8 @@ def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files:
         os.sync()
         order = ("publish", "cp") if number % 2 else ("cp", "publish")
         for what in order:
+            if args.drop_caches and not drop_caches():
+                raise SystemExit("--drop-caches: cannot write /proc/sys/vm/drop_caches (run as root)")
             if what == "publish":
                 shutil.rmtree(home.layer_cache, ignore_errors=True)  # cold: every layer staged from its WIM
                 with phase(sampler, "publish"):
@@ -398,6 +443,19 @@ def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files:
         print(f"run {number}: publish {cold[-1][0]:.2f} s + sync {cold[-1][1]:.2f} s (worker {worker_s[-1]:.2f} s)   "
               f"cp -a {cp[-1][0]:.2f} s + sync {cp[-1][1]:.2f} s", flush=True)
     copied = dir_bytes(target)
+    shutil.rmtree(target, ignore_errors=True)
+    # warm cp -a: its sources read just before (only with --drop-caches; otherwise the runs above are the baseline)
+    cp_warm: list[float] = []
+    for _ in range(runs if args.drop_caches else 0):
+        shutil.rmtree(target, ignore_errors=True)
+        os.sync()
+        for folder in folders:
+            for path in folder.rglob("*"):
+                if path.is_file():
+                    path.read_bytes()
+        with phase(sampler, "cp"):
+            cp_warm.append(timed(lambda: copy_layers(folders, target)))
+        print(f"warm cp -a {cp_warm[-1]:.2f} s", flush=True)
     shutil.rmtree(target, ignore_errors=True)
     # warm: the layer disk cache holds every app layer's volume (the last cold publish filled it)
     warm: list[float] = []
@@ -455,13 +513,16 @@ def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files:
     children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print()
     print(f"layers: {total / MB:.0f} MB / {all_files} files ({len(apps)} app layers); cp -a target "
-          f"{copied / MB:.0f} MB; VHDX template {size_gb} GB; median of {runs}")
+          f"{copied / MB:.0f} MB; VHDX template {size_gb} GB; median of {runs}"
+          f"{'; page cache dropped before each cold publish and cp -a' if args.drop_caches else ''}")
     rows = [
         ("(a) cold publish ÷ cp -a", f"{cold_median:.2f} s ÷ {cp_median:.2f} s", cold_median / cp_median, "≤ 1.05"),
         ("(a) same, each + sync", f"{cold_sync_median:.2f} s ÷ {cp_sync_median:.2f} s",
          cold_sync_median / cp_sync_median, "≤ 1.05"),
         ("(a) warm (layer disk cache) ÷ cp -a", f"{median(warm):.2f} s ÷ {cp_median:.2f} s",
          median(warm) / cp_median, "≤ 1.05"),
+        *([("(a) warm ÷ warm cp -a", f"{median(warm):.2f} s ÷ {median(cp_warm):.2f} s",
+            median(warm) / median(cp_warm), "≤ 1.05")] if cp_warm else []),
         ("(b) re-publish after 1 change ÷ cold", f"{re_median:.2f} s ÷ {cold_median:.2f} s",
          re_median / cold_median, "≤ 0.25"),
         ("(c) layer bytes, 1 + 10 versions ÷ 1", f"{sizes[-1] / MB:.1f} MB ÷ {one_version / MB:.1f} MB",
@@ -470,6 +531,9 @@ def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files:
          sizes[-2] / one_version, "≤ 1.6"),
         ("(c) floor: + new random bytes, 1 + 10", f"{(one_version + sum(random_changed)) / MB:.1f} MB ÷ "
          f"{one_version / MB:.1f} MB", (one_version + sum(random_changed)) / one_version, "(any store)"),
+        ("(c) above the floor ÷ 1", f"{(sizes[-1] - one_version - sum(random_changed)) / MB:.1f} MB ÷ "
+         f"{one_version / MB:.1f} MB", (sizes[-1] - one_version - sum(random_changed)) / one_version,
+         "(versions' metadata, text)"),
     ]
     print(f"{'measure':40} {'measured':28} {'ratio':>7}  goal")
     for label, measured, ratio, goal in rows:
