@@ -308,11 +308,16 @@ class _Reader:
         if 4 * count > length:
             raise self.corrupt(f"value list at {offset:#x} is too short")
         values = key.values
-        cell, vk_unpack, types = self.cell, _VK.unpack_from, _TYPES
+        vk_unpack, i32_unpack, types, end = _VK.unpack_from, _I32.unpack_from, _TYPES, self.end
+        # the hot loop of reading a hive: cell() inlined for the value cells and their data cells
         for vk_offset in struct.unpack_from(f"<{count}I", data, start):
-            vk_start, vk_length = cell(vk_offset)
-            if vk_length < 20:
+            pos = BASE_BLOCK + vk_offset
+            if vk_offset & 7 or vk_offset < HBIN_HEADER or pos + 8 > end:
+                raise self.corrupt(f"cell offset {vk_offset:#x} is out of range")
+            vk_length = -i32_unpack(data, pos)[0] - 4
+            if vk_length < 20 or pos + vk_length + 4 > end:
                 raise self.corrupt(f"cell at {vk_offset:#x} is not a value")
+            vk_start = pos + 4
             signature, name_length, size, data_offset, kind, flags, _ = vk_unpack(data, vk_start)
             if signature != b"vk" or 20 + name_length > vk_length:
                 raise self.corrupt(f"cell at {vk_offset:#x} is not a value")
@@ -329,8 +334,14 @@ class _Reader:
             elif size == 0:
                 blob = b""
             else:
-                blob = self.value_data(size, data_offset, vk_offset)
-            folded = fold(name)
+                pos = BASE_BLOCK + data_offset
+                in_range = not data_offset & 7 and data_offset >= HBIN_HEADER and pos + 8 <= end
+                cell_size = -i32_unpack(data, pos)[0] if in_range else 0
+                if cell_size >= 8 and pos + cell_size <= end and size <= cell_size - 4:
+                    blob = data[pos + 4:pos + 4 + size]
+                else:  # big data, or a damaged cell (value_data says which)
+                    blob = self.value_data(size, data_offset, vk_offset)
+            folded = name.casefold()  # model.fold
             if folded in values:
                 raise self.corrupt(f"two values named {name!r} in one key")
             values[folded] = RegistryValue(name, types.get(kind, kind), blob)
