@@ -91,6 +91,7 @@ from app.engine.wim import (
     AddCommand,
     DeleteCommand,
     DirEntry,
+    RenameCommand,
     UpdateCommand,
     Wim,
     WimError,
@@ -456,7 +457,10 @@ def _merge(
     uppers = list(zip(stack[1:], manifests[1:], strict=True))
     with steps.timed("stage"):
         volumes = _stage(uppers, repository, work, steps, cache)
+    hidden = _hide_info_hives(merged, index) if len(uppers) > 1 else []
     for number, ((layer, manifest), volume) in enumerate(zip(uppers, volumes, strict=True), 1):
+        if number == len(uppers) and hidden:
+            _restore_info_hives(merged, index, hidden, [m for _, m in uppers[:-1]])
         commands: list[UpdateCommand] = [DeleteCommand(d.image_path, recursive=True, missing_ok=True)
                                          for d in manifest.deletions]
         commands.append(AddCommand(volume, "/", ntfs=True))
@@ -464,6 +468,48 @@ def _merge(
         with steps.timed("merge"):
             merged.update_image(index, commands, cancel=steps._cancel)
     return merged, index
+
+
+#: After every update that adds at the image's root, wimlib describes the image in its XML (edition, version)
+#: from these hives, decompressing them whole: 0.16-0.23 s a layer with an 80 MB SOFTWARE hive.
+_INFO_HIVES = ("/Windows/System32/config/SOFTWARE", "/Windows/System32/config/SYSTEM")
+
+
+def _hide_info_hives(merged: Wim, index: int) -> list[tuple[str, str]]:
+    """Move the OS image's hives wimlib reads to names it does not look for; ``(path, hidden path)`` of each.
+    Layers are merged meanwhile; :func:`_restore_info_hives` puts them back before the last one, so wimlib
+    reads them once."""
+    token = secrets.token_hex(4)
+    hidden = []
+    for path in _INFO_HIVES:
+        entry = _find_entry(merged, index, path)
+        if entry is not None and not entry.is_directory:
+            folder, _, name = entry.path.rpartition("/")
+            hidden.append((entry.path, f"{folder}/.layerdesk-{token}-{name}"))
+    if hidden:
+        merged.update_image(index, [RenameCommand(path, away) for path, away in hidden])
+    return hidden
+
+
+def _restore_info_hives(merged: Wim, index: int, hidden: Sequence[tuple[str, str]],
+                        merged_so_far: Sequence[VersionManifest]) -> None:
+    """Put the hidden hives back, or drop them where the layers merged meanwhile replaced or deleted them, so
+    the image is what merging with the hives in place gives: a layer that supplied the file wins; a layer's
+    whiteout of the file (or of a folder above it) removed it; a deleted folder took the hidden file along."""
+    deleted = [fold(d.image_path.rstrip("/")) for manifest in merged_so_far for d in manifest.deletions]
+    commands: list[UpdateCommand] = []
+    for path, away in hidden:
+        if _find_entry(merged, index, away) is None:
+            continue
+        folded = fold(path)
+        if _find_entry(merged, index, path) is not None or any(
+            folded == d or folded.startswith(d + "/") for d in deleted
+        ):
+            commands.append(DeleteCommand(away, recursive=False))
+        else:
+            commands.append(RenameCommand(away, path))
+    if commands:
+        merged.update_image(index, commands)
 
 
 #: Layers staged at once: each staging is one thread in wimlib and NTFS-3G (decompressing, checking SHA-1s,

@@ -60,6 +60,7 @@ __all__ = [
     "DeleteCommand",
     "DirEntry",
     "ProgressFn",
+    "RenameCommand",
     "UpdateCommand",
     "Wim",
     "WimError",
@@ -89,6 +90,7 @@ _ITERATE_DIR_TREE_FLAG_RECURSIVE = 0x1
 _ALL_IMAGES = -1
 _UPDATE_OP_ADD = 0
 _UPDATE_OP_DELETE = 1
+_UPDATE_OP_RENAME = 2
 
 _PROGRESS_MSG_EXTRACT_STREAMS = 4
 _PROGRESS_MSG_WRITE_STREAMS = 12
@@ -530,7 +532,15 @@ class DeleteCommand:
     missing_ok: bool = False
 
 
-UpdateCommand = AddCommand | DeleteCommand
+@dataclass(frozen=True)
+class RenameCommand:
+    """Move the file or directory ``source`` to ``target`` (which must not exist) within the image."""
+
+    source: str
+    target: str
+
+
+UpdateCommand = AddCommand | DeleteCommand | RenameCommand
 
 
 @dataclass(frozen=True)
@@ -789,6 +799,11 @@ class Wim:
                 slot.add.wim_target_path = address(command.target)
                 slot.add.config_file = None
                 slot.add.add_flags = (_ADD_FLAG_NTFS if command.ntfs else 0) | scan_flags
+            elif isinstance(command, RenameCommand):
+                slot.op = _UPDATE_OP_RENAME
+                slot.rename.wim_source_path = address(command.source)
+                slot.rename.wim_target_path = address(command.target)
+                slot.rename.rename_flags = 0
             else:
                 slot.op = _UPDATE_OP_DELETE
                 slot.delete.wim_path = address(command.path)

@@ -230,6 +230,36 @@ def test_the_hives_are_merged_while_the_image_is_applied(stack: tuple[LayerRepos
     _check_disk(result.path, tmp_path, 1024 * MiB)
 
 
+def test_os_hives_replaced_or_removed_by_layers_before_the_last_one(tmp_path: Path) -> None:
+    """While the layers below the last one are merged, the OS image's SOFTWARE and SYSTEM hives are under
+    other names (wimlib would otherwise decompress them after each layer to describe the image). A layer
+    that replaces or removes them meanwhile still decides, as with the hives in place; without such layers
+    the OS's hives are back, and wimlib still describes the image from them."""
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    base = store(repository, tmp_path, os_layer(tmp_path), 1)
+    replaces = LayerDef("NewSystem", "app", {"Windows/System32/config/SYSTEM": b"the layer's SYSTEM"})
+    removes = LayerDef("NoSoftware", "app", {"Program Files/x.txt": b"x"},
+                       whiteouts=["Windows/System32/config/SOFTWARE"])
+    last = LayerDef("Last", "app", {"Program Files/z.txt": b"z"})
+    middle = [store(repository, tmp_path, layer, n) for n, layer in enumerate((replaces, removes, last), 2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    changed = compose([base, *middle], repository, out, "wim", 1, name="Changed")
+    listing = wim_listing(changed.path)
+    assert "/Windows/System32/config/SOFTWARE" not in listing and "/Windows/System32/config/SYSTEM" in listing
+    assert not [p for p in listing if ".layerdesk-" in p]
+    extracted = tmp_path / "x"
+    run_ok("wimlib-imagex", "apply", changed.path, "1", extracted)
+    assert (extracted / "Windows/System32/config/SYSTEM").read_bytes() == b"the layer's SYSTEM"
+    plain = compose([base, *[store(repository, tmp_path / "p", layer, n) for n, layer in
+                             enumerate((OFFICE, last), 5)]], repository, out, "wim", 1, name="Plain")
+    listing = wim_listing(plain.path)
+    assert {"/Windows/System32/config/SOFTWARE", "/Windows/System32/config/SYSTEM"} <= listing
+    assert not [p for p in listing if ".layerdesk-" in p]
+    info = run_ok("wimlib-imagex", "info", plain.path, "1").stdout
+    assert re.search(r"^Product Name:\s+Windows 11 Pro$", info, re.MULTILINE), info
+
+
 # --- bad input ----------------------------------------------------------------------------------------
 
 
