@@ -791,8 +791,13 @@ def _needed_volume_bytes(entries: Sequence[DirEntry]) -> int:
         if entry.is_directory or (entry.link_count > 1 and entry.inode_id in linked):
             continue
         linked.add(entry.inode_id)
-        total += -(-entry.size // 4096) * 4096
+        total += _rounded(entry.size)
     return total
+
+
+def _rounded(size: int) -> int:
+    """``size`` in whole 4 KiB clusters."""
+    return -(-size // 4096) * 4096
 
 
 def _write_disk(
@@ -829,9 +834,9 @@ def _write_disk(
         room = f"a disk of {disk_size / GiB:g} GB leaves {data_size // MiB} MiB for it (after the ESP and the MSR)"
     def check_room(hives: Mapping[str, _NewHive]) -> None:
         """The old hive files are in ``entries``; the new ones replace them."""
+        old = job.found if job is not None else {}
         needed = _needed_volume_bytes(entries) + sum(
-            _rounded(h.file.stat().st_size) - _rounded(job.found[name].size) for name, h in hives.items()
-        ) if job is not None else _needed_volume_bytes(entries)
+            _rounded(h.file.stat().st_size) - _rounded(old[name].size) for name, h in hives.items())
         if needed > data_size:
             raise ComposeError(f"The merged layers need about {-(-needed // MiB)} MiB on the Windows volume, but "
                                f"{room}; make the template's disk larger.")
@@ -842,9 +847,11 @@ def _write_disk(
     abort = _Abort(steps._cancel)
 
     def rewrite() -> dict[str, _NewHive]:
+        if job is None:
+            return {}
         started = time.monotonic()
         try:
-            return _rewrite_hives(job, stack, manifests) if job is not None else {}
+            return _rewrite_hives(job, stack, manifests)
         except BaseException:
             abort.failed.set()
             raise
@@ -912,10 +919,6 @@ def _responsive_callbacks() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(previous)
-
-
-def _rounded(size: int) -> int:
-    return -(-size // 4096) * 4096
 
 
 def _sha256(path: Path, steps: _Steps) -> str:

@@ -326,7 +326,7 @@ class _Reader:
         if 4 * count > length:
             raise self.corrupt(f"value list at {offset:#x} is too short")
         values = key.values
-        vk_unpack, i32_unpack, types, end = _VK.unpack_from, _I32.unpack_from, _TYPES, self.end
+        vk_unpack, i32_unpack, types, end, fold_name = _VK.unpack_from, _I32.unpack_from, _TYPES, self.end, fold
         # the hot loop of reading a hive: cell() inlined for the value cells and their data cells
         for vk_offset in struct.unpack_from(f"<{count}I", data, start):
             pos = BASE_BLOCK + vk_offset
@@ -359,7 +359,7 @@ class _Reader:
                     blob = data[pos + 4:pos + 4 + size]
                 else:  # big data, or a damaged cell (value_data says which)
                     blob = self.value_data(size, data_offset, vk_offset)
-            folded = name.casefold()  # model.fold
+            folded = fold_name(name)
             if folded in values:
                 raise self.corrupt(f"two values named {name!r} in one key")
             values[folded] = RegistryValue(name, types.get(kind, kind), blob)
