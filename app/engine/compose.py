@@ -85,7 +85,8 @@ from app.engine.registry.delta import (
     TouchKind,
 )
 from app.engine.registry.model import Hive, ValueType, fold
-from app.engine.registry.regf import HiveError, read_hive, write_hive
+from app.engine.registry.patch import open_hive
+from app.engine.registry.regf import HiveError
 from app.engine.repository import LayerRepository, VersionManifest
 from app.engine.wim import (
     AddCommand,
@@ -99,6 +100,7 @@ from app.engine.wim import (
     overwrite_file_in_ntfs_volume,
 )
 from app.errors import EnvironmentProblem, UserError
+from app.files import write_atomic
 from app.procs import Cancellable
 from app.tasks.base import CancelToken, TaskCanceled
 from app.tasks.worker import WorkerReport
@@ -692,29 +694,34 @@ def _extract_hives(
 
 def _rewrite_hives(job: _HiveJob, stack: Sequence[StackLayer], manifests: Sequence[VersionManifest],
                    ) -> dict[str, _NewHive]:
-    """Read the extracted hives, apply every layer's delta in stack order and write the new hive files.
-    Touches nothing but the job's files, so it may run while the image is being applied."""
-    hives = {}
-    for hive, entry in job.found.items():
-        try:
-            hives[hive] = read_hive(job.source / entry.path.lstrip("/"))
-        except HiveError as exc:
-            detail = str(exc).removeprefix(f"{job.source / entry.path.lstrip('/')}: ")
-            raise ComposeError(
-                f"The OS layer {stack[0].name}'s {hive} hive ({_windows_path(entry.path)}) cannot be used: "
-                f"{detail}. Import the OS layer again from a machine that was shut down cleanly."
-            ) from None
-    control_set = _current_control_set(hives[HiveName.SYSTEM]) if HiveName.SYSTEM in hives else None
-    for manifest in manifests:
-        delta = manifest.registry
-        if control_set is not None:
-            delta = _retarget(delta, control_set)
-        delta.apply(hives)
-    written: dict[str, _NewHive] = {}
-    for hive in job.changed:
-        file = job.target / hive
-        write_hive(hives[hive], file)
-        written[hive] = _NewHive(job.found[hive].path, file, hashlib.sha256(file.read_bytes()).hexdigest())
+    """Open the extracted hives, apply every layer's delta in stack order and write the new hive files: each
+    OS hive patched where the deltas change it (:mod:`app.engine.registry.patch`), everything else kept as
+    it is. Touches nothing but the job's files, so it may run while the image is being applied."""
+    files = {hive: job.source / entry.path.lstrip("/") for hive, entry in job.found.items()}
+    try:
+        hives = {hive: open_hive(file) for hive, file in files.items()}
+        control_set = _current_control_set(hives[HiveName.SYSTEM]) if HiveName.SYSTEM in hives else None
+        for manifest in manifests:
+            delta = manifest.registry
+            if control_set is not None:
+                delta = _retarget(delta, control_set)
+            delta.apply(hives)
+        written: dict[str, _NewHive] = {}
+        for hive in job.changed:
+            file, data = job.target / hive, hives[hive].to_bytes()
+            write_atomic(file, data)
+            written[hive] = _NewHive(job.found[hive].path, file, hashlib.sha256(data).hexdigest())
+    except HiveError as exc:
+        # the hive's messages start with its file's name (opening it, or reading a key the deltas reach)
+        message = str(exc)
+        damaged = next((h for h, file in files.items() if message.startswith(f"{file}: ")), None)
+        if damaged is None:
+            raise
+        raise ComposeError(
+            f"The OS layer {stack[0].name}'s {damaged} hive ({_windows_path(job.found[damaged].path)}) cannot be "
+            f"used: {message.removeprefix(f'{files[damaged]}: ')}. Import the OS layer again from a machine that was "
+            "shut down cleanly."
+        ) from None
     return written
 
 

@@ -113,6 +113,12 @@ def read_hive(path: Path, *, allow_dirty: bool = False) -> Hive:
     ``allow_dirty=True`` reads a dirty hive without logs as the primary file has it (possibly missing the
     last changes Windows made) instead of refusing it.
     """
+    data, logs = read_hive_file(path)
+    return parse_hive(data, name=str(path), logs=logs, allow_dirty=allow_dirty)
+
+
+def read_hive_file(path: Path) -> tuple[bytes, list[bytes]]:
+    """The bytes of the hive file at ``path`` and, when it is dirty, of the transaction logs beside it."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -124,7 +130,7 @@ def read_hive(path: Path, *, allow_dirty: bool = False) -> Hive:
                 if candidate.is_file():
                     logs.append(candidate.read_bytes())
                     break
-    return parse_hive(data, name=str(path), logs=logs, allow_dirty=allow_dirty)
+    return data, logs
 
 
 def parse_hive(
@@ -135,6 +141,14 @@ def parse_hive(
     allow_dirty: bool = False,
 ) -> Hive:
     """The hive held in ``data``. ``logs``: its transaction logs (``.LOG1`` then ``.LOG2``) for a dirty hive."""
+    data = clean_hive_data(data, name=name, logs=logs, allow_dirty=allow_dirty)
+    with _no_gc():
+        return _Reader(data, name).read()
+
+
+def clean_hive_data(data: bytes, *, name: str, logs: Sequence[bytes] = (), allow_dirty: bool = False) -> bytes:
+    """``data`` with its header checked and, when it is dirty, its transaction logs replayed (see
+    :func:`parse_hive` for when a dirty hive is refused)."""
     _check_base_block(data, name)
     if _is_dirty(data):
         replayed = _replay_logs(data, logs, name) if logs else None
@@ -147,8 +161,7 @@ def parse_hive(
                 f"{name}: the hive was not cleanly closed (sequence numbers {primary} and {secondary} differ): "
                 f"its transaction logs (.LOG1/.LOG2) must be replayed first, and they {missing}"
             )
-    with _no_gc():
-        return _Reader(data, name).read()
+    return data
 
 
 @contextlib.contextmanager
