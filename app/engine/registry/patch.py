@@ -246,7 +246,7 @@ class _Patcher(_Writer):
         struct.pack_into("<Q", header, 12, max(struct.unpack_from("<Q", header, 12)[0], self.newest))
         _U32.pack_into(header, 40, len(self.buf))
         _U32.pack_into(header, 508, _checksum(header))
-        return bytes(header + self.buf)
+        return b"".join((header, self.buf))  # one copy of the file, not two
 
     # -- changed keys -------------------------------------------------------------------------------
 
