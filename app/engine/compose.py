@@ -404,8 +404,10 @@ def compose(
             boot.layout.plan(disk_size)
         else:
             disk.gpt_layout(disk_size)
-    with steps.timed("conflicts"):
-        report = conflicts(stack, repository)
+    # the conflict report is only needed at the end: it is worked out beside the staging and merging
+    background = ThreadPoolExecutor(1, thread_name_prefix="conflicts")
+    pending_report = background.submit(_timed_conflicts, stack, repository, steps)
+    background.shutdown(wait=False)
     work = Path(work_dir) if work_dir is not None else out_dir / f".{name}.{secrets.token_hex(4)}.work"
     try:
         work.mkdir()
@@ -430,6 +432,7 @@ def compose(
                 built, checksum, hives = _write_disk(merged, index, fmt, disk_size, entries, work, steps, stack,
                                                      manifests, repository, job)
             files, data_bytes, digest = _tree_manifest(entries, hives)
+            report = pending_report.result()
         steps.check()
         try:
             os.link(built, final)  # never replaces an image another publish wrote meanwhile
@@ -443,6 +446,11 @@ def compose(
         data_bytes=data_bytes, manifest_digest=digest, conflicts=tuple(report),
         seconds=round(time.monotonic() - started, 3), timings=steps.timings, cache_hits=steps.cache_hits,
     )
+
+
+def _timed_conflicts(stack: Sequence[StackLayer], repository: LayerRepository, steps: _Steps) -> list[Conflict]:
+    with steps.timed("conflicts"):
+        return conflicts(stack, repository)
 
 
 def _merge(

@@ -184,3 +184,34 @@ def test_a_disk_that_fills_up_while_the_image_is_assembled_in_place(tmp_path: Pa
     monkeypatch.setattr(in_place, "assemble", real)
     (tmp_path / "out").mkdir()
     assert compose(stack, repository, tmp_path / "out", "vhdx", 1, name="fine").path.is_file()
+
+
+def test_a_conflict_report_that_cannot_be_made_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conflict report is worked out beside the merge and the apply: when it fails, its message is the
+    publish's error, after the image was built (so it ran meanwhile), and no image is published."""
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    stack = [store(repository, tmp_path, os_layer(tmp_path), 1),
+             store(repository, tmp_path, LayerDef("Tools", "app", {"tool.exe": b"MZ"}), 2)]
+    applied = threading.Event()
+    real_extract = Wim.extract_image_to_ntfs_volume
+
+    def extract(self: Wim, index: int, volume: Path, **kwargs: Any) -> None:
+        real_extract(self, index, volume, **kwargs)
+        if volume.name == "windows.ntfs":
+            applied.set()
+
+    def failing(*args: Any) -> Any:
+        assert threading.current_thread() is not threading.main_thread()
+        raise ComposeError("The listing of layer Tools 2 is damaged.")
+
+    monkeypatch.setattr(compose_module, "conflicts", failing)
+    monkeypatch.setattr(Wim, "extract_image_to_ntfs_volume", extract)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ComposeError) as caught:
+        compose(stack, repository, tmp_path / "out", "vhdx", 1, name="no-report")
+    assert str(caught.value) == "The listing of layer Tools 2 is damaged."
+    assert applied.is_set()
+    assert os.listdir(tmp_path / "out") == []
+    assert repository.check() == []
