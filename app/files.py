@@ -26,13 +26,14 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` entirely or keeps what it had: a temporary file beside it is written,
-    synced and renamed over it, then the folder is synced."""
+def write_atomic(path: Path, *data: bytes | bytearray | memoryview) -> None:
+    """``path`` holds ``data`` (one or more pieces, written one after the other) entirely or keeps what it
+    had: a temporary file beside it is written, synced and renamed over it, then the folder is synced."""
     work = path.with_name(f".{path.name}.tmp")
     try:
         with work.open("wb") as file:
-            file.write(data)
+            for piece in data:
+                file.write(piece)
             file.flush()
             os.fsync(file.fileno())
         work.replace(path)

@@ -100,7 +100,6 @@ from app.engine.wim import (
     overwrite_file_in_ntfs_volume,
 )
 from app.errors import EnvironmentProblem, UserError
-from app.files import write_atomic
 from app.procs import Cancellable
 from app.tasks.base import CancelToken, TaskCanceled
 from app.tasks.worker import WorkerReport
@@ -716,9 +715,8 @@ def _rewrite_hives(job: _HiveJob, stack: Sequence[StackLayer], manifests: Sequen
             delta.apply(hives)
         written: dict[str, _NewHive] = {}
         for hive in job.changed:
-            file, data = job.target / hive, hives[hive].to_bytes()
-            write_atomic(file, data)
-            written[hive] = _NewHive(job.found[hive].path, file, hashlib.sha256(data).hexdigest())
+            file = job.target / hive
+            written[hive] = _NewHive(job.found[hive].path, file, hives[hive].write(file))
     except HiveError as exc:
         # the hive's messages start with its file's name (opening it, or reading a key the deltas reach)
         message = str(exc)

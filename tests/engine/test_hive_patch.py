@@ -6,6 +6,7 @@ synthetic one."""
 
 from __future__ import annotations
 
+import hashlib
 import lzma
 import random
 import struct
@@ -294,3 +295,18 @@ def test_damaged_hives_are_refused(real_hives: Callable[[str], bytes], synthetic
     with pytest.raises(HiveError) as caught:
         hive.to_bytes()  # freeing the deleted key walks what was below it
     assert str(caught.value) == message
+
+
+def test_write_puts_the_patched_file_in_place_and_returns_its_checksum(synthetic_file: bytes,
+                                                                     tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    target = tmp_path / "config" / "SOFTWARE"
+    target.write_bytes(b"the old file")
+    hive = PatchedHive(synthetic_file)
+    hive.ensure("Neu").set_value("Wert", ValueType.DWORD, b"\x05\0\0\0")
+    digest = hive.write(target)
+    assert target.read_bytes() == hive.to_bytes()
+    assert digest == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["SOFTWARE"]  # no temporary file left
+    neu = parse_hive(target.read_bytes()).find("Neu")
+    assert neu is not None and neu.values["wert"].data == b"\x05\0\0\0"

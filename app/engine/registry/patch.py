@@ -29,6 +29,7 @@ damaged cell that nothing reaches is carried over as it is.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -56,6 +57,7 @@ from app.engine.registry.regf import (
     clean_hive_data,
     read_hive_file,
 )
+from app.files import write_atomic
 
 __all__ = ["PatchedHive", "open_hive"]
 
@@ -188,6 +190,20 @@ class PatchedHive(Hive):
 
     def to_bytes(self) -> bytes:
         """The hive file with the changes made so far (the opened hive itself is left as it was)."""
+        return b"".join(self._pieces())
+
+    def write(self, path: Path) -> str:
+        """Write the hive file with the changes made so far to ``path`` atomically (see
+        :func:`~app.files.write_atomic`); its SHA-256, in hex. Holds one copy of the file in memory, besides
+        the file as read."""
+        header, bins = self._pieces()
+        digest = hashlib.sha256(header)
+        digest.update(bins)
+        write_atomic(path, header, bins)
+        return digest.hexdigest()
+
+    def _pieces(self) -> tuple[bytes, bytearray]:
+        """The new header and hive bins."""
         with _no_gc():
             return _Patcher(self, self._reader, self._bins).run()
 
@@ -229,7 +245,7 @@ class _Patcher(_Writer):
         self.security = {descriptor: offset for offset, descriptor in reader.security.items()}
         self.new_security: list[int] = []
 
-    def run(self) -> bytes:
+    def run(self) -> tuple[bytes, bytearray]:
         root = self.hive.root
         assert isinstance(root, _StoredKey)
         stack = [root]
@@ -246,7 +262,7 @@ class _Patcher(_Writer):
         struct.pack_into("<Q", header, 12, max(struct.unpack_from("<Q", header, 12)[0], self.newest))
         _U32.pack_into(header, 40, len(self.buf))
         _U32.pack_into(header, 508, _checksum(header))
-        return b"".join((header, self.buf))  # one copy of the file, not two
+        return bytes(header), self.buf
 
     # -- changed keys -------------------------------------------------------------------------------
 
