@@ -150,6 +150,29 @@ def test_only_the_keys_on_the_way_are_read(real_hives: Callable[[str], bytes]) -
             stack.extend((f"{path}\\{k.name}".lstrip("\\"), k) for k in key.subkeys.values())
     assert sorted(opened) == ["", "ControlSet001", "ControlSet001\\services", "ControlSet001\\services\\Tcpip",
                               "ControlSet001\\services\\Tcpip\\Parameters"]
+    services = hive.find("ControlSet001\\services")
+    assert services is not None
+    assert list(services.subkeys) == ["tcpip"]  # of its hundreds of subkeys, only the one on the way is a key
+    assert len(services.stored_subkeys) > 300  # type: ignore[attr-defined]
+
+
+def test_a_key_deleted_and_made_again_is_a_new_empty_key(synthetic_file: bytes) -> None:
+    """Deleting keys whose nodes were never read (and one that was), then creating two of them again: the
+    old ones are gone with everything below them, the new ones hold only what was set after."""
+    expected = parse_hive(synthetic_file)
+    delta = RegistryDelta([
+        SetValue(HIVE, "Tree\\Branch04\\Leaf001", "Before", ValueType.DWORD, bytes(4)),
+        DeleteKey(HIVE, "Tree\\Branch03"), DeleteKey(HIVE, "Tree\\Branch04"), DeleteKey(HIVE, "Tree\\Branch05"),
+        SetValue(HIVE, "Tree\\branch03\\Neu", "After", ValueType.DWORD, b"\x01\0\0\0"),
+        CreateKey(HIVE, "Tree\\Branch04"),
+    ])
+    out = patched(synthetic_file, delta)
+    delta.apply({HIVE: expected})
+    assert_same_tree(expected.root, parse_hive(out).root)
+    layout = assert_valid_layout(out)
+    assert sorted(p for p in layout.keys if p.startswith(("Tree\\Branch03", "Tree\\branch03", "Tree\\Branch04"))) == [
+        "Tree\\Branch04", "Tree\\branch03", "Tree\\branch03\\Neu"]
+    assert "Tree\\Branch05" not in layout.keys
 
 
 def sk_cells(data: bytes, layout: Layout) -> dict[int, bytes]:

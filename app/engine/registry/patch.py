@@ -47,6 +47,7 @@ from app.engine.registry.regf import (
     BIG_DATA_SEGMENT,
     DATA_INLINE,
     HBIN_HEADER,
+    KEY_COMP_NAME,
     NIL,
     _checksum,
     _encode_name,
@@ -85,8 +86,10 @@ def open_hive(path: Path, *, allow_dirty: bool = False) -> PatchedHive:
 
 
 class _StoredKey(RegistryKey):
-    """A key that is in the hive file. Its values and subkeys are read when it is opened: by any of the
-    methods below, or by a :class:`PatchedHive` path lookup that reaches it."""
+    """A key that is in the hive file. Its values and its subkeys' names are read when it is opened: by any
+    of the methods below, or by a :class:`PatchedHive` path lookup that reaches it. A subkey becomes a key
+    object of its own only when it is asked for (a key such as ``Classes\\CLSID`` has tens of thousands).
+    :attr:`subkeys` holds the subkeys asked for and the new ones."""
 
     def __init__(self, hive: PatchedHive, offset: int, key: RegistryKey) -> None:
         super().__init__(key.name, class_name=key.class_name, security=key.security,
@@ -94,9 +97,12 @@ class _StoredKey(RegistryKey):
         self.hive = hive
         self.offset = offset
         self.opened = False
-        #: As read: the values (folded name, name, type, data) and the subkeys, to tell what changed.
+        #: As read: the values (folded name, name, type, data), to tell whether they changed.
         self.stored_values: list[tuple[str, str, int, bytes]] = []
-        self.stored_subkeys: dict[str, _StoredKey] = {}
+        #: As read: each subkey's folded name -> (key node offset, name).
+        self.stored_subkeys: dict[str, tuple[int, str]] = {}
+        #: The folded names of stored subkeys deleted since (one may have been created again, as a new key).
+        self.deleted: set[str] = set()
 
     def open(self) -> None:
         if not self.opened:
@@ -116,20 +122,34 @@ class _StoredKey(RegistryKey):
 
     def subkey(self, name: str) -> RegistryKey | None:
         self.open()
-        return super().subkey(name)
+        folded = fold(name)
+        key = self.subkeys.get(folded)
+        if key is None and folded in self.stored_subkeys and folded not in self.deleted:
+            key = self.subkeys[folded] = self.hive.stored_key(self.stored_subkeys[folded][0])
+        return key
 
     def add_subkey(self, name: str) -> RegistryKey:
-        self.open()
-        return super().add_subkey(name)
+        key = self.subkey(name)
+        if key is None:
+            key = self.subkeys[fold(name)] = RegistryKey(name)
+        return key
 
     def delete_subkey(self, name: str) -> bool:
         self.open()
-        return super().delete_subkey(name)
+        folded = fold(name)
+        found = self.subkeys.pop(folded, None) is not None
+        if folded in self.stored_subkeys and folded not in self.deleted:
+            self.deleted.add(folded)
+            found = True
+        return found
 
     def walk(self, path: str = "") -> Iterator[tuple[str, RegistryKey]]:
         self.open()
         yield path, self
-        for key in self.subkeys.values():
+        for folded, (_, name) in self.stored_subkeys.items():
+            if folded not in self.deleted:
+                self.subkey(name)
+        for key in list(self.subkeys.values()):
             yield from key.walk(f"{path}\\{key.name}" if path else key.name)
 
 
@@ -161,11 +181,11 @@ class PatchedHive(Hive):
         return key
 
     def open_key(self, key: _StoredKey) -> None:
-        """Read ``key``'s values and its subkeys' key nodes (their own contents wait until they are opened)."""
+        """Read ``key``'s values and its subkeys' names (their key nodes wait until they are asked for)."""
         reader, data = self._reader, self._reader.data
         start, _ = reader.cell(key.offset)
         (_, _, _, _, _, n_subkeys, _, subkeys_offset, _, n_values, values_offset, *_) = _NK.unpack_from(data, start)
-        stored: dict[str, _StoredKey] = {}
+        stored: dict[str, tuple[int, str]] = {}
         with _no_gc():
             if n_values:
                 reader.read_values(key, n_values, values_offset)
@@ -176,15 +196,18 @@ class PatchedHive(Hive):
                     raise reader.corrupt(f"key at {key.offset:#x} lists {len(children)} subkeys but counts "
                                          f"{n_subkeys}")
                 for child in children:
-                    child_start, child_length = reader.cell(child)
-                    stub = _StoredKey(self, child, reader.key_node(child_start, child_length, child))
-                    folded = fold(stub.name)
+                    name = _stored_name(reader, child)
+                    folded = fold(name)
                     if folded in stored:
-                        raise reader.corrupt(f"two subkeys named {stub.name!r} under key at {key.offset:#x}")
-                    stored[folded] = stub
-        key.subkeys.update(stored)
+                        raise reader.corrupt(f"two subkeys named {name!r} under key at {key.offset:#x}")
+                    stored[folded] = (child, name)
         key.stored_subkeys = stored
         key.opened = True
+
+    def stored_key(self, offset: int) -> _StoredKey:
+        """The key whose key node is at ``offset`` (not opened yet)."""
+        start, length = self._reader.cell(offset)
+        return _StoredKey(self, offset, self._reader.key_node(start, length, offset))
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -206,6 +229,23 @@ class PatchedHive(Hive):
         """The new header and hive bins."""
         with _no_gc():
             return _Patcher(self, self._reader, self._bins).run()
+
+
+def _stored_name(reader: _Reader, offset: int) -> str:
+    """The name in the key node at ``offset`` (the rest of the node is checked when the key is read)."""
+    data = reader.data
+    start, length = reader.cell(offset)
+    if length < 76 or data[start:start + 2] != b"nk":
+        raise reader.corrupt(f"cell at {offset:#x} is not a key node")
+    (flags,) = struct.unpack_from("<H", data, start + 2)
+    (name_length,) = struct.unpack_from("<H", data, start + 72)
+    if 76 + name_length > length:
+        raise reader.corrupt(f"key node at {offset:#x} has a bad name length")
+    raw = data[start + 76:start + 76 + name_length]
+    try:
+        return raw.decode("latin-1") if flags & KEY_COMP_NAME else raw.decode("utf-16-le", "surrogatepass")
+    except UnicodeDecodeError:
+        raise reader.corrupt(f"key node at {offset:#x} has a bad name") from None
 
 
 def _check_cells(reader: _Reader) -> list[int]:
@@ -278,27 +318,32 @@ class _Patcher(_Writer):
             for field, number in ((_NK_VALUE_COUNT, len(key.values)), (_NK_VALUE_LIST, values_offset),
                                   (_NK_MAX_VALUE_NAME, max_value_name), (_NK_MAX_VALUE_DATA, max_value_data)):
                 _U32.pack_into(buf, nk + field, number)
-        stored, subkeys = key.stored_subkeys, key.subkeys
-        staying = [child for folded, child in stored.items() if subkeys.get(folded) is child]
-        if len(staying) == len(stored) == len(subkeys):
+        subkeys, deleted = key.subkeys, key.deleted
+        staying = [child for child in subkeys.values() if isinstance(child, _StoredKey)]
+        if not deleted and len(staying) == len(subkeys):
             return staying
-        for folded, gone in stored.items():
-            if subkeys.get(folded) is not gone:
-                self.free_key(gone.offset)
+        for folded in deleted:
+            self.free_key(key.stored_subkeys[folded][0])
         (count,) = _U32.unpack_from(buf, nk + _NK_SUBKEY_COUNT)
         if count:
             self.free_subkey_list(_U32.unpack_from(buf, nk + _NK_SUBKEY_LIST)[0])
         (security_offset,) = _U32.unpack_from(buf, nk + _NK_SECURITY)
         listed: list[tuple[int, str, str]] = []
         max_name = max_class = 0
+        data, cell = self.reader.data, self.reader.cell
+        for folded, (offset, name) in key.stored_subkeys.items():
+            if folded in deleted:
+                continue
+            listed.append((offset, _upcase(name), name))
+            max_name = max(max_name, len(name.encode("utf-16-le", "surrogatepass")))  # as UTF-16, stored either way
+            max_class = max(max_class, struct.unpack_from("<H", data, cell(offset)[0] + 74)[0])
         for child in subkeys.values():
-            name, compressed = _encode_name(child.name)
-            if isinstance(child, _StoredKey) and stored.get(fold(child.name)) is child:
-                offset = child.offset
-            else:
-                offset = self.write_new_key(child, key.offset, security_offset, name, compressed)
+            if isinstance(child, _StoredKey):
+                continue
+            encoded, compressed = _encode_name(child.name)
+            offset = self.write_new_key(child, key.offset, security_offset, encoded, compressed)
             listed.append((offset, _upcase(child.name), child.name))
-            max_name = max(max_name, 2 * len(name) if compressed else len(name))
+            max_name = max(max_name, 2 * len(encoded) if compressed else len(encoded))
             if child.class_name:
                 max_class = max(max_class, len(child.class_name.encode("utf-16-le", "surrogatepass")))
         listed.sort(key=lambda entry: entry[1].encode("utf-16-be", "surrogatepass"))
