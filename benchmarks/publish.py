@@ -89,7 +89,7 @@ def _sz(text: str) -> bytes:
     return (text + "\0").encode("utf-16-le")
 
 
-def _fill(hive: Hive, keys: int, rng: random.Random) -> None:
+def fill_hive(hive: Hive, keys: int, rng: random.Random) -> None:
     """``keys`` keys of the shapes Windows' hives are made of: class registrations, components and services,
     each with a few string, DWORD and binary values."""
     for n in range(keys):
@@ -120,14 +120,14 @@ def generate_os(root: Path, total_mb: float, files: int, hive_keys: int) -> tupl
     software.ensure("Microsoft\\Windows NT\\CurrentVersion").set_value("ProductName", ValueType.SZ,
                                                                         _sz("Windows 11 Pro"))
     software.ensure("Shared").set_value("Owner", ValueType.SZ, _sz("OS"))
-    _fill(software, hive_keys, rng)
+    fill_hive(software, hive_keys, rng)
     write_hive(software, config / "SOFTWARE")
     system = Hive(RegistryKey("ROOT"), file_name="\\SystemRoot\\System32\\Config\\SYSTEM")
     for name in ("Current", "Default"):
         system.ensure("Select").set_value(name, ValueType.DWORD, (1).to_bytes(4, "little"))
     system.ensure("ControlSet001\\Control\\Session Manager\\Environment").set_value(
         "Path", ValueType.EXPAND_SZ, _sz("%SystemRoot%\\system32;%SystemRoot%"))
-    _fill(system, hive_keys // 5, rng)
+    fill_hive(system, hive_keys // 5, rng)
     write_hive(system, config / "SYSTEM")
     written += (config / "SOFTWARE").stat().st_size + (config / "SYSTEM").stat().st_size
     return paths, written
