@@ -19,12 +19,14 @@ from app.engine import compose as compose_module
 from app.engine import in_place
 from app.engine.compose import ComposeError, StackLayer, compose
 from app.engine.disk import DiskError
+from app.engine.registry.regf import serialize_hive
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind
 from app.engine.wim import Wim, make_ntfs_volume
 from app.errors import UserError
 from tests.engine.test_compose import store
+from tests.engine.test_hive import walk_cells
 from tests.support import ntfs_security as sec
-from tests.support.compose_stack import LayerDef, os_layer
+from tests.support.compose_stack import LayerDef, os_layer, software_hive, system_hive
 from tests.support.repository_checks import make_tree
 from tests.support.tools import loop_filesystem, run_ok, small_filesystem, tool
 
@@ -213,5 +215,30 @@ def test_a_conflict_report_that_cannot_be_made_publishes_nothing(
         compose(stack, repository, tmp_path / "out", "vhdx", 1, name="no-report")
     assert str(caught.value) == "The listing of layer Tools 2 is damaged."
     assert applied.is_set()
+    assert os.listdir(tmp_path / "out") == []
+    assert repository.check() == []
+
+
+def test_a_damaged_key_node_on_a_layers_registry_path_is_refused(tmp_path: Path) -> None:
+    """The OS hives are patched, so only what the layers' changes reach is read: a damaged key node on the
+    way is refused with the hive's name and the damage, nothing is published and the repository is whole."""
+    software = bytearray(serialize_hive(software_hive()))
+    damaged = walk_cells(bytes(software)).keys["Microsoft\\Windows NT"].offset
+    software[4096 + damaged + 4:4096 + damaged + 6] = b"xx"
+    broken = LayerDef("Win11", "os", {
+        "Windows/System32/config/SOFTWARE": bytes(software),
+        "Windows/System32/config/SYSTEM": serialize_hive(system_hive()),
+    })
+    app = LayerDef("Tools", "app", {"tool.exe": b"MZ"}, reg=(
+        "[HKEY_LOCAL_MACHINE\\SOFTWARE\\Microsoft\\Windows NT\\Tools]\r\n\"On\"=dword:00000001\r\n\r\n"))
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    stack = [store(repository, tmp_path, broken, 1), store(repository, tmp_path, app, 2)]
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ComposeError) as caught:
+        compose(stack, repository, tmp_path / "out", "vhdx", 1, name="broken")
+    assert str(caught.value) == (
+        "The OS layer Win11's SOFTWARE hive (Windows\\System32\\config\\SOFTWARE) cannot be used: the hive is "
+        f"damaged (cell at {damaged:#x} is not a key node); refusing to read it. Import the OS layer again from a "
+        "machine that was shut down cleanly.")
     assert os.listdir(tmp_path / "out") == []
     assert repository.check() == []
