@@ -30,6 +30,7 @@ from tests.engine.test_hive import (
     assert_same_entries,
     assert_same_tree,
     assert_valid_layout,
+    descriptor,
     hivexml_entries,
     hivexsh,
     lh_hash,
@@ -333,3 +334,22 @@ def test_write_puts_the_patched_file_in_place_and_returns_its_checksum(synthetic
     assert sorted(p.name for p in target.parent.iterdir()) == ["SOFTWARE"]  # no temporary file left
     neu = parse_hive(target.read_bytes()).find("Neu")
     assert neu is not None and neu.values["wert"].data == b"\x05\0\0\0"
+
+
+def test_a_new_key_with_a_descriptor_of_its_own_gets_a_new_security_cell(synthetic_file: bytes) -> None:
+    """Deltas never set a descriptor, but the model allows it: a descriptor the file does not hold gets a new
+    security cell, linked into the circular list, and its subkeys share it."""
+    own = descriptor("S-1-5-19", ("S-1-5-19", 0xF003F))
+    hive = PatchedHive(synthetic_file)
+    neu = hive.ensure("Neu")
+    neu.security = own
+    neu.add_subkey("Unter")
+    out = hive.to_bytes()
+    layout = assert_valid_layout(out)
+    cells = sk_cells(out, layout)
+    assert sorted(cells.values()) == sorted([SD_A, SD_B, own])
+    for path in ("Neu", "Neu\\Unter"):
+        (sk,) = struct.unpack_from("<I", out, 4096 + layout.keys[path].offset + 4 + 44)
+        assert cells[sk] == own
+    reread = parse_hive(out).find("Neu\\Unter")
+    assert reread is not None and reread.security == own
