@@ -143,5 +143,13 @@ class LayerDiskCache:
                     pass
         return removed
 
+    def discard(self, names: Collection[str]) -> None:
+        """Remove these entries (volumes found not to hold what their layer versions hold): the next use
+        stages them afresh."""
+        for name in names:
+            if _ENTRY.fullmatch(name):
+                (self.root / name).unlink(missing_ok=True)
+                log.warning("layer disk cache: removed %s, which no longer matches its layer version", name)
+
     def name_for(self, layer_id: int, version_id: int, checksum: str) -> str:
         return self._name(layer_id, version_id, checksum)

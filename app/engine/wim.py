@@ -63,6 +63,7 @@ __all__ = [
     "RenameCommand",
     "UpdateCommand",
     "Wim",
+    "WimDataChanged",
     "WimError",
     "library_version",
     "load_library",
@@ -109,6 +110,7 @@ FILE_ATTRIBUTE_REPARSE_POINT = 0x400
 
 #: wimlib error codes that mean "the input you gave is not usable" (file, image, path, volume); every
 #: other code is the environment's fault (memory, disk, privileges, a library without NTFS-3G).
+_ERR_CONCURRENT_MODIFICATION = 88
 _USER_ERRORS = frozenset({
     2,   # DECOMPRESSION: damaged data
     10,  # IMAGE_COUNT
@@ -159,6 +161,12 @@ class WimError(UserError):
     def __init__(self, message: str, *, wimlib_code: int | None = None) -> None:
         super().__init__(message)
         self.wimlib_code = wimlib_code
+
+
+class WimDataChanged(EnvironmentProblem):
+    """File data read from a captured folder or volume does not match the SHA-1 wimlib holds for it (wimlib's
+    CONCURRENT_MODIFICATION_DETECTED): the source changed after it was scanned, or after
+    :meth:`Wim.take_hashes_from` gave it the SHA-1s of what it should hold."""
 
 
 # --- C structures ---------------------------------------------------------------------------------
@@ -345,6 +353,7 @@ class _Library:
         self._proto("wimlib_write", i, [vp, vp, i, i, u])
         self._proto("wimlib_delete_image", i, [vp, i])
         self._proto("wimlib_export_image", i, [vp, i, vp, vp, vp, i])
+        self._proto("wimlib_reference_template_image", i, [vp, i, vp, i, i])
         self._proto("wimlib_verify_wim", i, [vp, i])
         self._proto("wimlib_overwrite", i, [vp, i, u])
         self._proto("wimlib_extract_image", i, [vp, i, vp, i])
@@ -501,6 +510,8 @@ def _raise_for(lib: _Library, code: int, doing: str, errors: Sequence[str] = ())
         message += ": " + "; ".join(errors[-3:])
     if code in _USER_ERRORS:
         raise WimError(message, wimlib_code=code)
+    if code == _ERR_CONCURRENT_MODIFICATION:
+        raise WimDataChanged(message)
     raise EnvironmentProblem(message)
 
 
@@ -812,6 +823,22 @@ class Wim:
         flags = _UPDATE_FLAG_SEND_PROGRESS if cancel is not None else 0
         with self._progress(progress, cancel, f"Cannot update image {index}") as run:
             run(lambda: self._lib.wimlib_update_image(self._wim, index, array, len(commands), flags))
+
+    def take_hashes_from(self, index: int, template: Wim, template_index: int) -> None:
+        """Give files of image ``index`` captured since the last write (their data not yet hashed) the SHA-1s
+        of the files at the same paths in image ``template_index`` of ``template`` (paths compared case
+        sensitively), where both have the same creation and last write times and the same stream sizes:
+        ``wimlib_reference_template_image``. Their data is then not read to hash it; it is still read, and
+        checked against those SHA-1s, when the image is applied or written. Files already hashed, and files
+        the template does not have or holds with other times or sizes, are left alone. ``template`` may be
+        closed afterwards."""
+        self._check_index(index)
+        template._check_index(template_index)
+        wim, other = self._wim, template._wim
+        self._lib.check(
+            f"Cannot compare image {index} with image {template_index} of {template.path or 'another WIM'}",
+            lambda: self._lib.wimlib_reference_template_image(wim, index, other, template_index, 0),
+        )
 
     def delete_image(self, index: int) -> None:
         """Remove image ``index`` from this WIM in memory (later images move down by one); the file

@@ -1,10 +1,12 @@
 """The layer disk cache: a second publish takes app and platform layers' volumes from the cache and
 gives the same image; the cache stays within its bound, evicting the least recently used volume; a
 changed version never matches an old entry; layers missing from it are staged side by side, and one that
-fails stops the others."""
+fails stops the others; a cached volume whose files no longer match its layer is never published from, but
+staged again."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -17,7 +19,7 @@ from app.engine import compose as compose_module
 from app.engine.compose import StackLayer, compose
 from app.engine.layer_cache import LayerDiskCache
 from app.engine.repository import LayerRepository, RepositoryDamaged
-from tests.engine.test_compose import store
+from tests.engine.test_compose import _check_disk, store
 from tests.support.compose_stack import CITRIX, OFFICE, TOOLS, os_layer
 from tests.support.tools import run_ok
 
@@ -165,3 +167,38 @@ def test_a_staging_that_fails_stops_the_others_and_its_error_is_the_one_reported
     assert list(out.iterdir()) == []
     assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []  # office never staged
     assert repository.check() == []
+
+
+@pytest.mark.parametrize("fmt", ["wim", "raw"])
+def test_a_cached_volume_whose_files_changed_is_staged_again(
+    stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path, fmt: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The files a cached volume adds carry the SHA-1s of their layer's repository image, and applying or
+    writing the image checks the data read against them: a volume changed after it was staged (same size,
+    same times, other bytes) is dropped from the cache and staged afresh, and the image holds the layer's
+    own bytes."""
+    repository, layers = stack
+    cache = LayerDiskCache(tmp_path / "cache", 1024**3)
+    out = tmp_path / "out"
+    out.mkdir()
+    first = compose(layers, repository, out, fmt, 1, name="first", cache=cache)
+    office = layers[1]
+    (volume,) = [p for p, _, _ in cache.entries() if p.name.startswith(f"{office.layer_id}-")]
+    forged = tmp_path / "forged.exe"
+    forged.write_bytes(b"WORD" * 100)  # the size of Office's winword.exe
+    run_ok("ntfscp", "-f", volume, forged, "Program Files/Office/winword.exe")
+    assert run_ok("ntfscat", volume, "Program Files/Office/winword.exe").stdout == "WORD" * 100
+    with caplog.at_level(logging.WARNING, logger="app.engine"):
+        second = compose(layers, repository, out, fmt, 1, name="second", cache=cache)
+    assert "does not match its layer" in caplog.text
+    assert second.cache_hits == 0 and second.manifest_digest == first.manifest_digest
+    if fmt == "wim":
+        run_ok("wimlib-imagex", "extract", second.path, "1", "/Program Files/Office/winword.exe",
+               f"--dest-dir={tmp_path / 'x'}")
+        assert (tmp_path / "x" / "winword.exe").read_bytes() == b"word" * 100
+    else:
+        (tmp_path / "check").mkdir()
+        _check_disk(second.path, tmp_path / "check", 1024**3)  # every file's bytes, read with ntfscat
+    # the cache holds the layer's own volume again, and nothing else was left behind
+    assert run_ok("ntfscat", volume, "Program Files/Office/winword.exe").stdout == "word" * 100
+    assert sorted(p.name for p in out.iterdir()) == sorted([first.path.name, second.path.name])
