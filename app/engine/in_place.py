@@ -63,7 +63,7 @@ __all__ = ["FORMATS", "assemble", "ranges_supported"]
 
 MiB = 1024 * 1024
 FORMATS = ("raw", "vhd-fixed", "vhd-dynamic", "vhdx", "qcow2", "vmdk-sparse")
-_BLOCK = 2 * MiB  # VHDX payload block, as the streamed writer uses
+_BLOCK = vhd.VHDX_BLOCK  # the VHDX payload block, as the streamed writer uses
 _QCOW2_CLUSTER = 64 * 1024
 _QCOW2_COPIED = 1 << 63  # the cluster's refcount is exactly one
 _VMDK_GRAIN = 64 * 1024

@@ -520,13 +520,18 @@ _VHDX_REGION_TABLE_AT = (192 * KiB, 256 * KiB)
 _VHDX_LOG_AT, _VHDX_LOG_SIZE = MiB, MiB
 _VHDX_METADATA_AT, _VHDX_METADATA_SIZE = 2 * MiB, MiB
 _VHDX_BAT_AT = 3 * MiB
+#: The payload block size LayerDesk writes: the smallest VHDX allows. NTFS-3G spreads a volume's files over
+#: it with gaps of free clusters between them (a 1.6 GiB apply of a Windows-size layer on a 6 GiB disk:
+#: 1,273 runs of data, half the gaps 16 KiB or less); a block touching any data is stored whole, so with
+#: 2 MiB blocks the image held 1.48× the volume's data, with 1 MiB blocks 1.19×.
+VHDX_BLOCK = MiB
 
 
 def write_vhdx(
     pieces: Sequence[Path],
     out: Path,
     *,
-    block_size: int = 2 * MiB,
+    block_size: int = VHDX_BLOCK,
     skip_zero_blocks: bool = False,
     progress: ProgressFn | None = None,
     cancel: Cancellable | None = None,
