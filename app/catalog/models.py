@@ -27,6 +27,9 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from app.tasks.states import FINAL_TASK_STATES as FINAL_TASK_STATES
+from app.tasks.states import TaskState as TaskState
+
 NAME_LENGTH = 64
 
 
@@ -90,30 +93,7 @@ class SysprepMode(enum.StrEnum):
     GENERALIZE_OFFLINE = "generalize_offline"
 
 
-class TaskState(enum.StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    CANCELING = "canceling"
-    CANCELED = "canceled"
-    COMPLETE = "complete"
-    DONE_WITH_ERRORS = "done_with_errors"
-    FAILED = "failed"
-    ACTION_REQUIRED = "action_required"
-
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL_TASK_STATES
-
-
-FINAL_TASK_STATES = frozenset(
-    {
-        TaskState.CANCELED,
-        TaskState.COMPLETE,
-        TaskState.DONE_WITH_ERRORS,
-        TaskState.FAILED,
-        TaskState.ACTION_REQUIRED,
-    }
-)
+# TaskState and FINAL_TASK_STATES live with the tasks (a worker process needs them without SQLAlchemy).
 
 
 class Role(enum.StrEnum):

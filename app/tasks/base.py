@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
-from app.catalog.models import TaskState
+from app.tasks.states import TaskState
 
 
 class TaskCanceled(Exception):

@@ -36,7 +36,8 @@ def main(argv: list[str]) -> int:
     from app.services import Services, open_catalog
     from app.services.rbac import Caller
     from app.services.templates import TemplateSpec
-    from app.tasks import LayerDeskTask, TaskContext, TaskResult, TaskRunner
+    from app.tasks.base import LayerDeskTask, TaskContext, TaskResult
+    from app.tasks.runner import TaskRunner
 
     home = Home(Path(root))
     catalog, secrets = open_catalog(home)
