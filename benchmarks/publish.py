@@ -25,7 +25,12 @@ template is made of them, and then:
 (c) repository bytes of that app layer (its WIM and manifests) after ten 5 %-changed versions on top of
     the first ÷ after the first;
 (d) peak memory: the parent's and its children's ``ru_maxrss``, and each phase's largest child process
-    (``VmHWM`` sampled from ``/proc``).
+    (``VmHWM`` sampled from ``/proc``);
+(e) floors, no LayerDesk code involved: wimlib's own ``wimlib-imagex apply`` of the OS layer's repository
+    WIM onto an empty NTFS volume ÷ ``cp -a`` of the OS layer's folder (each + ``sync``, the page cache
+    dropped before each with ``--drop-caches``); and writing a new copy of a published image
+    (``cp --reflink=auto``: a clone where the file system can clone blocks) plus its SHA-256 ÷ the cold
+    publish, what any re-publish that makes a new image file pays here however little changed.
 
 The publish tasks' per-step timings (from the worker's log line) are printed as medians. Without
 ``--dir`` everything goes to a temporary folder removed at the end.
@@ -34,6 +39,7 @@ The publish tasks' per-step timings (from the worker's log line) are printed as 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import resource
@@ -290,14 +296,16 @@ class Bench:
         result = self.wait(task_id, f"import of {name}:{version}")
         return time.perf_counter() - started, result
 
-    def publish(self) -> tuple[float, float, dict[str, float], float]:
+    def publish(self, keep: Callable[[Path], None] | None = None) -> tuple[float, float, dict[str, float], float]:
         """(wall seconds, the worker's own seconds, per-step timings, seconds of a ``sync`` right after it);
         the image and its record are removed after the sync (removed first, its pages would never be
-        written)."""
+        written). ``keep`` is given the image's path before it is removed."""
         started = time.perf_counter()
         task_id = self.services.publishing.publish(self.runner, TEMPLATE, self.out)
         result = self.wait(task_id, "publish")
         wall = time.perf_counter() - started
+        if keep is not None:
+            keep(Path(str(result["path"])))
         steps: dict[str, float] = {}
         for line in self.services.tasks.log(task_id):
             if "steps: " in line.text:
@@ -327,6 +335,52 @@ def phase(sampler: MemorySampler, name: str) -> Iterator[None]:
     sampler.phase = name
     yield
     sampler.phase = "between"
+
+
+def image_floor(image: Path, work: Path) -> tuple[float, float]:
+    """Seconds to write a new copy of ``image`` (``cp --reflink=auto``: a clone where the file system can clone
+    blocks, else every byte written) and seconds of its SHA-256 (what a publish records): what any re-publish
+    that makes a new image file pays here, however little of it changed."""
+    copy = work / f"floor-copy{image.suffix}"
+    copy.unlink(missing_ok=True)
+    copied = timed(lambda: subprocess.run(["cp", "--reflink=auto", str(image), str(copy)], check=True))
+
+    def sha256() -> None:
+        digest = hashlib.sha256()
+        with copy.open("rb") as file:
+            while chunk := file.read(8 << 20):
+                digest.update(chunk)
+
+    hashed = timed(sha256)
+    copy.unlink()
+    return copied, hashed
+
+
+def apply_floor(wim: Path, os_folder: Path, volume_bytes: int, work: Path, runs: int,
+                drop: bool) -> tuple[list[float], list[float]]:
+    """wimlib's own ``wimlib-imagex apply`` of the OS layer's repository WIM onto an empty NTFS volume, against
+    ``cp -a`` of the OS layer's folder, alternated, each + ``sync`` (page cache dropped first with ``drop``):
+    the engine's own floor, no LayerDesk code involved."""
+    volume, target = work / "floor.ntfs", work / "floor-cp"
+    applied: list[float] = []
+    copied: list[float] = []
+    for _ in range(runs):
+        volume.unlink(missing_ok=True)
+        with volume.open("wb") as file:
+            file.truncate(volume_bytes)
+        subprocess.run(["mkntfs", "-F", "-q", "-f", str(volume)], check=True, capture_output=True)
+        if drop:
+            drop_caches()
+        applied.append(timed(lambda: subprocess.run(["wimlib-imagex", "apply", str(wim), "1", str(volume)],
+                                                    check=True, capture_output=True)) + sync_time())
+        volume.unlink()
+        shutil.rmtree(target, ignore_errors=True)
+        if drop:
+            drop_caches()
+        copied.append(timed(lambda: subprocess.run(["cp", "-a", str(os_folder), str(target)], check=True))
+                      + sync_time())
+        shutil.rmtree(target)
+    return applied, copied
 
 
 def median(values: list[float]) -> float:
@@ -503,6 +557,19 @@ def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files:
             line += f"; re-publish {wall:.2f} s"
         print(line, flush=True)
 
+    # --- floors: what wimlib, the file system and SHA-256 cost here whatever the engine does ---
+    kept: list[Path] = []
+
+    def keep(image: Path) -> None:
+        kept.append(work / f"floor-image{image.suffix}")
+        os.link(image, kept[-1])
+
+    bench.publish(keep=keep)
+    image_copy_s, image_sha_s = image_floor(kept[0], work)
+    kept[0].unlink()
+    os_wim = services.imports.repository.wim_path(services.layers.get_layer("Win11").layer.id)
+    wimapply_s, cp_os_s = apply_floor(os_wim, os_folder, size_gb * GiB, work, min(runs, 3), args.drop_caches)
+
     # --- the table ---
     cold_median = median([op for op, _ in cold])
     cold_sync_median = median([op + flush for op, flush in cold])
@@ -534,6 +601,12 @@ def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files:
         ("(c) above the floor ÷ 1", f"{(sizes[-1] - one_version - sum(random_changed)) / MB:.1f} MB ÷ "
          f"{one_version / MB:.1f} MB", (sizes[-1] - one_version - sum(random_changed)) / one_version,
          "(versions' metadata, text)"),
+    ]
+    rows += [
+        ("(a) floor: wimapply of the OS alone ÷ cp", f"{median(wimapply_s):.2f} s ÷ {median(cp_os_s):.2f} s",
+         median(wimapply_s) / median(cp_os_s), "(each + sync)"),
+        ("(b) floor: new image copy + SHA-256", f"{image_copy_s + image_sha_s:.2f} s ÷ {cold_median:.2f} s",
+         (image_copy_s + image_sha_s) / cold_median, f"(cp {image_copy_s:.2f} s, SHA-256 {image_sha_s:.2f} s)"),
     ]
     print(f"{'measure':40} {'measured':28} {'ratio':>7}  goal")
     for label, measured, ratio, goal in rows:
