@@ -441,7 +441,8 @@ def compose(
             # a volume from the layer disk cache that no longer holds what its layer holds: never used, and
             # staged afresh from the repository (whose WIMs wimlib checks as it reads them) once
             if cache is None or not steps.cached:
-                raise ComposeError(f"A layer's files changed while the image was being built: {exc}") from exc
+                log.error("layer data changed while the image was being built: %s", exc)
+                raise ComposeError(_DATA_CHANGED) from exc
             log.warning("A layer volume from the layer disk cache does not match its layer (%s); the %d volume(s) "
                         "taken from the cache are staged again.", exc, len(steps.cached))
             cache.discard(steps.cached)
@@ -451,7 +452,8 @@ def compose(
             try:
                 built, checksum, entries, hives = build()
             except WimDataChanged as again:
-                raise ComposeError(f"A layer's files changed while the image was being built: {again}") from again
+                log.error("layer data changed again while the image was being built: %s", again)
+                raise ComposeError(_DATA_CHANGED) from again
         files, data_bytes, digest = _tree_manifest(entries, hives)
         report = pending_report.result()
         steps.check()
@@ -467,6 +469,11 @@ def compose(
         data_bytes=data_bytes, manifest_digest=digest, conflicts=tuple(report),
         seconds=round(time.monotonic() - started, 3), timings=steps.timings, cache_hits=steps.cache_hits,
     )
+
+
+_DATA_CHANGED = ("The layers' files changed while the image was being built: a file's data no longer matched its "
+                 "checksum in the layer repository. Nothing was published. Publish again; if this repeats, run "
+                 "'layerctl repo check'.")
 
 
 def _timed_conflicts(stack: Sequence[StackLayer], repository: LayerRepository, steps: _Steps) -> list[Conflict]:

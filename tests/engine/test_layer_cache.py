@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from app.engine import compose as compose_module
-from app.engine.compose import StackLayer, compose
+from app.engine.compose import ComposeError, StackLayer, compose
 from app.engine.layer_cache import LayerDiskCache
 from app.engine.repository import LayerRepository, RepositoryDamaged
+from app.engine.wim import WimDataChanged
 from tests.engine.test_compose import _check_disk, store
 from tests.support.compose_stack import CITRIX, OFFICE, TOOLS, os_layer
 from tests.support.tools import run_ok
@@ -202,3 +203,37 @@ def test_a_cached_volume_whose_files_changed_is_staged_again(
     # the cache holds the layer's own volume again, and nothing else was left behind
     assert run_ok("ntfscat", volume, "Program Files/Office/winword.exe").stdout == "word" * 100
     assert sorted(p.name for p in out.iterdir()) == sorted([first.path.name, second.path.name])
+
+
+def test_layer_data_that_keeps_changing_stops_the_publish_with_one_message(
+    stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When file data still does not match its checksum after the cached volumes were staged again (something
+    changing the layers under the publish; wimlib's error is injected for both tries), the publish stops with
+    one message that names no work file; the cache's entries are the ones staged afresh and nothing is left in
+    the output folder."""
+    repository, layers = stack
+    cache = LayerDiskCache(tmp_path / "cache", 1024**3)
+    out = tmp_path / "out"
+    out.mkdir()
+    compose(layers, repository, out, "raw", 1, name="first", cache=cache)
+    used = sorted(p.name for p, _, _ in cache.entries())
+    tries: list[int] = []
+
+    def changed_data(*args: Any, **kwargs: Any) -> Any:
+        tries.append(1)
+        raise WimDataChanged("Cannot apply image 1 to the NTFS volume /x/windows.ntfs: A file being added to a "
+                             "WIM image was concurrently modified (wimlib error 88)")
+
+    monkeypatch.setattr(compose_module, "_write_disk", changed_data)
+    with caplog.at_level(logging.WARNING, logger="app.engine"), pytest.raises(ComposeError) as caught:
+        compose(layers, repository, out, "raw", 1, name="second", cache=cache)
+    assert str(caught.value).startswith("The layers' files changed while the image was being built")
+    assert "Nothing was published" in str(caught.value) and "windows.ntfs" not in str(caught.value)
+    assert len(tries) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["first.raw"]
+    removed = sorted(r.getMessage().split()[4].rstrip(",") for r in caplog.records
+                     if "no longer matches its layer version" in r.getMessage())
+    assert removed == used  # every volume the first try took from the cache was dropped...
+    assert sorted(p.name for p, _, _ in cache.entries()) == used  # ...and staged again by the second
