@@ -521,9 +521,10 @@ _VHDX_LOG_AT, _VHDX_LOG_SIZE = MiB, MiB
 _VHDX_METADATA_AT, _VHDX_METADATA_SIZE = 2 * MiB, MiB
 _VHDX_BAT_AT = 3 * MiB
 #: The payload block size LayerDesk writes: the smallest VHDX allows. NTFS-3G spreads a volume's files over
-#: it with gaps of free clusters between them (a 1.6 GiB apply of a Windows-size layer on a 6 GiB disk:
-#: 1,273 runs of data, half the gaps 16 KiB or less); a block touching any data is stored whole, so with
-#: 2 MiB blocks the image held 1.48× the volume's data, with 1 MiB blocks 1.19×.
+#: it with gaps of free clusters between them (its allocator moves its position 4,096 clusters past each new
+#: allocation, then fills the gaps on later passes: a 1.6 GiB apply of a Windows-size layer on a 6 GiB disk
+#: gave 1,273 runs of data, half the gaps 16 KiB or less); a block touching any data is stored whole, so
+#: with 2 MiB blocks the image held 1.48× the volume's data, with 1 MiB blocks 1.19×.
 VHDX_BLOCK = MiB
 
 
