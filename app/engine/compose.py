@@ -414,6 +414,7 @@ def compose(
         work.mkdir()
     except FileExistsError:
         raise ComposeError(f"The work folder {work} already exists (another publish is using it).") from None
+
     def build() -> tuple[Path, str, list[DirEntry], dict[str, _NewHive]]:
         with contextlib.ExitStack() as held:
             merged, index = _merge(stack, manifests, repository, work, held, steps,
@@ -435,25 +436,25 @@ def compose(
         return built, checksum, entries, hives
 
     try:
-        try:
-            built, checksum, entries, hives = build()
-        except WimDataChanged as exc:
-            # a volume from the layer disk cache that no longer holds what its layer holds: never used, and
-            # staged afresh from the repository (whose WIMs wimlib checks as it reads them) once
-            if cache is None or not steps.cached:
-                log.error("layer data changed while the image was being built: %s", exc)
-                raise ComposeError(_DATA_CHANGED) from exc
-            log.warning("A layer volume from the layer disk cache does not match its layer (%s); the %d volume(s) "
-                        "taken from the cache are staged again.", exc, len(steps.cached))
-            cache.discard(steps.cached)
-            steps.cached, steps.cache_hits = [], 0
-            shutil.rmtree(work)
-            work.mkdir()
+        retried = False
+        while True:
             try:
                 built, checksum, entries, hives = build()
-            except WimDataChanged as again:
-                log.error("layer data changed again while the image was being built: %s", again)
-                raise ComposeError(_DATA_CHANGED) from again
+                break
+            except WimDataChanged as exc:
+                # a volume from the layer disk cache that no longer holds what its layer holds is never used:
+                # the volumes taken from the cache are staged afresh from the repository (whose WIMs wimlib
+                # checks as it reads them) and the image built again, once
+                if retried or cache is None or not steps.cached:
+                    log.error("layer data changed while the image was being built: %s", exc)
+                    raise ComposeError(_DATA_CHANGED) from exc
+                log.warning("A layer volume from the layer disk cache does not match its layer (%s); the %d "
+                            "volume(s) taken from the cache are staged again.", exc, len(steps.cached))
+                cache.discard(steps.cached)
+                steps.cached, steps.cache_hits = [], 0
+                retried = True
+                shutil.rmtree(work)
+                work.mkdir()
         files, data_bytes, digest = _tree_manifest(entries, hives)
         report = pending_report.result()
         steps.check()
@@ -517,8 +518,8 @@ def _take_hashes(merged: Wim, index: int, repository: LayerRepository, layer: St
     checks it against its SHA-1: a volume whose data no longer matches its layer stops the publish."""
     with Wim.open(repository.wim_path(layer.layer_id)) as layer_wim:
         image = layer_wim.find_image(manifest.image)
-        if image is None:  # the staging has just read it; a repository changed meanwhile fails later, loudly
-            return
+        if image is None:  # what the conflict report, beside this, finds too
+            raise ComposeError(f"The repository's WIM of layer {layer.name} has no image {manifest.image}.")
         merged.take_hashes_from(index, layer_wim, image)
 
 

@@ -108,9 +108,10 @@ FILE_ATTRIBUTE_SYSTEM = 0x4
 FILE_ATTRIBUTE_DIRECTORY = 0x10
 FILE_ATTRIBUTE_REPARSE_POINT = 0x400
 
+#: CONCURRENT_MODIFICATION_DETECTED: data read does not match the SHA-1 wimlib holds for it (WimDataChanged).
+_ERR_CONCURRENT_MODIFICATION = 88
 #: wimlib error codes that mean "the input you gave is not usable" (file, image, path, volume); every
 #: other code is the environment's fault (memory, disk, privileges, a library without NTFS-3G).
-_ERR_CONCURRENT_MODIFICATION = 88
 _USER_ERRORS = frozenset({
     2,   # DECOMPRESSION: damaged data
     10,  # IMAGE_COUNT

@@ -19,7 +19,7 @@ from app.engine import compose as compose_module
 from app.engine.compose import ComposeError, StackLayer, compose
 from app.engine.layer_cache import LayerDiskCache
 from app.engine.repository import LayerRepository, RepositoryDamaged
-from app.engine.wim import WimDataChanged
+from app.engine.wim import WimDataChanged, WimError
 from tests.engine.test_compose import _check_disk, store
 from tests.support.compose_stack import CITRIX, OFFICE, TOOLS, os_layer
 from tests.support.tools import run_ok
@@ -189,9 +189,11 @@ def test_a_cached_volume_whose_files_changed_is_staged_again(
     forged.write_bytes(b"WORD" * 100)  # the size of Office's winword.exe
     run_ok("ntfscp", "-f", volume, forged, "Program Files/Office/winword.exe")
     assert run_ok("ntfscat", volume, "Program Files/Office/winword.exe").stdout == "WORD" * 100
+    stored = _files(repository.root)
     with caplog.at_level(logging.WARNING, logger="app.engine"):
         second = compose(layers, repository, out, fmt, 1, name="second", cache=cache)
     assert "does not match its layer" in caplog.text
+    assert _files(repository.root) == stored and repository.check() == []
     assert second.cache_hits == 0 and second.manifest_digest == first.manifest_digest
     if fmt == "wim":
         run_ok("wimlib-imagex", "extract", second.path, "1", "/Program Files/Office/winword.exe",
@@ -226,6 +228,7 @@ def test_layer_data_that_keeps_changing_stops_the_publish_with_one_message(
         raise WimDataChanged("Cannot apply image 1 to the NTFS volume /x/windows.ntfs: A file being added to a "
                              "WIM image was concurrently modified (wimlib error 88)")
 
+    stored = _files(repository.root)
     monkeypatch.setattr(compose_module, "_write_disk", changed_data)
     with caplog.at_level(logging.WARNING, logger="app.engine"), pytest.raises(ComposeError) as caught:
         compose(layers, repository, out, "raw", 1, name="second", cache=cache)
@@ -233,7 +236,37 @@ def test_layer_data_that_keeps_changing_stops_the_publish_with_one_message(
     assert "Nothing was published" in str(caught.value) and "windows.ntfs" not in str(caught.value)
     assert len(tries) == 2
     assert sorted(p.name for p in out.iterdir()) == ["first.raw"]
+    assert _files(repository.root) == stored and repository.check() == []
     removed = sorted(r.getMessage().split()[4].rstrip(",") for r in caplog.records
                      if "no longer matches its layer version" in r.getMessage())
     assert removed == used  # every volume the first try took from the cache was dropped...
     assert sorted(p.name for p, _, _ in cache.entries()) == used  # ...and staged again by the second
+
+
+def test_a_damaged_layer_wim_stops_a_publish_even_with_its_volume_cached(
+    stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path,
+) -> None:
+    """The checksums of a cached layer's files come from its repository WIM: a WIM that cannot be read stops the
+    publish with a message naming it, before anything is applied; nothing is written to the output folder, the
+    repository is left as it was (damaged, for ``repo check`` to report) and the cache keeps its volumes."""
+    repository, layers = stack
+    cache = LayerDiskCache(tmp_path / "cache", 1024**3)
+    out = tmp_path / "out"
+    out.mkdir()
+    compose(layers, repository, out, "raw", 1, name="first", cache=cache)
+    entries = sorted(p.name for p, _, _ in cache.entries())
+    office = layers[1]
+    wim = repository.wim_path(office.layer_id)
+    wim.write_bytes(b"MSWIM\0\0\0" + bytes(200))  # a WIM header cut short
+    before = _files(repository.root)
+    with pytest.raises(WimError, match="Cannot open the WIM file") as caught:
+        compose(layers, repository, out, "raw", 1, name="second", cache=cache)
+    assert str(wim) in str(caught.value) and "header" in str(caught.value)
+    assert sorted(p.name for p in out.iterdir()) == ["first.raw"]
+    assert _files(repository.root) == before
+    assert sorted(p.name for p, _, _ in cache.entries()) == entries
+    assert any(str(office.layer_id) in problem for problem in repository.check())
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
