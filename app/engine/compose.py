@@ -417,9 +417,9 @@ def compose(
 
     def build() -> tuple[Path, str, list[DirEntry], dict[str, _NewHive]]:
         with contextlib.ExitStack() as held:
-            merged, index = _merge(stack, manifests, repository, work, held, steps,
-                                   cache if cache is not None else LayerDiskCache(work / "staged", 0))
-            job = _extract_hives(stack, manifests, merged, index, work, steps)
+            merged, index, captured = _merge(stack, manifests, repository, work, held, steps,
+                                             cache if cache is not None else LayerDiskCache(work / "staged", 0))
+            job = _extract_hives(stack, manifests, merged, index, work, steps, captured)
             if fmt == "wim":
                 hives = _merge_registry(job, stack, manifests, merged, index, steps)
                 steps.at(45, "Listing the merged image")
@@ -485,14 +485,17 @@ def _timed_conflicts(stack: Sequence[StackLayer], repository: LayerRepository, s
 def _merge(
     stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository, work: Path,
     held: contextlib.ExitStack, steps: _Steps, cache: LayerDiskCache,
-) -> tuple[Wim, int]:
-    """The OS image, opened in memory, with every other layer merged into it (one update call per layer); the
-    layers' volumes come from the layer disk cache (or are staged into it)."""
+) -> tuple[Wim, int, list[int]]:
+    """The OS image, opened in memory, with every other layer merged into it (one update call per layer), and
+    when each layer version's image was captured (FILETIMEs, in stack order: the registry merge stamps the
+    keys a layer changes with it). The layers' volumes come from the layer disk cache (or are staged into
+    it)."""
     os_layer, os_manifest = stack[0], manifests[0]
     merged = held.enter_context(Wim.open(repository.wim_path(os_layer.layer_id)))
     index = merged.find_image(os_manifest.image)
     if index is None:
         raise ComposeError(f"The repository's WIM of layer {os_layer.name} has no image {os_manifest.image}.")
+    captured = [merged.image_created(index)]
     uppers = list(zip(stack[1:], manifests[1:], strict=True))
     with steps.timed("stage"):
         volumes = _stage(uppers, repository, work, steps, cache)
@@ -506,21 +509,23 @@ def _merge(
         steps.at(30 + 10 * number / len(uppers), f"Merging layer {layer.name}")
         with steps.timed("merge"):
             merged.update_image(index, commands, cancel=steps._cancel)
-            _take_hashes(merged, index, repository, layer, manifest)
-    return merged, index
+            captured.append(_take_hashes(merged, index, repository, layer, manifest))
+    return merged, index, captured
 
 
 def _take_hashes(merged: Wim, index: int, repository: LayerRepository, layer: StackLayer,
-                 manifest: VersionManifest) -> None:
+                 manifest: VersionManifest) -> int:
     """The files a layer's volume just added get the SHA-1s its repository image holds for them (the volume was
     staged from that image, times and all), so wimlib does not read the whole volume to hash them before the
     first extraction (1.6 s for 1.2 GB of app layers). Applying the image still reads each file's data and
-    checks it against its SHA-1: a volume whose data no longer matches its layer stops the publish."""
+    checks it against its SHA-1: a volume whose data no longer matches its layer stops the publish. Returns
+    when the layer's image was captured (:meth:`Wim.image_created`)."""
     with Wim.open(repository.wim_path(layer.layer_id)) as layer_wim:
         image = layer_wim.find_image(manifest.image)
         if image is None:  # what the conflict report, beside this, finds too
             raise ComposeError(f"The repository's WIM of layer {layer.name} has no image {manifest.image}.")
         merged.take_hashes_from(index, layer_wim, image)
+        return layer_wim.image_created(image)
 
 
 #: After every update that adds at the image's root, wimlib describes the image in its XML (edition, version)
@@ -689,17 +694,19 @@ class _NewHive:
 @dataclass(frozen=True)
 class _HiveJob:
     """The hive files a publish rewrites, extracted from the merged image: by hive name, the image's entry
-    (``found``, SYSTEM always when the image has it) and the ones some delta changes (``changed``)."""
+    (``found``, SYSTEM always when the image has it) and the ones some delta changes (``changed``); when each
+    layer of the stack was captured (``captured``, FILETIMEs; 0: not known)."""
 
     found: Mapping[str, DirEntry]
     changed: Sequence[str]
     source: Path
     target: Path
+    captured: Sequence[int]
 
 
 def _extract_hives(
     stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], merged: Wim, index: int, work: Path,
-    steps: _Steps,
+    steps: _Steps, captured: Sequence[int],
 ) -> _HiveJob | None:
     """Extract the hives some delta changes (and SYSTEM, for its current control set) from the merged image,
     and remove their stale transaction logs from it; ``None`` when no layer changes the registry. (The
@@ -741,7 +748,7 @@ def _extract_hives(
                                 cancel=steps._cancel)
     target = work / "hives-out"
     target.mkdir()
-    return _HiveJob(found, changed, source, target)
+    return _HiveJob(found, changed, source, target, captured)
 
 
 def _rewrite_hives(job: _HiveJob, stack: Sequence[StackLayer], manifests: Sequence[VersionManifest],
@@ -753,11 +760,13 @@ def _rewrite_hives(job: _HiveJob, stack: Sequence[StackLayer], manifests: Sequen
     try:
         hives = {hive: open_hive(file) for hive, file in files.items()}
         control_set = _current_control_set(hives[HiveName.SYSTEM]) if HiveName.SYSTEM in hives else None
-        for manifest in manifests:
+        for manifest, captured in zip(manifests, job.captured, strict=True):
             delta = manifest.registry
             if control_set is not None:
                 delta = _retarget(delta, control_set)
-            delta.apply(hives)
+            # the keys a layer changes carry the time its version was captured, so the same layers always give
+            # the same hives (a .reg file carries no times of its own)
+            delta.apply(hives, written=captured or None)
         written: dict[str, _NewHive] = {}
         for hive in job.changed:
             file = job.target / hive

@@ -349,6 +349,7 @@ class _Library:
         self._proto("wimlib_free", None, [vp])
         self._proto("wimlib_get_wim_info", i, [vp, ctypes.POINTER(_WimInfo)])
         self._proto("wimlib_get_image_name", vp, [vp, i])
+        self._proto("wimlib_get_image_property", vp, [vp, i, vp])
         self._proto("wimlib_add_image", i, [vp, vp, vp, vp, i])
         self._proto("wimlib_update_image", i, [vp, i, ctypes.POINTER(_UpdateCommand), ctypes.c_size_t, i])
         self._proto("wimlib_write", i, [vp, vp, i, i, u])
@@ -671,6 +672,20 @@ class Wim:
     def image_name(self, index: int) -> str:
         self._check_index(index)
         return _from_tstr(self._lib.wimlib_get_image_name(self._wim, index)) or ""
+
+    def image_created(self, index: int) -> int:
+        """When image ``index`` was added to its WIM, as a Windows FILETIME (100 ns since 1601-01-01 UTC) from
+        the WIM's XML data; 0 when the XML does not say."""
+        self._check_index(index)
+        parts = []
+        for part in ("HIGHPART", "LOWPART"):
+            name = _tstr(f"CREATIONTIME/{part}")
+            text = _from_tstr(self._lib.wimlib_get_image_property(self._wim, index, name))
+            try:
+                parts.append(int(text or "", 0) & 0xFFFFFFFF)
+            except ValueError:
+                return 0
+        return parts[0] << 32 | parts[1]
 
     def find_image(self, name: str) -> int | None:
         """The index of the image named ``name`` (exactly), or ``None``."""

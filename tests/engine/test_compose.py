@@ -9,10 +9,12 @@ import logging
 import re
 import subprocess
 import threading
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 import pytest
+from regipy.registry import RegistryHive
 
 from app.engine import compose as compose_module
 from app.engine import in_place as in_place_module
@@ -21,7 +23,7 @@ from app.engine.disk import DiskError
 from app.engine.importer import scan_folder
 from app.engine.registry.delta import RegistryDelta
 from app.engine.registry.regfile import parse_reg_file
-from app.engine.repository import CaptureSource, LayerRepository, SourceKind
+from app.engine.repository import CaptureSource, LayerRepository, SourceKind, image_name
 from app.engine.wim import Wim
 from app.tasks.base import CancelToken, TaskCanceled
 from tests.support.compose_stack import (
@@ -151,6 +153,42 @@ def test_publish_to_wim(stack: tuple[LayerRepository, list[StackLayer]], tmp_pat
     assert result.checksum == "sha256:" + hashlib.sha256(result.path.read_bytes()).hexdigest()
     again = compose(layers, repository, out, "wim", 1, name="Gold_2")
     assert again.manifest_digest == result.manifest_digest  # deterministic
+
+
+def captured_at(repository: LayerRepository, layer: StackLayer) -> int:
+    """When ``layer``'s version was captured, as ``wimlib-imagex info --xml`` shows its image's CREATIONTIME."""
+    document = ET.fromstring(output("wimlib-imagex", "info", "--xml", repository.wim_path(layer.layer_id))
+                             .decode("utf-16"))
+    image = next(i for i in document.iter("IMAGE") if i.findtext("NAME") == image_name(layer.version_id))
+    return int(image.findtext("CREATIONTIME/HIGHPART") or "", 16) << 32 | int(
+        image.findtext("CREATIONTIME/LOWPART") or "", 16)
+
+
+def key_times(hive: Path, *paths: str) -> list[int]:
+    """Each key's last write time as regipy reads it from the key node."""
+    opened = RegistryHive(str(hive))
+    return [opened.get_key(path).header.last_modified for path in paths]
+
+
+def test_the_keys_a_layer_changes_carry_the_time_its_version_was_captured(
+        stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path) -> None:
+    """A .reg file carries no times: the keys each layer's delta writes (and the keys new keys are made under)
+    get the time the layer version was captured, the latest writer's when layers share a key; keys no layer
+    changes keep theirs. So a publish is the same whenever it runs."""
+    repository, (_os, office, tools, _citrix) = stack
+    out = tmp_path / "out"
+    out.mkdir()
+    result = compose(stack[1], repository, out, "wim", 1, name="Stamped")
+    extracted = tmp_path / "x"
+    run_ok("wimlib-imagex", "apply", result.path, "1", extracted)
+    config = extracted / "Windows/System32/config"
+    office_time, tools_time = captured_at(repository, office), captured_at(repository, tools)
+    assert office_time and tools_time and office_time != tools_time
+    assert key_times(config / "SOFTWARE", "\\", "\\Vendor", "\\Vendor\\App", "\\Shared",
+                     "\\Microsoft\\Windows NT\\CurrentVersion") == [
+        office_time, office_time, office_time, tools_time, 0]
+    assert key_times(config / "SYSTEM", "\\ControlSet001\\Control\\Session Manager\\Environment",
+                     "\\Select") == [tools_time, 0]
 
 
 def _partition_table(raw: Path) -> list[tuple[int, int, int, str, str]]:

@@ -140,6 +140,43 @@ def test_create_key_on_the_root_and_on_an_existing_key_changes_nothing() -> None
     assert dump(target["NTUSER"]) == {"": [("AtRoot", SZ, sz("r"))], "Software": [("v", SZ, sz("x"))]}
 
 
+def test_the_keys_a_delta_changes_get_its_write_time_and_no_other_key_does() -> None:
+    """As Windows stamps keys: setting or deleting a value stamps its key, creating or deleting a subkey
+    stamps the parent, and a new key carries the time; keys the delta only passes through, values it deletes
+    that are not there and keys it "creates" that exist keep their times."""
+    old, stamp = 130_000_000_000_000_000, 133_500_000_000_000_000
+    target = hives("SOFTWARE")
+    software = target["SOFTWARE"]
+    for path in ("", "Keep", r"Keep\Set", r"Keep\Gone", r"Keep\Values", "Passed", r"Passed\Through", "Exists"):
+        software.ensure(path).last_written = old
+    software.ensure(r"Keep\Values").set_value("v", SZ, sz("x"))
+    RegistryDelta([
+        SetValue("SOFTWARE", r"Keep\Set", "new", SZ, sz("1")),
+        SetValue("SOFTWARE", r"Passed\Through\New\Deeper", "n", DWORD, b"\1\0\0\0"),
+        DeleteValue("SOFTWARE", r"Keep\Values", "v"),
+        DeleteValue("SOFTWARE", r"Keep\Values", "never there"),
+        DeleteValue("SOFTWARE", "Exists", "never there"),
+        DeleteKey("SOFTWARE", r"Keep\Gone"),
+        DeleteKey("SOFTWARE", r"Exists\Never There"),
+        CreateKey("SOFTWARE", "exists"),
+    ]).apply(target, written=stamp)
+    times = {path: key.last_written for path, key in software.root.walk()}
+    assert times == {
+        "": old, "Keep": stamp, r"Keep\Set": stamp, r"Keep\Values": stamp, "Passed": old,
+        r"Passed\Through": stamp, r"Passed\Through\New": stamp, r"Passed\Through\New\Deeper": stamp,
+        "Exists": old,
+    }
+
+
+def test_without_a_write_time_a_delta_leaves_key_times_alone() -> None:
+    target = hives("SOFTWARE")
+    target["SOFTWARE"].ensure("Keep").last_written = 5
+    RegistryDelta([SetValue("SOFTWARE", "Keep", "a", SZ, sz("1")), SetValue("SOFTWARE", r"Keep\New", "b", SZ, sz("2"))
+                   ]).apply(target)
+    assert {path: key.last_written for path, key in target["SOFTWARE"].root.walk()} == {
+        "": 0, "Keep": 5, r"Keep\New": 0}
+
+
 def test_a_delta_naming_a_hive_that_is_not_given_changes_nothing() -> None:
     target = hives("SOFTWARE")
     delta = RegistryDelta([SetValue("SOFTWARE", "A", "v", SZ, sz("x")), CreateKey("DRIVERS", "X"),

@@ -138,6 +138,35 @@ def test_what_the_changes_do_not_reach_keeps_its_bytes(real_hives: Callable[[str
     assert 1 <= len(pages) <= 2  # the key node's page, and the old value list's if it is another one
 
 
+def test_the_changed_keys_carry_the_deltas_write_time_and_the_others_keep_theirs(
+        real_hives: Callable[[str], bytes], tmp_path: Path) -> None:
+    """hivexml (not ours) reads a patched real SYSTEM hive: the key given a value, the parent of a deleted
+    key, the parent of a new key and the new keys show the delta's write time; every other key shows the time
+    it had before."""
+    data = real_hives("SYSTEM")
+    tcpip = "ControlSet001\\services\\Tcpip"
+    stamp = 134_100_000_000_000_000  # 2025-12-12 08:00 UTC
+    delta = RegistryDelta([
+        SetValue(HIVE, f"{tcpip}\\Parameters", "LayerDesk", ValueType.DWORD, b"\x01\0\0\0"),
+        DeleteKey(HIVE, f"{tcpip}\\Performance"),
+        SetValue(HIVE, f"{tcpip}\\ServiceProvider\\LayerDesk\\Sub", "v", ValueType.SZ, text("x")),
+    ])
+    hive = PatchedHive(data)
+    delta.apply({HIVE: hive}, written=stamp)
+    (tmp_path / "before").write_bytes(data)
+    (tmp_path / "after").write_bytes(hive.to_bytes())
+    before = {e[1]: e[2] for e in hivexml_entries(tmp_path / "before") if e[0] == "key"}
+    after = {e[1]: e[2] for e in hivexml_entries(tmp_path / "after") if e[0] == "key"}
+    shown = "2025-12-12T08:00:00Z"
+    changed = {f"\\{tcpip}", f"\\{tcpip}\\Parameters", f"\\{tcpip}\\ServiceProvider",
+               f"\\{tcpip}\\ServiceProvider\\LayerDesk", f"\\{tcpip}\\ServiceProvider\\LayerDesk\\Sub"}
+    assert {path for path, time in after.items() if time == shown} == changed
+    assert {path: time for path, time in after.items() if path not in changed} == {
+        path: time for path, time in before.items() if path in after and path not in changed}
+    assert set(before) - set(after) == {path for path in before if path.startswith(f"\\{tcpip}\\Performance")}
+    assert_valid_layout(hive.to_bytes())
+
+
 def test_only_the_keys_on_the_way_are_read(real_hives: Callable[[str], bytes]) -> None:
     """Setting a value reads the keys on its path (and their subkeys' key nodes), nothing below them."""
     hive = PatchedHive(real_hives("SYSTEM"))

@@ -321,8 +321,13 @@ class RegistryDelta:
 
     # --- applying -------------------------------------------------------------------------------
 
-    def apply(self, hives: Mapping[str, Hive]) -> None:
+    def apply(self, hives: Mapping[str, Hive], *, written: int | None = None) -> None:
         """Apply the operations in order to ``hives`` (keyed by :class:`HiveName`).
+
+        ``written`` (a Windows FILETIME): the last write time given to every key the delta changes, as Windows
+        stamps a key when a value is set or deleted under it, or a subkey created or deleted below it. A
+        composite passes the time the layer version was captured, so the same layers give the same hives.
+        ``None`` leaves the keys' times as they are (new keys get 0).
 
         Setting a value creates its key and missing parents; deleting a value or a key that is absent
         does nothing. Every hive the delta names must be given (checked before anything changes).
@@ -344,19 +349,21 @@ class RegistryDelta:
         for op in self._operations:
             hive = hives[op.hive]
             if isinstance(op, SetValue):
-                key = hive.ensure(op.key)
+                key = hive.ensure(op.key, written=written)
                 if is_merged_value(op.hive, op.key, op.name):
                     _merge_value(key, op)
                 else:
                     key.set_value(op.name, op.type, op.data)
+                if written is not None:
+                    key.last_written = written
             elif isinstance(op, DeleteValue):
                 found = hive.find(op.key)
-                if found is not None:
-                    found.delete_value(op.name)
+                if found is not None and found.delete_value(op.name) and written is not None:
+                    found.last_written = written
             elif isinstance(op, DeleteKey):
-                hive.delete(op.key)
+                hive.delete(op.key, written=written)
             else:
-                hive.ensure(op.key)
+                hive.ensure(op.key, written=written)
 
     # --- combining ------------------------------------------------------------------------------
 

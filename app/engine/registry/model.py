@@ -111,17 +111,28 @@ class Hive:
             key = key.subkey(part) if key is not None else None
         return key
 
-    def ensure(self, path: str) -> RegistryKey:
-        """The key at ``path``, creating missing keys on the way."""
+    def ensure(self, path: str, *, written: int | None = None) -> RegistryKey:
+        """The key at ``path``, creating missing keys on the way. ``written`` (a FILETIME): the last write time
+        of each key created and of the key it was created under (as creating a subkey does in Windows)."""
         key = self.root
         for part in filter(None, path.split("\\")):
-            key = key.add_subkey(part)
+            child = key.subkey(part)
+            if child is None:
+                child = key.add_subkey(part)
+                if written is not None:
+                    key.last_written = child.last_written = written
+            key = child
         return key
 
-    def delete(self, path: str) -> bool:
-        """Delete the key at ``path`` with everything below it; ``False`` if it was not there."""
+    def delete(self, path: str, *, written: int | None = None) -> bool:
+        """Delete the key at ``path`` with everything below it; ``False`` if it was not there. ``written`` (a
+        FILETIME): the parent's last write time when the key was deleted."""
         parts = [p for p in path.split("\\") if p]
         if not parts:
             raise ValueError("the root key of a hive cannot be deleted")
         parent = self.find("\\".join(parts[:-1]))
-        return parent.delete_subkey(parts[-1]) if parent is not None else False
+        deleted = parent.delete_subkey(parts[-1]) if parent is not None else False
+        if deleted and written is not None:
+            assert parent is not None
+            parent.last_written = written
+        return deleted

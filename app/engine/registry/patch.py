@@ -13,8 +13,8 @@ delta applies to it as to a hive read whole. :meth:`PatchedHive.to_bytes` then w
 * a deleted key's cells (key node, values, data, big-data segments, lists, class name) are freed, and its
   security cell's reference count goes down; a security cell nothing refers to any more leaves the list
   and is freed;
-* the key nodes of changed keys are updated where they are (counts, list offsets, the longest-name and
-  longest-data fields).
+* the key nodes of changed keys are updated where they are (last write time, counts, list offsets, the
+  longest-name and longest-data fields).
 
 New cells go into hive bins appended at the end of the file; a freed cell becomes a free cell, merged with
 free cells next to it in its bin. Every other byte keeps its place, so the work and the memory are those of
@@ -62,7 +62,9 @@ from app.files import write_atomic
 
 __all__ = ["PatchedHive", "open_hive"]
 
-# Where the fields of a key node's data sit (see ``_NK``): counts and offsets this module updates.
+# Where the fields of a key node's data sit (see ``_NK``): the last write time, counts and offsets this
+# module updates.
+_NK_WRITTEN = 4
 _NK_SUBKEY_COUNT = 20
 _NK_SUBKEY_LIST = 28
 _NK_VALUE_COUNT = 36
@@ -97,6 +99,8 @@ class _StoredKey(RegistryKey):
         self.hive = hive
         self.offset = offset
         self.opened = False
+        #: As read: the last write time.
+        self.stored_written = key.last_written
         #: As read: the values (folded name, name, type, data), to tell whether they changed.
         self.stored_values: list[tuple[str, str, int, bytes]] = []
         #: As read: each subkey's folded name -> (key node offset, name).
@@ -174,8 +178,8 @@ class PatchedHive(Hive):
             key.open()
         return key
 
-    def ensure(self, path: str) -> RegistryKey:
-        key = super().ensure(path)
+    def ensure(self, path: str, *, written: int | None = None) -> RegistryKey:
+        key = super().ensure(path, written=written)
         if isinstance(key, _StoredKey):
             key.open()
         return key
@@ -309,6 +313,9 @@ class _Patcher(_Writer):
     def commit(self, key: _StoredKey) -> list[_StoredKey]:
         """Write what changed in the opened ``key``; its stored subkeys that stay (to be looked at next)."""
         buf, nk = self.buf, key.offset + 4
+        if key.last_written != key.stored_written:
+            struct.pack_into("<Q", buf, nk + _NK_WRITTEN, key.last_written)
+            self.newest = max(self.newest, key.last_written)
         current = [(folded, v.name, v.type, v.data) for folded, v in key.values.items()]
         if current != key.stored_values:
             (count,) = _U32.unpack_from(buf, nk + _NK_VALUE_COUNT)
