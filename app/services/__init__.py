@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from app.catalog.database import Catalog
+from app.engine.repository import LayerRepository
 from app.paths import Home
 from app.secrets import SecretStore
 from app.services.access import AccessService, embedded_caller, session_caller
@@ -18,19 +18,15 @@ from app.services.audit import AuditService
 from app.services.base import ServiceContext
 from app.services.connectors import ConnectorService
 from app.services.directory import DirectoryService
+from app.services.imports import ImportService
 from app.services.layers import LayerService
 from app.services.publishing import PublishingService
 from app.services.rbac import Caller
+from app.services.repository import RepositoryService
 from app.services.settings import SettingsService, installation_id
 from app.services.storage import StorageService
 from app.services.tasks import TaskService, recover_interrupted
 from app.services.templates import TemplateService
-
-if TYPE_CHECKING:
-    # Imported when a bundle is built: they reach the engine, whose modules import app.tasks, whose
-    # runner imports app.services (this package) – a module-level import here would be circular.
-    from app.services.imports import ImportService
-    from app.services.repository import RepositoryService
 
 
 @dataclass
@@ -57,10 +53,6 @@ class Services:
 
     @classmethod
     def for_caller(cls, home: Home, catalog: Catalog, caller: Caller, secrets: SecretStore) -> Services:
-        from app.engine.repository import LayerRepository
-        from app.services.imports import ImportService
-        from app.services.repository import RepositoryService
-
         ctx = ServiceContext(catalog=catalog, caller=caller, secrets=secrets)
         repository = LayerRepository(home.repository)
         return cls(

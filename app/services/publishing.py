@@ -23,7 +23,7 @@ from app.services.templates import find_template, publish_blockers
 from app.services.validation import validate_comment
 from app.services.views import PublishedImageInfo, PublishPlan, StackEntry, to_jsonable
 
-if TYPE_CHECKING:  # the engine imports app.tasks, whose runner imports app.services: imported when used
+if TYPE_CHECKING:  # imported when used: listing and planning never need the engine or the task runner
     from app.engine.compose import Conflict as LayerConflict
     from app.engine.compose import StackLayer
     from app.tasks.runner import TaskRunner
