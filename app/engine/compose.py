@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -65,7 +66,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,18 @@ from types import FrameType
 from typing import Any, Literal, get_args
 
 from app.engine import disk, gold
+from app.engine.composite import (
+    Composite,
+    CompositeStore,
+    apply_changes,
+    clone_file,
+    clones_between,
+    plan_changes,
+    prune_to,
+    signatures,
+)
 from app.engine.layer_cache import CachedVolume, LayerDiskCache
+from app.engine.ntfs_volume import NtfsVolumeError
 from app.engine.registry.delta import (
     CreateKey,
     DeleteKey,
@@ -415,6 +427,9 @@ def compose(
     except FileExistsError:
         raise ComposeError(f"The work folder {work} already exists (another publish is using it).") from None
 
+    composites = CompositeStore(cache.root / "composites") if cache is not None and cache.enabled else None
+    from_composite = True
+
     def build() -> tuple[Path, str, list[DirEntry], dict[str, _NewHive]]:
         with contextlib.ExitStack() as held:
             merged, index, captured = _merge(stack, manifests, repository, work, held, steps,
@@ -432,7 +447,7 @@ def compose(
                 steps.at(45, "Listing the merged image")
                 entries = list(merged.iterate_dir_tree(index))
                 built, checksum, hives = _write_disk(merged, index, fmt, disk_size, entries, work, steps, stack,
-                                                     manifests, repository, job)
+                                                     manifests, repository, job, composites, from_composite)
         return built, checksum, entries, hives
 
     try:
@@ -441,6 +456,12 @@ def compose(
             try:
                 built, checksum, entries, hives = build()
                 break
+            except _FullApplyNeeded as exc:
+                # the last composite could not be changed into this one (it was forgotten): apply every layer
+                log.warning("re-publishing from the last composite failed (%s); applying every layer", exc)
+                from_composite = False
+                shutil.rmtree(work)
+                work.mkdir()
             except WimDataChanged as exc:
                 # a volume from the layer disk cache that no longer holds what its layer holds is never used:
                 # the volumes taken from the cache are staged afresh from the repository (whose WIMs wimlib
@@ -470,6 +491,10 @@ def compose(
         data_bytes=data_bytes, manifest_digest=digest, conflicts=tuple(report),
         seconds=round(time.monotonic() - started, 3), timings=steps.timings, cache_hits=steps.cache_hits,
     )
+
+
+class _FullApplyNeeded(Exception):
+    """Changing the last composite failed in a way a full apply does not (the reason is the message)."""
 
 
 _DATA_CHANGED = ("The layers' files changed while the image was being built: a file's data no longer matched its "
@@ -870,7 +895,7 @@ def _rounded(size: int) -> int:
 def _write_disk(
     merged: Wim, index: int, fmt: str, disk_size: int, entries: Sequence[DirEntry], work: Path, steps: _Steps,
     stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository,
-    job: _HiveJob | None,
+    job: _HiveJob | None, composites: CompositeStore | None = None, from_composite: bool = True,
 ) -> tuple[Path, str, dict[str, _NewHive]]:
     """The merged image on a disk, the disk file's ``sha256:`` checksum (computed while it is written for
     VHD, VHDX and raw) and the new hive files. An OS layer imported from a gold disk gives the disk its
@@ -880,7 +905,12 @@ def _write_disk(
 
     The hives are merged (:func:`_rewrite_hives`, seconds for a real SOFTWARE hive) in a thread while wimlib
     applies the image, then overwrite the old files in place on the volume. A hive that cannot be used
-    stops the apply at once, and its error is the one raised."""
+    stops the apply at once, and its error is the one raised.
+
+    With ``composites`` (a store on a file system that clones blocks, see :mod:`app.engine.composite`), the
+    volume starts as a clone of the last composite of the same stack shape when there is one, and only the
+    paths that differ are changed (not when ``from_composite`` is false); the finished volume is kept for the
+    next publish. A composite that cannot be changed is forgotten and :class:`_FullApplyNeeded` raised."""
     os_layer, os_manifest = stack[0], manifests[0]
     plan: gold.DiskPlan | None = None
     boot_contents: dict[int, Path] = {}
@@ -910,6 +940,12 @@ def _write_disk(
 
     check_room({})
     volume = work / "windows.ntfs"
+    if composites is not None and not clones_between(work, _existing(composites.root)):
+        composites = None
+    shape = _shape(stack, data_size, data_start_lba, plan is not None)
+    base = composites.find(shape) if composites is not None and from_composite else None
+    listed = signatures(entries) if composites is not None else {}
+    overwritten = {fold(job.found[hive].path) for hive in job.changed} if job is not None else set()
     steps.at(50, "Applying the merged image to the Windows volume")
     abort = _Abort(steps._cancel)
 
@@ -927,11 +963,19 @@ def _write_disk(
 
     with steps.timed("apply"), _responsive_callbacks(), ThreadPoolExecutor(1, thread_name_prefix="hives") as pool:
         merging = pool.submit(rewrite)
-        make_ntfs_volume(volume, data_size, label="Windows", partition_start_sector=data_start_lba)
         try:
             try:
-                merged.extract_image_to_ntfs_volume(index, volume, cancel=abort,
-                                                    progress=steps.bytes_in(50, 78, "Applying the image"))
+                if base is not None and composites is not None:
+                    try:
+                        _change_composite(base, merged, index, entries, listed, overwritten, volume, work, steps,
+                                          abort)
+                    except _FullApplyNeeded:
+                        composites.discard(shape)
+                        raise
+                else:
+                    make_ntfs_volume(volume, data_size, label="Windows", partition_start_sector=data_start_lba)
+                    merged.extract_image_to_ntfs_volume(index, volume, cancel=abort,
+                                                        progress=steps.bytes_in(50, 78, "Applying the image"))
             except TaskCanceled:
                 failure = merging.exception() if abort.failed.is_set() else None
                 if failure is not None:
@@ -961,6 +1005,12 @@ def _write_disk(
                                   disk_guid=gpt.disk_guid if gpt else None,
                                   partition_guids=gpt.partition_guids if gpt else None)
             pieces = [prefix, volume, suffix]
+        if composites is not None:  # what the next publish of this shape starts from
+            kept = dict(listed)
+            for hive in hives.values():
+                path = fold(hive.image_path)
+                kept[path] = f"{listed.get(path, '')}+hive-{hive.sha256}"
+            composites.save(shape, volume, kept)
         try:
             checksum = disk.convert_hashed(pieces, out, fmt,  # type: ignore[arg-type]  # checked in compose()
                                            progress=steps.bytes_in(80, 98, "Writing the disk image"),
@@ -972,6 +1022,61 @@ def _write_disk(
                                    "folder.") from exc
             raise
     return out, checksum, hives
+
+
+#: Changes when what a composite holds for a stack changes meaning: kept composites of older engines are
+#: then never used.
+_COMPOSITE_FORMAT = 1
+
+
+def _shape(stack: Sequence[StackLayer], data_size: int, data_start_lba: int, gold_disk: bool) -> str:
+    """What a kept composite must share with a publish to be its starting point: the OS layer version, the
+    layers in their order (any versions), the Windows volume's size and place."""
+    described = json.dumps([_COMPOSITE_FORMAT, [stack[0].layer_id, stack[0].version_id, stack[0].checksum],
+                            [layer.layer_id for layer in stack[1:]], data_size, data_start_lba, gold_disk])
+    return hashlib.sha256(described.encode()).hexdigest()[:24]
+
+
+def _existing(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _change_composite(
+    base: Composite, merged: Wim, index: int, entries: Sequence[DirEntry], listed: Mapping[str, str],
+    overwritten: Collection[str], volume: Path, work: Path, steps: _Steps, abort: _Abort,
+) -> None:
+    """Make ``volume`` a clone of the composite ``base`` changed into the merged image (see
+    :mod:`app.engine.composite`). Hive files the registry merge overwrites afterwards count as unchanged
+    when the composite holds the same file under its merged content. Prunes the merged image."""
+    new = dict(listed)
+    for path in overwritten:
+        previous = base.signatures.get(path, "")
+        if previous.startswith(f"{new.get(path)}+hive-"):
+            new[path] = previous
+    try:
+        changes = plan_changes(base.signatures, new)
+    except ValueError as exc:
+        raise _FullApplyNeeded(str(exc)) from None
+    log.info("re-publishing from the last composite: %d path(s) replaced (%d removed, %d added)",
+             len(changes.replaced), len(changes.removed), len(changes.added))
+    with steps.timed("composite"):
+        try:
+            clone_file(base.volume, volume)
+            kept = prune_to(merged, index, entries, changes.added)
+            scratch = work / "changes.ntfs"
+            size = -(-(_needed_volume_bytes(kept) * 5 // 4 + 16 * MiB) // MiB) * MiB
+            make_ntfs_volume(scratch, size, label="Changes")
+            merged.extract_image_to_ntfs_volume(index, scratch, cancel=abort,
+                                                progress=steps.bytes_in(50, 70, "Applying the changed layers"))
+            steps.at(70, "Changing the last published volume")
+            times = {entry.path.casefold(): entry.times for entry in entries if entry.is_directory}
+            apply_changes(volume, scratch, changes, times)
+            scratch.unlink()
+        except (OSError, NtfsVolumeError, WimError) as exc:
+            if isinstance(exc, NtfsVolumeError) and exc.errno == errno.ENOSPC:
+                raise
+            raise _FullApplyNeeded(str(exc)) from exc
 
 
 @contextlib.contextmanager

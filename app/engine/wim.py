@@ -324,6 +324,11 @@ def _tstr(text: str | os.PathLike[str]) -> ctypes.Array[Any]:
     return ctypes.create_string_buffer(os.fsencode(text))
 
 
+def _filetime(stamp: _Timespec) -> int:
+    """A wimlib timespec as the Windows FILETIME it was made from (100 ns steps since 1601)."""
+    return (int(stamp.tv_sec) + 11_644_473_600) * 10_000_000 + int(stamp.tv_nsec) // 100
+
+
 def _from_tstr(address: int | None) -> str | None:
     if not address:
         return None
@@ -576,6 +581,8 @@ class DirEntry:
     stream_hashes: tuple[bytes | None, ...] = ()
     #: The self-relative security descriptor, if any (entries with equal descriptors share one object).
     security_descriptor: bytes | None = None
+    #: Creation, last write and last access times, as Windows FILETIMEs.
+    times: tuple[int, int, int] = (0, 0, 0)
 
 
 # --- the WIM handle --------------------------------------------------------------------------------
@@ -741,6 +748,8 @@ class Wim:
                     inode_id=int(entry.hard_link_group_id),
                     stream_hashes=tuple(hashes),
                     security_descriptor=security,
+                    times=(_filetime(entry.creation_time), _filetime(entry.last_write_time),
+                           _filetime(entry.last_access_time)),
                 ))
             except BaseException as exc:  # noqa: BLE001 - carried across the C frame and re-raised below
                 failure.append(exc)

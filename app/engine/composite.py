@@ -1,0 +1,246 @@
+"""Re-publishing by changing the last composite instead of applying every layer again.
+
+A publish applies the merged layers onto a fresh Windows volume. After one app layer changed, a full apply
+writes every unchanged layer again (the OS layer alone is most of the bytes). When the output folder and the
+layer disk cache sit on one file system that clones blocks (XFS with reflink, btrfs: ``FICLONE``), a publish
+keeps a clone of its finished Windows volume, with a signature of every path the merged image held, in a
+:class:`CompositeStore`. A later publish of a stack of the same shape (the same OS layer version, the same
+layers in the same order, the same volume) starts from a clone of it and changes only what differs:
+
+1. :func:`plan_changes` compares the two merged images path by path (data hashes, streams, attributes,
+   security descriptor, short name, reparse tag, times, hard link siblings). A path whose entry differs, or
+   that only one side has, is replaced whole, with everything below it.
+2. :func:`prune_to` removes everything else from the new merged image, and wimlib applies what is left onto
+   a small scratch volume: the replaced paths carry exactly what a full apply would have written.
+3. :func:`apply_changes` deletes the replaced paths from the clone, copies them in from the scratch volume
+   (:mod:`app.engine.ntfs_volume`) and gives the directories they were in their times back.
+
+The hives are then overwritten in place as after a full apply. On a file system without block cloning
+nothing is kept (copying the volume would cost every publish more than it saves a re-publish).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.engine.ntfs_volume import NtfsVolume
+from app.engine.wim import DeleteCommand, DirEntry, Wim
+from app.files import fsync_dir
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Changes", "CompositeStore", "apply_changes", "clone_file", "plan_changes", "prune_to", "signatures"]
+
+_FICLONE = 0x40049409
+_clones: dict[tuple[int, int], bool] = {}  # (device, device) -> whether FICLONE works between them
+
+
+def clone_file(source: Path, target: Path) -> None:
+    """``target`` (new) made to share ``source``'s blocks (``FICLONE``); :class:`OSError` where the file
+    system cannot."""
+    with source.open("rb") as src:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.ioctl(fd, _FICLONE, src.fileno())
+        except OSError:
+            os.close(fd)
+            target.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+
+
+def clones_between(first: Path, second: Path) -> bool:
+    """Whether files in folder ``first`` can be cloned into folder ``second`` (tried once per pair of file
+    systems, on a one-block scratch file)."""
+    key = (first.stat().st_dev, second.stat().st_dev)
+    if key not in _clones:
+        probe, copy = first / f".clone-probe-{os.getpid()}", second / f".clone-probe-{os.getpid()}.copy"
+        try:
+            probe.write_bytes(b"\0" * 4096)
+            clone_file(probe, copy)
+            _clones[key] = True
+        except OSError as exc:
+            _clones[key] = False
+            log.info("no block cloning between %s and %s (%s): publishes apply every layer", first, second,
+                     os.strerror(exc.errno or errno.EOPNOTSUPP))
+        finally:
+            probe.unlink(missing_ok=True)
+            copy.unlink(missing_ok=True)
+    return _clones[key]
+
+
+def signatures(entries: Sequence[DirEntry]) -> dict[str, str]:
+    """Each path of a merged image's listing (case-folded) -> a digest of everything a full apply writes for
+    it: the spelling of its name, its data and streams' hashes, attributes, security descriptor, short name,
+    reparse tag, times and the paths of its hard links."""
+    siblings: dict[int, list[str]] = {}
+    for entry in entries:
+        if entry.link_count > 1 and not entry.is_directory:
+            siblings.setdefault(entry.inode_id, []).append(entry.path.casefold())
+    found: dict[str, str] = {}
+    for entry in entries:
+        links = sorted(siblings.get(entry.inode_id, ())) if entry.link_count > 1 and not entry.is_directory else []
+        described = repr((
+            entry.path.rsplit("/", 1)[-1], entry.is_directory, entry.size, entry.attributes,
+            entry.security_descriptor, entry.stream_names, entry.short_name, entry.reparse_tag,
+            entry.stream_hashes, entry.times, links,
+        ))
+        found[entry.path.casefold()] = hashlib.sha256(described.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return found
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What turns the last composite's volume into the new one (paths case-folded, ``/``-separated)."""
+
+    #: Paths replaced whole, with everything below them (top-most only).
+    replaced: tuple[str, ...]
+    #: Of those, the ones the old volume holds (to delete) and the new image holds (to copy in).
+    removed: tuple[str, ...]
+    added: tuple[str, ...]
+    #: Directories in both whose entries changed: their times are set back afterwards.
+    parents: tuple[str, ...]
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+def plan_changes(old: Mapping[str, str], new: Mapping[str, str]) -> Changes:
+    """The paths whose signature differs between ``old`` and ``new`` (see :func:`signatures`), reduced to the
+    top-most ones (a replaced directory takes everything below it along)."""
+    differing = sorted(path for path in old.keys() | new.keys() if old.get(path) != new.get(path))
+    replaced: list[str] = []
+    taken: set[str] = set()
+    for path in differing:
+        if path == "/":  # the root itself cannot be replaced: its new metadata needs a full apply
+            raise ValueError("the volume's root directory differs")
+        if not any(ancestor in taken for ancestor in _ancestors(path)):
+            replaced.append(path)
+            taken.add(path)
+    parents = sorted({_parent(path) for path in replaced})
+    return Changes(
+        replaced=tuple(replaced), removed=tuple(p for p in replaced if p in old),
+        added=tuple(p for p in replaced if p in new), parents=tuple(parents),
+    )
+
+
+def prune_to(merged: Wim, index: int, entries: Sequence[DirEntry], keep: Iterable[str]) -> list[DirEntry]:
+    """Delete from image ``index`` everything but the paths ``keep`` (case-folded), what is below them and the
+    directories above them; the entries left."""
+    kept = set(keep)
+    above = {"/"} | {ancestor for path in kept for ancestor in _ancestors(path)}
+    commands: list[DeleteCommand] = []
+    left: list[DirEntry] = []
+    for entry in entries:
+        path = entry.path.casefold()
+        if path == "/" or path in above:
+            left.append(entry)
+            continue
+        if path in kept or any(a in kept for a in _ancestors(path)):
+            left.append(entry)
+        elif _parent(path) in above:  # the top-most path of a tree that goes
+            commands.append(DeleteCommand(entry.path, recursive=True))
+    if commands:
+        merged.update_image(index, commands)
+    return left
+
+
+def _ancestors(path: str) -> list[str]:
+    found = []
+    while path not in {"/", ""}:
+        path = _parent(path)
+        found.append(path)
+    return found
+
+
+def apply_changes(volume: Path, scratch: Path, changes: Changes, times: Mapping[str, tuple[int, int, int]]) -> None:
+    """Change the clone ``volume`` as ``changes`` says, copying the new paths from the ``scratch`` volume
+    (which holds them, and the directories above them, as wimlib applied them); ``times``: each directory in
+    ``changes.parents`` -> its times in the new image."""
+    with NtfsVolume.opened(volume, writable=True) as target, NtfsVolume.opened(scratch) as source:
+        for path in changes.removed:
+            target.delete(path)
+        links: dict[int, int] = {}
+        for path in changes.added:
+            target.copy_tree_from(source, path, links=links)
+        for path in sorted(changes.parents, key=lambda p: p.count("/"), reverse=True):
+            target.set_times(path, times[path])
+
+
+@dataclass(frozen=True)
+class Composite:
+    """A kept composite: its volume (never changed once kept: clone it) and its paths' signatures."""
+
+    volume: Path
+    signatures: Mapping[str, str]
+
+
+class CompositeStore:
+    """The composites kept in ``root`` (inside the layer disk cache): one per stack shape, the ``keep``
+    most recently published.
+
+    A shape's ``<shape>.json`` names its volume file (``<shape>.<token>.ntfs``, never changed once written)
+    and holds the signatures. Saving writes a new volume under a new name and then replaces the JSON
+    atomically, so a publish running at the same time reads a volume and the signatures that belong
+    together (or finds the volume gone, and applies every layer)."""
+
+    def __init__(self, root: Path, keep: int = 2) -> None:
+        self.root = Path(root)
+        self.keep = keep
+
+    def find(self, shape: str) -> Composite | None:
+        """The composite kept for ``shape``, or ``None`` (also when its files are unusable)."""
+        listing = self.root / f"{shape}.json"
+        try:
+            document = json.loads(listing.read_text(encoding="utf-8"))
+            found, name = document["signatures"], document["volume"]
+            volume = self.root / name
+            if not isinstance(found, dict) or Path(name).name != name or not volume.is_file():
+                return None
+            os.utime(listing)  # most recently used first when evicting
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return Composite(volume, found)
+
+    def save(self, shape: str, volume: Path, found: Mapping[str, str]) -> None:
+        """Keep a clone of ``volume`` as the composite of ``shape`` (replacing the one kept before) with its
+        signatures; then forget all but the :attr:`keep` most recent shapes. A clone that cannot be made only
+        means the next publish applies every layer."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"{shape}.{secrets.token_hex(6)}.ntfs"
+        listing = self.root / f".{name}.json"
+        try:
+            clone_file(volume, self.root / name)
+            listing.write_text(json.dumps({"volume": name, "signatures": found}, separators=(",", ":")),
+                               encoding="utf-8")
+            listing.replace(self.root / f"{shape}.json")
+        except OSError as exc:
+            log.warning("the composite could not be kept for the next publish: %s", exc)
+            listing.unlink(missing_ok=True)
+            (self.root / name).unlink(missing_ok=True)
+            return
+        fsync_dir(self.root)
+        for old in self.root.glob(f"{shape}.*.ntfs"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        shapes = sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for stale in shapes[self.keep:]:
+            self.discard(stale.stem)
+
+    def discard(self, shape: str) -> None:
+        """Forget the composite of ``shape``."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / f"{shape}.json").unlink()
+        for volume in self.root.glob(f"{shape}.*.ntfs"):
+            volume.unlink(missing_ok=True)

@@ -1,0 +1,206 @@
+"""Re-publishing from the last composite (app.engine.composite): on a file system that clones blocks, a
+publish after one layer changed starts from the last published volume and changes only what differs. Its
+volume must hold exactly what a full publish of the same stack holds: checked with ntfs-3g's tools and its
+FUSE driver (names, data, streams, ACLs, attributes, short names, reparse data, times, hard links) and sgdisk,
+not with the engine's own view.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.engine.compose import ComposeResult, StackLayer, compose
+from app.engine.composite import plan_changes
+from app.engine.importer import scan_folder
+from app.engine.layer_cache import LayerDiskCache
+from app.engine.registry.delta import RegistryDelta
+from app.engine.registry.regfile import parse_reg_file
+from app.engine.repository import CaptureSource, LayerRepository, SourceKind
+from tests.engine.test_compose import _partition_table, store
+from tests.engine.test_ntfs_volume import described, mounted
+from tests.engine.test_wim import ntfs_cat, ntfs_is_consistent, ntfs_tree
+from tests.support.compose_stack import CITRIX, OFFICE, TOOLS, LayerDef, os_layer
+from tests.support.tools import loop_filesystem
+
+GiB = 1024**3
+
+#: Tools, version 2: config.ini changes, tool.exe goes, new files (one in a new folder, one in the OS's),
+#: another whiteout and other registry changes.
+TOOLS_2 = LayerDef("Tools", "app", {
+    "PROGRAM FILES/OFFICE/CONFIG.INI": b"tools config, second version",
+    "Program Files/Tools/helper.dll": b"helper" * 3000,
+    "Program Files/Tools/Plugins/one.dll": b"plugin",
+    "Windows/System32/drivers/etc/networks": b"loopback 127\r\n",
+}, whiteouts=["Windows/Temp/old.log", "Program Files/Office/winword.exe"], reg=(
+    "[HKEY_LOCAL_MACHINE\\SOFTWARE\\Shared]\r\n"
+    '"Owner"="Tools 2"\r\n\r\n'
+))
+
+
+@pytest.fixture
+def xfs(tmp_path: Path) -> Iterator[Path]:
+    with loop_filesystem(tmp_path / "xfs", 1024, "xfs") as root:
+        yield root
+
+
+def new_version(repository: LayerRepository, root: Path, layer: LayerDef, layer_id: int, version_id: int,
+                ) -> StackLayer:
+    folder = layer.folder(root / str(version_id))
+    scan = scan_folder(folder)
+    reg = layer.reg_file(root / str(version_id))
+    delta = parse_reg_file(reg) if reg is not None else RegistryDelta()
+    stored = repository.store_version(layer_id, version_id, CaptureSource(SourceKind.FOLDER, folder),
+                                      deletions=scan.deletions, delta=delta, drop=scan.markers)
+    return StackLayer(layer.role, layer.name, layer_id, version_id, stored.checksum)
+
+
+def stacks(root: Path) -> tuple[LayerRepository, list[StackLayer], list[StackLayer]]:
+    """The compose test stack, and the same with Tools at version 2."""
+    repository = LayerRepository(root / "repository").ensure()
+    sources = root / "sources"
+    layers = [os_layer(sources), OFFICE, TOOLS, CITRIX]
+    first = [store(repository, sources, layer, n) for n, layer in enumerate(layers, 1)]
+    second = [*first[:2], new_version(repository, sources, TOOLS_2, 3, 31), first[3]]
+    return repository, first, second
+
+
+def publish(repository: LayerRepository, stack: list[StackLayer], out: Path, name: str,
+            cache: LayerDiskCache) -> ComposeResult:
+    out.mkdir(exist_ok=True)
+    return compose(stack, repository, out, "raw", 1, name=name, cache=cache)
+
+
+def windows_volume(result: ComposeResult, where: Path) -> Path:
+    """The Windows partition of a raw image (per sgdisk), as a volume file."""
+    number, first, last, _, _ = next(row for row in _partition_table(result.path) if row[3] == "0700")
+    volume = where / f"{result.path.stem}-{number}.ntfs"
+    size = (last - first + 1) * 512
+    with result.path.open("rb") as image, volume.open("wb") as out:
+        image.seek(first * 512)
+        for offset in range(0, size, 1 << 20):  # sparse: most of the volume is never written
+            chunk = image.read(min(1 << 20, size - offset))
+            if chunk.count(0) != len(chunk):
+                out.seek(offset)
+                out.write(chunk)
+        out.truncate(size)
+    return volume
+
+
+def assert_same_volumes(first: Path, second: Path, where: Path) -> None:
+    ntfs_is_consistent(first)
+    ntfs_is_consistent(second)
+    assert ntfs_tree(first) == ntfs_tree(second)
+    with mounted(first, where / "a") as a, mounted(second, where / "b") as b:
+        assert described(a) == described(b)
+
+
+def test_a_republish_changes_the_last_composite_and_holds_what_a_full_publish_holds(xfs: Path,
+                                                                                   tmp_path: Path) -> None:
+    repository, first, second = stacks(xfs)
+    cache = LayerDiskCache(xfs / "cache", GiB)
+    v1 = publish(repository, first, xfs / "out", "v1", cache)
+    assert "composite" not in v1.timings
+    assert len(list((xfs / "cache" / "composites").glob("*.ntfs"))) == 1
+    v2 = publish(repository, second, xfs / "out", "v2", cache)
+    assert "composite" in v2.timings  # started from v1's volume
+    full = publish(repository, second, xfs / "full", "full", LayerDiskCache(xfs / "other-cache", GiB))
+    assert "composite" not in full.timings
+    assert v2.manifest_digest == full.manifest_digest and v2.files == full.files
+    assert_same_volumes(windows_volume(v2, tmp_path), windows_volume(full, tmp_path), tmp_path)
+    volume = windows_volume(v2, tmp_path)
+    assert ntfs_cat(volume, "/Program Files/Office/CONFIG.INI") == b"tools config, second version"
+    assert "/Program Files/Tools/tool.exe" not in ntfs_tree(volume)
+    # and back: version 1 again, from v2's composite, holds what v1 held
+    back = publish(repository, first, xfs / "out", "back", cache)
+    assert "composite" in back.timings
+    assert_same_volumes(windows_volume(back, tmp_path), windows_volume(v1, tmp_path), tmp_path)
+
+
+def test_hives_go_back_to_the_os_layers_when_no_layer_changes_the_registry_any_more(xfs: Path,
+                                                                                    tmp_path: Path) -> None:
+    """The composite holds hives merged with Tools' registry changes; Tools' next version has none (and no
+    other layer of this stack has any): the OS layer's own hive files come back, as in a full publish."""
+    repository, first, _ = stacks(xfs)
+    without = LayerDef("Tools", "app", dict(TOOLS.files), whiteouts=list(TOOLS.whiteouts))
+    before = [first[0], first[2]]
+    after = [first[0], new_version(repository, xfs / "sources", without, 3, 32)]
+    cache = LayerDiskCache(xfs / "cache", GiB)
+    publish(repository, before, xfs / "out", "v1", cache)
+    v2 = publish(repository, after, xfs / "out", "v2", cache)
+    assert "composite" in v2.timings
+    full = publish(repository, after, xfs / "full", "full", LayerDiskCache(xfs / "other-cache", GiB))
+    assert_same_volumes(windows_volume(v2, tmp_path), windows_volume(full, tmp_path), tmp_path)
+    assert ntfs_cat(windows_volume(v2, tmp_path), "/Windows/System32/config/SOFTWARE") == (
+        xfs / "sources" / "hives" / "SOFTWARE").read_bytes()
+
+
+def test_a_version_that_only_drops_a_file(xfs: Path, tmp_path: Path) -> None:
+    """Nothing to copy in, one file to delete (and the hives it shares with the last composite overwritten)."""
+    repository, first, _ = stacks(xfs)
+    smaller = LayerDef("Tools", "app", {k: v for k, v in TOOLS.files.items() if not k.endswith("tool.exe")},
+                       whiteouts=list(TOOLS.whiteouts), reg=TOOLS.reg)
+    cache = LayerDiskCache(xfs / "cache", GiB)
+    publish(repository, [first[0], first[2]], xfs / "out", "v1", cache)
+    after = [first[0], new_version(repository, xfs / "sources", smaller, 3, 33)]
+    v2 = publish(repository, after, xfs / "out", "v2", cache)
+    assert "composite" in v2.timings
+    full = publish(repository, after, xfs / "full", "full", LayerDiskCache(xfs / "other-cache", GiB))
+    assert_same_volumes(windows_volume(v2, tmp_path), windows_volume(full, tmp_path), tmp_path)
+    assert "/Program Files/Tools/tool.exe" not in ntfs_tree(windows_volume(v2, tmp_path))
+
+
+def test_another_layer_order_or_disk_size_starts_afresh(xfs: Path) -> None:
+    repository, first, _ = stacks(xfs)
+    cache = LayerDiskCache(xfs / "cache", GiB)
+    publish(repository, first, xfs / "out", "v1", cache)
+    reordered = [first[0], first[2], first[1], first[3]]
+    swapped = publish(repository, reordered, xfs / "out", "swapped", cache)
+    assert "composite" not in swapped.timings
+    bigger = compose(first, repository, xfs / "out", "raw", 2, name="bigger", cache=cache)
+    assert "composite" not in bigger.timings
+    assert len(list((xfs / "cache" / "composites").glob("*.ntfs"))) == 2  # the two most recent shapes
+
+
+def test_a_damaged_composite_means_a_full_apply(xfs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                ) -> None:
+    repository, first, second = stacks(xfs)
+    cache = LayerDiskCache(xfs / "cache", GiB)
+    publish(repository, first, xfs / "out", "v1", cache)
+    kept = next((xfs / "cache" / "composites").glob("*.ntfs"))
+    with kept.open("r+b") as volume:
+        volume.write(b"\0" * 4096)  # its boot sector
+    with caplog.at_level(logging.WARNING, logger="app.engine.compose"):
+        v2 = publish(repository, second, xfs / "out", "v2", cache)
+    assert "re-publishing from the last composite failed" in caplog.text
+    assert not kept.exists()  # forgotten; the full apply left a composite of its own
+    full = publish(repository, second, xfs / "full", "full", LayerDiskCache(xfs / "other-cache", GiB))
+    assert_same_volumes(windows_volume(v2, tmp_path), windows_volume(full, tmp_path), tmp_path)
+    again = publish(repository, first, xfs / "out", "again", cache)
+    assert "composite" in again.timings
+
+
+def test_without_block_cloning_nothing_is_kept(tmp_path: Path) -> None:
+    with loop_filesystem(tmp_path / "ext4", 600, "ext4") as root:
+        repository, first, _ = stacks(root)
+        cache = LayerDiskCache(root / "cache", GiB)
+        publish(repository, first, root / "out", "v1", cache)
+        assert not list((root / "cache" / "composites").glob("*"))
+
+
+def test_plan_changes_replaces_top_most_paths_only() -> None:
+    """A replaced folder takes what is below it along, whatever sorts between them ("/a b" sorts between
+    "/a" and "/a/c"); folders that stay get their times back."""
+    old = {"/": "r", "/a": "1", "/a/c": "2", "/a b": "3", "/keep": "4", "/keep/gone.txt": "5"}
+    new = {"/": "r", "/a": "changed", "/a/c": "changed too", "/a b": "3 changed", "/keep": "4", "/keep/new": "6",
+           "/keep/new/x": "7"}
+    changes = plan_changes(old, new)
+    assert changes.replaced == ("/a", "/a b", "/keep/gone.txt", "/keep/new")
+    assert changes.removed == ("/a", "/a b", "/keep/gone.txt")
+    assert changes.added == ("/a", "/a b", "/keep/new")
+    assert changes.parents == ("/", "/keep")
+    with pytest.raises(ValueError, match="root directory differs"):
+        plan_changes(old, {**new, "/": "other"})
