@@ -1071,7 +1071,7 @@ def _change_composite(
                                                 progress=steps.bytes_in(50, 70, "Applying the changed layers"))
             steps.at(70, "Changing the last published volume")
             times = {entry.path.casefold(): entry.times for entry in entries if entry.is_directory}
-            apply_changes(volume, scratch, changes, times)
+            apply_changes(volume, scratch, changes, times, cancel=abort)
             scratch.unlink()
         except (OSError, NtfsVolumeError, WimError) as exc:
             if isinstance(exc, NtfsVolumeError) and exc.errno == errno.ENOSPC:

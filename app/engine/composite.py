@@ -36,6 +36,8 @@ from pathlib import Path
 from app.engine.ntfs_volume import NtfsVolume
 from app.engine.wim import DeleteCommand, DirEntry, Wim
 from app.files import fsync_dir
+from app.procs import Cancellable
+from app.tasks.base import TaskCanceled
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +166,24 @@ def _ancestors(path: str) -> list[str]:
     return found
 
 
-def apply_changes(volume: Path, scratch: Path, changes: Changes, times: Mapping[str, tuple[int, int, int]]) -> None:
+def apply_changes(volume: Path, scratch: Path, changes: Changes, times: Mapping[str, tuple[int, int, int]], *,
+                  cancel: Cancellable | None = None) -> None:
     """Change the clone ``volume`` as ``changes`` says, copying the new paths from the ``scratch`` volume
     (which holds them, and the directories above them, as wimlib applied them); ``times``: each directory in
-    ``changes.parents`` -> its times in the new image."""
+    ``changes.parents`` -> its times in the new image. A cancel stops it between two paths
+    (:class:`TaskCanceled`); the clone is then half changed, to be thrown away."""
+
+    def check() -> None:
+        if cancel is not None and cancel.cancelled:
+            raise TaskCanceled()
+
     with NtfsVolume.opened(volume, writable=True) as target, NtfsVolume.opened(scratch) as source:
         for path in changes.removed:
+            check()
             target.delete(path)
         links: dict[int, int] = {}
         for path in changes.added:
+            check()
             target.copy_tree_from(source, path, links=links)
         for path in sorted(changes.parents, key=lambda p: p.count("/"), reverse=True):
             target.set_times(path, times[path])

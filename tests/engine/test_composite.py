@@ -20,6 +20,7 @@ from app.engine.layer_cache import LayerDiskCache
 from app.engine.registry.delta import RegistryDelta
 from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind
+from app.tasks.base import CancelToken, TaskCanceled
 from tests.engine.test_compose import _partition_table, store
 from tests.engine.test_ntfs_volume import described, mounted
 from tests.engine.test_wim import ntfs_cat, ntfs_is_consistent, ntfs_tree
@@ -151,6 +152,28 @@ def test_a_version_that_only_drops_a_file(xfs: Path, tmp_path: Path) -> None:
     full = publish(repository, after, xfs / "full", "full", LayerDiskCache(xfs / "other-cache", GiB))
     assert_same_volumes(windows_volume(v2, tmp_path), windows_volume(full, tmp_path), tmp_path)
     assert "/Program Files/Tools/tool.exe" not in ntfs_tree(windows_volume(v2, tmp_path))
+
+
+@pytest.mark.parametrize("at", [55, 70])  # applying the changed paths to the scratch volume; copying them
+def test_a_cancelled_republish_leaves_nothing_and_keeps_the_composite(xfs: Path, at: int) -> None:
+    repository, first, second = stacks(xfs)
+    cache = LayerDiskCache(xfs / "cache", GiB)
+    publish(repository, first, xfs / "out", "v1", cache)
+    kept = {p.name: p.read_bytes() for p in (xfs / "cache" / "composites").iterdir()}
+    token = CancelToken()
+
+    def progress(percent: float, _message: str) -> None:
+        if percent >= at:
+            token.cancel()
+
+    (xfs / "cancelled").mkdir()
+    with pytest.raises(TaskCanceled):
+        compose(second, repository, xfs / "cancelled", "raw", 1, name="v2", cache=cache, progress=progress,
+                cancel=token)
+    assert list((xfs / "cancelled").iterdir()) == []
+    assert {p.name: p.read_bytes() for p in (xfs / "cache" / "composites").iterdir()} == kept
+    v2 = publish(repository, second, xfs / "out", "v2", cache)
+    assert "composite" in v2.timings
 
 
 def test_another_layer_order_or_disk_size_starts_afresh(xfs: Path) -> None:
