@@ -67,6 +67,7 @@ _QCOW2_COPIED = 1 << 63  # the cluster's refcount is exactly one
 _VMDK_GRAIN = 64 * 1024
 _VMDK_GTES = 512  # grain table entries: a grain table maps 32 MiB
 _VMDK_DESCRIPTOR_SECTORS = 20
+_READ_AHEAD = 64 * MiB  # how far ahead of the SHA-256 the volume is asked for (POSIX_FADV_WILLNEED)
 _VHD_GAP = 4096  # before each dynamic VHD block: its sector bitmap at the end, a whole file system block
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -203,6 +204,17 @@ class _Plan:
     def sha256(self, disk: vhd._Disk, ticker: vhd._Ticker) -> str:
         sink = vhd._Sink(-1)
         extents = disk.data_extents()
+        advised = 0  # the disk's bytes before this have been asked for ahead of the reads
+
+        def read_ahead(offset: int, end: int) -> None:
+            # a volume cloned from the last composite is not in the page cache: reading 64 MiB ahead lets
+            # the disk work while the bytes before are hashed (an uncached 2.9 GB file: 5.9 -> 3.1-3.7 s)
+            nonlocal advised
+            if offset + _READ_AHEAD // 2 >= advised:
+                start, stop = max(advised, offset), min(end, offset + _READ_AHEAD)
+                if start < stop:
+                    disk.will_read(start, stop - start)
+                    advised = stop
 
         def zeros_to(offset: int) -> None:  # a raw disk's holes can be gigabytes: progress and cancel inside
             while sink.position < offset:
@@ -220,6 +232,7 @@ class _Plan:
                     zeros_to(begin - source + at)
                     while sink.position < end - source + at:
                         ticker.at(sink.position)
+                        read_ahead(sink.position - at + source, end)
                         view = sink.buffer(min(4 * MiB, end - source + at - sink.position))
                         disk.read_into(view, sink.position - at + source)
                         sink.write(view, store=False)

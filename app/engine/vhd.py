@@ -144,6 +144,19 @@ class _Disk:
                     extents.append((start + data, start + hole))
         return extents
 
+    def will_read(self, offset: int, length: int) -> None:
+        """Ask the kernel to start reading ``[offset, offset + length)`` of the disk into the page cache now
+        (``POSIX_FADV_WILLNEED``), so reading it later overlaps with hashing what came before."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        for index, fd in enumerate(self.fds):
+            start = self.starts[index]
+            end = self.starts[index + 1] if index + 1 < len(self.fds) else self.size
+            begin, stop = max(offset, start), min(offset + length, end)
+            if begin < stop:
+                advise(fd, begin - start, stop - begin, os.POSIX_FADV_WILLNEED)
+
     def read_into(self, buffer: memoryview, offset: int) -> None:
         """Fill ``buffer`` with the disk's bytes from ``offset``; bytes past the disk's end are zeros."""
         filled = 0
