@@ -40,7 +40,7 @@ template is made of them, and then:
 The publish tasks' per-step timings (from the worker's log line) are printed as medians. Without
 ``--dir`` everything goes to a temporary folder removed at the end. ``--xfs GB`` (root) makes a sparse
 file of that size in the work folder, formats it XFS (reflink on) and runs everything, ``cp -a`` included,
-on it, loop-mounted; it is removed at the end.
+on it, loop-mounted with direct I/O; it is removed at the end.
 """
 
 from __future__ import annotations
@@ -454,12 +454,19 @@ def xfs_mounted(top: Path, size_gb: int) -> Iterator[Path]:
         file.truncate(size_gb * GiB)
     subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
     mount.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    # direct I/O: a plain loop device keeps every block twice in the page cache and reads a file that is not
+    # cached at a third of the disk's speed (a 2.9 GB volume: 5.5 s instead of 2.4-3.8 s)
+    device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)], check=True,
+                            capture_output=True, text=True).stdout.strip()
     try:
-        yield mount
+        subprocess.run(["mount", device, str(mount)], check=True)
+        try:
+            yield mount
+        finally:
+            # lazily: the catalog's connections (and the task runner's last children) may still hold files
+            subprocess.run(["umount", "-l", str(mount)], check=False)
     finally:
-        # lazily: the catalog's connections (and the task runner's last children) may still hold files
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        subprocess.run(["losetup", "-d", device], check=False)
         image.unlink(missing_ok=True)
 
 

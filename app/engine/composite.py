@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import secrets
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,10 @@ _clones: dict[tuple[int, int], bool] = {}  # (device, device) -> whether FICLONE
 def clone_file(source: Path, target: Path) -> None:
     """``target`` (new) made to share ``source``'s blocks (``FICLONE``); :class:`OSError` where the file
     system cannot."""
+    if not sys.platform.startswith("linux"):
+        raise OSError(errno.EOPNOTSUPP, "block cloning is only used on Linux")
+    import fcntl  # Unix only: this module is imported on Windows too
+
     with source.open("rb") as src:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
