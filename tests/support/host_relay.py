@@ -70,14 +70,17 @@ class HostRelay:
                 self.down = True
                 _stop_listening(self._listener)
             sockets, self._sockets = self._sockets, []
+            pumps, self._threads = self._threads, []
         for sock in sockets:
             _reset(sock)
+        # A socket's reset goes out only once no thread is blocked on it any more: wait for the pumps to
+        # let go, so the peer's next send fails instead of filling buffers on a loaded machine.
+        for thread in pumps:
+            thread.join(timeout=5)
 
     def close(self) -> None:
         self.cut(stay_down=True)
         self._accepting.join(timeout=5)
-        for thread in self._threads:
-            thread.join(timeout=5)
 
     def __enter__(self) -> HostRelay:
         return self
