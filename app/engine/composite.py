@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Changes", "CompositeStore", "apply_changes", "clone_file", "plan_changes", "prune_to", "signatures"]
 
 _FICLONE = 0x40049409
-_clones: dict[tuple[int, int], bool] = {}  # (device, device) -> whether FICLONE works between them
 
 
 def clone_file(source: Path, target: Path) -> None:
@@ -66,23 +65,20 @@ def clone_file(source: Path, target: Path) -> None:
 
 
 def clones_between(first: Path, second: Path) -> bool:
-    """Whether files in folder ``first`` can be cloned into folder ``second`` (tried once per pair of file
-    systems, on a one-block scratch file)."""
-    key = (first.stat().st_dev, second.stat().st_dev)
-    if key not in _clones:
-        probe, copy = first / f".clone-probe-{os.getpid()}", second / f".clone-probe-{os.getpid()}.copy"
-        try:
-            probe.write_bytes(b"\0" * 4096)
-            clone_file(probe, copy)
-            _clones[key] = True
-        except OSError as exc:
-            _clones[key] = False
-            log.info("no block cloning between %s and %s (%s): publishes apply every layer", first, second,
-                     os.strerror(exc.errno or errno.EOPNOTSUPP))
-        finally:
-            probe.unlink(missing_ok=True)
-            copy.unlink(missing_ok=True)
-    return _clones[key]
+    """Whether files in folder ``first`` can be cloned into folder ``second``, tried on a one-block scratch
+    file each time (a device number may name another file system after a remount: not worth caching)."""
+    probe, copy = first / f".clone-probe-{os.getpid()}", second / f".clone-probe-{os.getpid()}.copy"
+    try:
+        probe.write_bytes(b"\0" * 4096)
+        clone_file(probe, copy)
+    except OSError as exc:
+        log.info("no block cloning between %s and %s (%s): publishes apply every layer", first, second,
+                 os.strerror(exc.errno or errno.EOPNOTSUPP))
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+        copy.unlink(missing_ok=True)
+    return True
 
 
 def signatures(entries: Sequence[DirEntry]) -> dict[str, str]:

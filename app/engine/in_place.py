@@ -73,7 +73,6 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_COLLAPSE_RANGE = 0x08
 _FALLOC_FL_INSERT_RANGE = 0x20
-_supported: dict[int, int] = {}  # st_dev → the file system's block size, or 0 when it cannot move blocks
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -90,36 +89,31 @@ _libc: ctypes.CDLL | None = None
 
 
 def ranges_supported(folder: Path) -> int:
-    """The block size of ``folder``'s file system when it can insert and collapse ranges of a file
-    (tried once per file system on a small scratch file), else 0."""
+    """The block size of ``folder``'s file system when it can insert and collapse ranges of a file (tried
+    each time on a small scratch file: a device number may name another file system after a remount), else
+    0."""
     if not sys.platform.startswith("linux"):
         return 0
-    device = Path(folder).stat().st_dev
-    if device not in _supported:
-        try:
-            fd, name = tempfile.mkstemp(dir=folder, prefix=".layerdesk-probe-")
-        except OSError as exc:
-            log.info("Cannot try moving file blocks in %s (%s): the disk image is written by copying.", folder,
-                     exc.strerror)
-            return 0
-        try:
-            block = os.fstatvfs(fd).f_bsize
-            os.pwrite(fd, b"\x01" * (4 * block), 0)
-            _fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, block)
-            _fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, 0, block)
-            works = os.fstat(fd).st_size == 4 * block and os.pread(fd, 1, 0) == b"\x01"
-            _supported[device] = block if works else 0
-        except OSError as exc:
-            log.info("The file system of %s cannot move file blocks (%s): disk images are written there by "
-                     "copying the Windows volume.", folder, exc.strerror)
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # the file system's answer
-                _supported[device] = 0
-            else:  # e.g. a full disk: not an answer, ask again next time
-                return 0
-        finally:
-            os.close(fd)
-            Path(name).unlink()
-    return _supported[device]
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".layerdesk-probe-")
+    except OSError as exc:
+        log.info("Cannot try moving file blocks in %s (%s): the disk image is written by copying.", folder,
+                 exc.strerror)
+        return 0
+    try:
+        block = os.fstatvfs(fd).f_bsize
+        os.pwrite(fd, b"\x01" * (4 * block), 0)
+        _fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, block)
+        _fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, 0, block)
+        works = os.fstat(fd).st_size == 4 * block and os.pread(fd, 1, 0) == b"\x01"
+        return block if works else 0
+    except OSError as exc:
+        log.info("The file system of %s cannot move file blocks (%s): disk images are written there by "
+                 "copying the Windows volume.", folder, exc.strerror)
+        return 0
+    finally:
+        os.close(fd)
+        Path(name).unlink()
 
 
 def assemble(

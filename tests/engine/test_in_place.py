@@ -150,9 +150,7 @@ def test_other_formats_are_not_done_in_place(work: Path, fmt: str) -> None:
     assert sha256(pieces[1]) == before
 
 
-def test_a_file_system_that_cannot_move_blocks_is_left_untouched(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(in_place, "_supported", {})
+def test_a_file_system_that_cannot_move_blocks_is_left_untouched(tmp_path: Path) -> None:
     with small_filesystem(tmp_path / "tmpfs", "64m") as folder:
         assert in_place.ranges_supported(folder) == 0
         pieces, _ = make_pieces(folder, LAYOUTS["block-aligned"])
@@ -163,9 +161,8 @@ def test_a_file_system_that_cannot_move_blocks_is_left_untouched(tmp_path: Path,
                                                               "reference.raw"]  # no probe file left
 
 
-def test_the_machine_disk_can_move_blocks(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_machine_disk_can_move_blocks(work: Path) -> None:
     """The rest of this file relies on it: ext4 (tmp_path here and in CI) inserts and collapses ranges."""
-    monkeypatch.setattr(in_place, "_supported", {})  # probe again
     assert in_place.ranges_supported(work) == os.statvfs(work).f_bsize
     assert list(work.iterdir()) == []  # the probe's scratch file is gone
 
@@ -286,9 +283,9 @@ def test_a_disk_that_fills_up_while_the_image_is_assembled(tmp_path: Path) -> No
                                                                                        "windows.ntfs"]
 
 
-def test_a_full_file_system_is_asked_again_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A probe that fails because the disk is full says nothing about the file system: it is not kept."""
-    monkeypatch.setattr(in_place, "_supported", {})
+def test_a_full_file_system_is_asked_again_later(tmp_path: Path) -> None:
+    """A probe that fails because the disk is full says nothing about the file system: the next one, with
+    room, finds it can."""
     with loop_filesystem(tmp_path / "small", 16) as folder:
         filler = folder / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
@@ -299,15 +296,13 @@ def test_a_full_file_system_is_asked_again_later(tmp_path: Path, monkeypatch: py
         os.fsync(fd)
         os.close(fd)
         assert in_place.ranges_supported(folder) == 0
-        assert in_place._supported == {}
         filler.unlink()
         assert in_place.ranges_supported(folder) == os.statvfs(folder).f_bsize
 
 
 @pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed", "qcow2", "vhd-dynamic", "vmdk-sparse"])
-def test_xfs_moves_file_blocks_too(tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_xfs_moves_file_blocks_too(tmp_path: Path, fmt: str) -> None:
     """The other common Linux file system that can: the same images, read back alike."""
-    monkeypatch.setattr(in_place, "_supported", {})
     with loop_filesystem(tmp_path / "xfs", 320, "xfs") as folder:
         assert in_place.ranges_supported(folder) == os.statvfs(folder).f_bsize
         pieces, reference = make_pieces(folder, LAYOUTS["odd-mib-start"])
