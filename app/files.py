@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import os
 import sys
@@ -85,3 +86,16 @@ def writing_back(path: Path, every_s: float = 0.25) -> Iterator[None]:
         stop.set()
         thread.join()
         os.close(fd)
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a file system running out of space: an :class:`OSError`, or the
+    words of one in a tool's message (mkntfs, wimlib, NTFS-3G)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC:  # OSError, and our errors that carry one
+            return True
+        if "no space left on device" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

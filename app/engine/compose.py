@@ -113,6 +113,7 @@ from app.engine.wim import (
     overwrite_file_in_ntfs_volume,
 )
 from app.errors import EnvironmentProblem, UserError
+from app.files import no_space
 from app.procs import Cancellable
 from app.tasks.base import CancelToken, TaskCanceled
 from app.tasks.worker import WorkerReport
@@ -940,7 +941,7 @@ def _write_disk(
 
     check_room({})
     volume = work / "windows.ntfs"
-    if composites is not None and not clones_between(work, _existing(composites.root)):
+    if composites is not None and not clones_between(work, _nearest_existing(composites.root)):
         composites = None
     shape = _shape(stack, data_size, data_start_lba, plan is not None)
     base = composites.find(shape) if composites is not None and from_composite else None
@@ -985,7 +986,11 @@ def _write_disk(
             check_room(hives)
             for hive in hives.values():  # in place: the hive files keep their ACLs and attributes
                 overwrite_file_in_ntfs_volume(volume, hive.file, hive.image_path)
-        except (WimError, EnvironmentProblem) as exc:
+        except (WimError, EnvironmentProblem, OSError) as exc:
+            if no_space(exc) and _nearly_full(work):  # the output folder's device, not the image's volume
+                raise _output_full(work) from exc
+            if isinstance(exc, OSError):
+                raise
             if "space" in str(exc).lower():
                 raise ComposeError(f"The merged layers do not fit on a disk of {disk_size / GiB:g} GB: {exc}") from exc
             raise
@@ -1017,9 +1022,7 @@ def _write_disk(
                                            cancel=steps._cancel, consume=volume)
         except disk.DiskError as exc:
             if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOSPC:
-                raise ComposeError(f"The disk image does not fit in {work.parent}: no space is left on its device "
-                                   "(No space left on device). Free some space there or publish to another "
-                                   "folder.") from exc
+                raise _output_full(work) from exc
             raise
     return out, checksum, hives
 
@@ -1027,6 +1030,23 @@ def _write_disk(
 #: Changes when what a composite holds for a stack changes meaning: kept composites of older engines are
 #: then never used.
 _COMPOSITE_FORMAT = 1
+
+
+#: Free bytes below which a "no space" error during the apply is the output folder's device running out, not
+#: the image's Windows volume: the volume is a sparse file there, and each of its writes needs room on it.
+_NEARLY_FULL = 64 * MiB
+
+
+def _nearly_full(work: Path) -> bool:
+    try:
+        return shutil.disk_usage(work).free < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+def _output_full(work: Path) -> ComposeError:
+    return ComposeError(f"The disk image does not fit in {work.parent}: no space is left on its device (No space "
+                        "left on device). Free some space there or publish to another folder.")
 
 
 def _shape(stack: Sequence[StackLayer], data_size: int, data_start_lba: int, gold_disk: bool) -> str:
@@ -1037,8 +1057,11 @@ def _shape(stack: Sequence[StackLayer], data_size: int, data_start_lba: int, gol
     return hashlib.sha256(described.encode()).hexdigest()[:24]
 
 
-def _existing(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+def _nearest_existing(folder: Path) -> Path:
+    """``folder`` or its nearest existing ancestor: on the file system ``folder`` will be created on, without
+    creating it where it would stay empty."""
+    while not folder.is_dir() and folder.parent != folder:
+        folder = folder.parent
     return folder
 
 
@@ -1073,8 +1096,8 @@ def _change_composite(
             times = {entry.path.casefold(): entry.times for entry in entries if entry.is_directory}
             apply_changes(volume, scratch, changes, times, cancel=abort)
             scratch.unlink()
-        except (OSError, NtfsVolumeError, WimError) as exc:
-            if isinstance(exc, NtfsVolumeError) and exc.errno == errno.ENOSPC:
+        except (OSError, NtfsVolumeError, WimError, EnvironmentProblem) as exc:
+            if no_space(exc):  # a full apply would need more room still; the composite is fine
                 raise
             raise _FullApplyNeeded(str(exc)) from exc
 

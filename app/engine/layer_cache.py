@@ -29,6 +29,8 @@ from pathlib import Path
 
 from app.engine.repository import LayerRepository, VersionManifest
 from app.engine.wim import make_ntfs_volume
+from app.errors import EnvironmentProblem
+from app.files import no_space
 from app.procs import Cancellable
 
 log = logging.getLogger(__name__)
@@ -97,8 +99,13 @@ class LayerDiskCache:
                                                       progress=progress, cancel=cancel)
             target = cached if into_cache else scratch / name
             staging.replace(target)
-        except BaseException:
+        except BaseException as exc:
             staging.unlink(missing_ok=True)
+            if no_space(exc):
+                where = "the layer disk cache in" if into_cache else "the publish's work folder in"
+                raise EnvironmentProblem(
+                    f"Layer {label} could not be unpacked into {where} {folder}: no space is left on its device. "
+                    "Free some space there and publish again.") from exc
             raise
         if into_cache:
             self.evict(keep={*keep, name})

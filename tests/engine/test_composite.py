@@ -7,7 +7,9 @@ not with the engine's own view.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,11 +22,13 @@ from app.engine.layer_cache import LayerDiskCache
 from app.engine.registry.delta import RegistryDelta
 from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind
+from app.errors import LayerDeskError
 from app.tasks.base import CancelToken, TaskCanceled
 from tests.engine.test_compose import _partition_table, store
 from tests.engine.test_ntfs_volume import described, mounted
 from tests.engine.test_wim import ntfs_cat, ntfs_is_consistent, ntfs_tree
 from tests.support.compose_stack import CITRIX, OFFICE, TOOLS, LayerDef, os_layer
+from tests.support.repository_checks import listing
 from tests.support.tools import loop_filesystem
 
 GiB = 1024**3
@@ -196,9 +200,11 @@ def test_a_damaged_composite_means_a_full_apply(xfs: Path, tmp_path: Path, caplo
     kept = next((xfs / "cache" / "composites").glob("*.ntfs"))
     with kept.open("r+b") as volume:
         volume.write(b"\0" * 4096)  # its boot sector
+    stored = listing(repository.root)
     with caplog.at_level(logging.WARNING, logger="app.engine.compose"):
         v2 = publish(repository, second, xfs / "out", "v2", cache)
     assert "re-publishing from the last composite failed" in caplog.text
+    assert listing(repository.root) == stored
     assert not kept.exists()  # forgotten; the full apply left a composite of its own
     full = publish(repository, second, xfs / "full", "full", LayerDiskCache(xfs / "other-cache", GiB))
     assert_same_volumes(windows_volume(v2, tmp_path), windows_volume(full, tmp_path), tmp_path)
@@ -211,7 +217,7 @@ def test_without_block_cloning_nothing_is_kept(tmp_path: Path) -> None:
         repository, first, _ = stacks(root)
         cache = LayerDiskCache(root / "cache", GiB)
         publish(repository, first, root / "out", "v1", cache)
-        assert not list((root / "cache" / "composites").glob("*"))
+        assert not (root / "cache" / "composites").exists()
 
 
 def test_plan_changes_replaces_top_most_paths_only() -> None:
@@ -227,3 +233,51 @@ def test_plan_changes_replaces_top_most_paths_only() -> None:
     assert changes.parents == ("/", "/keep")
     with pytest.raises(ValueError, match="root directory differs"):
         plan_changes(old, {**new, "/": "other"})
+
+
+def _fill(root: Path, leave: int) -> Path:
+    """A file that takes all of ``root``'s free space but about ``leave`` bytes (another writer filling the
+    disk)."""
+    filler = root / "filler"
+    with filler.open("wb") as file:
+        for step in (64 * 1024 * 1024, 1024 * 1024, 65536, 4096):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.posix_fallocate(file.fileno(), os.fstat(file.fileno()).st_size,
+                                       step)
+        os.ftruncate(file.fileno(), max(0, os.fstat(file.fileno()).st_size - leave))
+    return filler
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_a_disk_that_fills_up_during_a_republish(xfs: Path, staged: bool) -> None:
+    """The file system the composite, the layer disk cache and the output share fills up (another writer)
+    before a re-publish, before or after the changed layer is in the cache: one clear message, nothing in the
+    output folder, the composite and the repository as they were; once there is room again the re-publish
+    starts from that composite."""
+    repository, first, second = stacks(xfs)
+    cache = LayerDiskCache(xfs / "cache", GiB)
+    publish(repository, first, xfs / "out", "v1", cache)
+    if staged:
+        tools = second[2]
+        cache.volume(repository, tools.layer_id, tools.version_id, tools.checksum, label=tools.name,
+                     scratch=xfs / "scratch")
+    kept = listing(xfs / "cache" / "composites")
+    stored = listing(repository.root)
+    filler = _fill(xfs, 256 * 1024)
+    (xfs / "full").mkdir()
+    with pytest.raises(LayerDeskError) as caught:
+        compose(second, repository, xfs / "full", "raw", 1, name="v2", cache=cache)
+    message = str(caught.value)
+    if staged:  # the changed paths' scratch volume, or the clone's changed blocks
+        assert message == (f"The disk image does not fit in {xfs / 'full'}: no space is left on its device (No "
+                           "space left on device). Free some space there or publish to another folder.")
+    else:
+        assert message == (f"Layer Tools could not be unpacked into the layer disk cache in {xfs / 'cache'}: no "
+                           "space is left on its device. Free some space there and publish again.")
+    assert list((xfs / "full").iterdir()) == []
+    assert listing(xfs / "cache" / "composites") == kept
+    assert listing(repository.root) == stored
+    filler.unlink()
+    v2 = publish(repository, second, xfs / "out", "v2", cache)
+    assert "composite" in v2.timings
