@@ -75,11 +75,13 @@ from typing import Any, Literal, get_args
 
 from app.engine import disk, gold
 from app.engine.composite import (
+    Changes,
     Composite,
     CompositeStore,
     apply_changes,
     clone_file,
     clones_between,
+    entries_below,
     plan_changes,
     prune_to,
     signatures,
@@ -947,6 +949,7 @@ def _write_disk(
     base = composites.find(shape) if composites is not None and from_composite else None
     listed = signatures(entries) if composites is not None else {}
     overwritten = {fold(job.found[hive].path) for hive in job.changed} if job is not None else set()
+    changes = _composite_changes(base, entries, listed, overwritten) if base is not None else None
     steps.at(50, "Applying the merged image to the Windows volume")
     abort = _Abort(steps._cancel)
 
@@ -966,10 +969,9 @@ def _write_disk(
         merging = pool.submit(rewrite)
         try:
             try:
-                if base is not None and composites is not None:
+                if base is not None and changes is not None and composites is not None:
                     try:
-                        _change_composite(base, merged, index, entries, listed, overwritten, volume, work, steps,
-                                          abort)
+                        _change_composite(base, changes, merged, index, entries, volume, work, steps, abort)
                     except _FullApplyNeeded:
                         composites.discard(shape)
                         raise
@@ -1065,13 +1067,19 @@ def _nearest_existing(folder: Path) -> Path:
     return folder
 
 
-def _change_composite(
-    base: Composite, merged: Wim, index: int, entries: Sequence[DirEntry], listed: Mapping[str, str],
-    overwritten: Collection[str], volume: Path, work: Path, steps: _Steps, abort: _Abort,
-) -> None:
-    """Make ``volume`` a clone of the composite ``base`` changed into the merged image (see
-    :mod:`app.engine.composite`). Hive files the registry merge overwrites afterwards count as unchanged
-    when the composite holds the same file under its merged content. Prunes the merged image."""
+#: A publish changes the last composite only while the paths to copy in hold at most this share of the merged
+#: image's bytes, or fewer than :data:`_COMPOSITE_SMALL` bytes: each of their bytes is written twice (onto the
+#: scratch volume, then into the clone), so beyond about half of them applying every layer is as fast and
+#: needs no scratch volume; below a few hundred MiB either way takes a moment.
+_COMPOSITE_SHARE = 0.5
+_COMPOSITE_SMALL = 256 * MiB
+
+
+def _composite_changes(base: Composite, entries: Sequence[DirEntry], listed: Mapping[str, str],
+                       overwritten: Collection[str]) -> Changes | None:
+    """What changes the composite ``base`` into the merged image (``entries``, their signatures ``listed``),
+    or ``None`` when applying every layer is the better way. Hive files the registry merge overwrites
+    afterwards count as unchanged when the composite holds the same file under its merged content."""
     new = dict(listed)
     for path in overwritten:
         previous = base.signatures.get(path, "")
@@ -1080,7 +1088,23 @@ def _change_composite(
     try:
         changes = plan_changes(base.signatures, new)
     except ValueError as exc:
-        raise _FullApplyNeeded(str(exc)) from None
+        log.info("the last composite cannot be changed into this image (%s): applying every layer", exc)
+        return None
+    copied = _needed_volume_bytes(entries_below(entries, changes.added)) - _NTFS_FIXED
+    total = _needed_volume_bytes(entries) - _NTFS_FIXED
+    if copied > _COMPOSITE_SHARE * total and copied >= _COMPOSITE_SMALL:
+        log.info("the changed paths hold %d of the image's %d MiB: applying every layer rather than changing "
+                 "the last composite", copied // MiB, total // MiB)
+        return None
+    return changes
+
+
+def _change_composite(
+    base: Composite, changes: Changes, merged: Wim, index: int, entries: Sequence[DirEntry], volume: Path,
+    work: Path, steps: _Steps, abort: _Abort,
+) -> None:
+    """Make ``volume`` a clone of the composite ``base`` changed into the merged image by ``changes`` (see
+    :mod:`app.engine.composite`). Prunes the merged image."""
     log.info("re-publishing from the last composite: %d path(s) replaced (%d removed, %d added)",
              len(changes.replaced), len(changes.removed), len(changes.added))
     with steps.timed("composite"):

@@ -41,7 +41,8 @@ from app.tasks.base import TaskCanceled
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Changes", "CompositeStore", "apply_changes", "clone_file", "plan_changes", "prune_to", "signatures"]
+__all__ = ["Changes", "CompositeStore", "apply_changes", "clone_file", "entries_below", "plan_changes", "prune_to",
+           "signatures"]
 
 _FICLONE = 0x40049409
 
@@ -135,6 +136,13 @@ def plan_changes(old: Mapping[str, str], new: Mapping[str, str]) -> Changes:
         replaced=tuple(replaced), removed=tuple(p for p in replaced if p in old),
         added=tuple(p for p in replaced if p in new), parents=tuple(parents),
     )
+
+
+def entries_below(entries: Sequence[DirEntry], paths: Iterable[str]) -> list[DirEntry]:
+    """The entries at or below any of ``paths`` (case-folded)."""
+    tops = set(paths)
+    return [entry for entry in entries
+            if (path := entry.path.casefold()) in tops or any(a in tops for a in _ancestors(path))]
 
 
 def prune_to(merged: Wim, index: int, entries: Sequence[DirEntry], keep: Iterable[str]) -> list[DirEntry]:

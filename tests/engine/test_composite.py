@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from app.engine import compose as compose_module
 from app.engine.compose import ComposeResult, StackLayer, compose
 from app.engine.composite import plan_changes
 from app.engine.importer import scan_folder
@@ -281,3 +282,27 @@ def test_a_disk_that_fills_up_during_a_republish(xfs: Path, staged: bool) -> Non
     filler.unlink()
     v2 = publish(repository, second, xfs / "out", "v2", cache)
     assert "composite" in v2.timings
+
+
+def test_a_version_that_changes_most_of_the_bytes_is_applied_whole(xfs: Path, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changing the composite writes each changed byte twice (the scratch volume, the clone): when the new
+    Tools version brings most of the image's bytes, every layer is applied instead, and that publish leaves
+    the composite the next small change starts from. (Images this small count as large here: the rule
+    leaves changes under 256 MiB alone.)"""
+    monkeypatch.setattr(compose_module, "_COMPOSITE_SMALL", 1024 * 1024)
+    repository, first, second = stacks(xfs)
+    cache = LayerDiskCache(xfs / "cache", GiB)
+    publish(repository, first, xfs / "out", "v1", cache)
+    big = LayerDef("Tools", "app", {**TOOLS_2.files, "Program Files/Tools/data.bin": os.urandom(3 * 1024 * 1024)},
+                   whiteouts=TOOLS_2.whiteouts, reg=TOOLS_2.reg)
+    heavy = [*first[:2], new_version(repository, xfs / "sources", big, 3, 32), first[3]]
+    with caplog.at_level(logging.INFO, logger="app.engine.compose"):
+        v2 = publish(repository, heavy, xfs / "out", "v2", cache)
+    assert "composite" not in v2.timings
+    assert "applying every layer rather than changing the last composite" in caplog.text
+    full = publish(repository, heavy, xfs / "full", "full", LayerDiskCache(xfs / "other-cache", GiB))
+    assert_same_volumes(windows_volume(v2, tmp_path), windows_volume(full, tmp_path), tmp_path)
+    v3 = publish(repository, second, xfs / "out", "v3", cache)  # the big file goes: a small change again
+    assert "composite" in v3.timings
