@@ -911,8 +911,8 @@ def _write_disk(
     stops the apply at once, and its error is the one raised.
 
     With ``composites`` (a store on a file system that clones blocks, see :mod:`app.engine.composite`), the
-    volume starts as a clone of the last composite of the same stack shape when there is one, and only the
-    paths that differ are changed (not when ``from_composite`` is false); the finished volume is kept for the
+    volume is the last composite of the same stack shape, taken from the store, when there is one, and only
+    the paths that differ are changed (not when ``from_composite`` is false); the finished volume is kept for the
     next publish. A composite that cannot be changed is forgotten and :class:`_FullApplyNeeded` raised."""
     os_layer, os_manifest = stack[0], manifests[0]
     plan: gold.DiskPlan | None = None
@@ -946,10 +946,20 @@ def _write_disk(
     if composites is not None and not clones_between(work, _nearest_existing(composites.root)):
         composites = None
     shape = _shape(stack, data_size, data_start_lba, plan is not None)
-    base = composites.find(shape) if composites is not None and from_composite else None
+    base: Composite | None = None
+    if composites is not None and from_composite:
+        try:
+            base = composites.take(shape, volume)
+        except OSError as exc:
+            if no_space(exc):
+                raise _output_full(work) from exc
+            log.warning("the last composite could not be taken (%s): applying every layer", exc)
     listed = signatures(entries) if composites is not None else {}
     overwritten = {fold(job.found[hive].path) for hive in job.changed} if job is not None else set()
     changes = _composite_changes(base, entries, listed, overwritten) if base is not None else None
+    if base is not None and changes is None:  # not worth it: the store still has its clone
+        volume.unlink()
+        base = None
     steps.at(50, "Applying the merged image to the Windows volume")
     abort = _Abort(steps._cancel)
 
@@ -971,7 +981,7 @@ def _write_disk(
             try:
                 if base is not None and changes is not None and composites is not None:
                     try:
-                        _change_composite(base, changes, merged, index, entries, volume, work, steps, abort)
+                        _change_composite(changes, merged, index, entries, volume, work, steps, abort)
                     except _FullApplyNeeded:
                         composites.discard(shape)
                         raise
@@ -1012,21 +1022,40 @@ def _write_disk(
                                   disk_guid=gpt.disk_guid if gpt else None,
                                   partition_guids=gpt.partition_guids if gpt else None)
             pieces = [prefix, volume, suffix]
-        if composites is not None:  # what the next publish of this shape starts from
+        consume, twin = volume, None
+        if composites is not None:  # the volume is what the next publish of this shape starts from
             kept = dict(listed)
             for hive in hives.values():
                 path = fold(hive.image_path)
                 kept[path] = f"{listed.get(path, '')}+hive-{hive.sha256}"
-            composites.save(shape, volume, kept)
+            consume, twin = _keep_composite(composites, shape, volume, kept, work)
+            pieces = [consume if piece == volume else piece for piece in pieces]
         try:
             checksum = disk.convert_hashed(pieces, out, fmt,  # type: ignore[arg-type]  # checked in compose()
                                            progress=steps.bytes_in(80, 98, "Writing the disk image"),
-                                           cancel=steps._cancel, consume=volume)
+                                           cancel=steps._cancel, consume=consume, twin=twin)
         except disk.DiskError as exc:
             if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOSPC:
                 raise _output_full(work) from exc
             raise
     return out, checksum, hives
+
+
+def _keep_composite(composites: CompositeStore, shape: str, volume: Path, found: Mapping[str, str], work: Path,
+                    ) -> tuple[Path, Path | None]:
+    """Keep the finished ``volume`` as the composite of ``shape`` and give the image a clone of it; returns
+    the file the image is made of and the composite (same bytes) to read them from: its pages are in memory
+    (just written, or taken from the store with its pages), the clone's are not."""
+    image_volume = work / "image.ntfs"
+    try:
+        clone_file(volume, image_volume)
+    except OSError as exc:
+        if no_space(exc):
+            raise _output_full(work) from exc
+        log.warning("the composite could not be kept for the next publish: %s", exc)
+        return volume, None
+    kept = composites.adopt(shape, volume, found)
+    return image_volume, kept if kept is not None else volume
 
 
 #: Changes when what a composite holds for a stack changes meaning: kept composites of older engines are
@@ -1100,16 +1129,15 @@ def _composite_changes(base: Composite, entries: Sequence[DirEntry], listed: Map
 
 
 def _change_composite(
-    base: Composite, changes: Changes, merged: Wim, index: int, entries: Sequence[DirEntry], volume: Path,
+    changes: Changes, merged: Wim, index: int, entries: Sequence[DirEntry], volume: Path,
     work: Path, steps: _Steps, abort: _Abort,
 ) -> None:
-    """Make ``volume`` a clone of the composite ``base`` changed into the merged image by ``changes`` (see
-    :mod:`app.engine.composite`). Prunes the merged image."""
+    """Change the composite taken from the store (now at ``volume``) into the merged image by
+    ``changes`` (see :mod:`app.engine.composite`). Prunes the merged image."""
     log.info("re-publishing from the last composite: %d path(s) replaced (%d removed, %d added)",
              len(changes.replaced), len(changes.removed), len(changes.added))
     with steps.timed("composite"):
         try:
-            clone_file(base.volume, volume)
             kept = prune_to(merged, index, entries, changes.added)
             scratch = work / "changes.ntfs"
             size = -(-(_needed_volume_bytes(kept) * 5 // 4 + 16 * MiB) // MiB) * MiB

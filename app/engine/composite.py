@@ -5,7 +5,8 @@ writes every unchanged layer again (the OS layer alone is most of the bytes). Wh
 layer disk cache sit on one file system that clones blocks (XFS with reflink, btrfs: ``FICLONE``), a publish
 keeps a clone of its finished Windows volume, with a signature of every path the merged image held, in a
 :class:`CompositeStore`. A later publish of a stack of the same shape (the same OS layer version, the same
-layers in the same order, the same volume) starts from a clone of it and changes only what differs:
+layers in the same order, the same volume) takes that volume out of the store (leaving a clone behind, see
+:meth:`CompositeStore.take`) and changes only what differs:
 
 1. :func:`plan_changes` compares the two merged images path by path (data hashes, streams, attributes,
    security descriptor, short name, reparse tag, times, hard link siblings). A path whose entry differs, or
@@ -15,8 +16,11 @@ layers in the same order, the same volume) starts from a clone of it and changes
 3. :func:`apply_changes` deletes the replaced paths from the clone, copies them in from the scratch volume
    (:mod:`app.engine.ntfs_volume`) and gives the directories they were in their times back.
 
-The hives are then overwritten in place as after a full apply. On a file system without block cloning
-nothing is kept (copying the volume would cost every publish more than it saves a re-publish).
+The hives are then overwritten in place as after a full apply. The finished volume goes back into the store
+and the disk image is made of a clone of it; the image's SHA-256 reads the volume, whose pages are still in
+memory (a clone's page cache starts empty: reading 3 GB from the disk again cost a re-publish seconds). On a
+file system without block cloning nothing is kept (copying the volume would cost every publish more than it
+saves a re-publish).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,7 +203,7 @@ def apply_changes(volume: Path, scratch: Path, changes: Changes, times: Mapping[
 
 @dataclass(frozen=True)
 class Composite:
-    """A kept composite: its volume (never changed once kept: clone it) and its paths' signatures."""
+    """A composite taken from the store: its volume (now the taker's to change) and its paths' signatures."""
 
     volume: Path
     signatures: Mapping[str, str]
@@ -209,56 +213,100 @@ class CompositeStore:
     """The composites kept in ``root`` (inside the layer disk cache): one per stack shape, the ``keep``
     most recently published.
 
-    A shape's ``<shape>.json`` names its volume file (``<shape>.<token>.ntfs``, never changed once written)
-    and holds the signatures. Saving writes a new volume under a new name and then replaces the JSON
-    atomically, so a publish running at the same time reads a volume and the signatures that belong
-    together (or finds the volume gone, and applies every layer)."""
+    A shape's ``<shape>.json`` names its volume file (``<shape>.<token>.ntfs``, never changed while it is in
+    the store) and holds the signatures. A publish *takes* the volume out (a rename: the file keeps its
+    pages in the page cache, so hashing the new image reads memory, not the disk) and leaves a clone of it
+    in its place, which stays the composite if the publish fails; a finished publish *adopts* its volume as
+    the new composite. Taking and adopting hold a lock on the store, and the JSON is replaced atomically:
+    concurrent publishes each get a volume of their own and signatures that belong to it."""
 
     def __init__(self, root: Path, keep: int = 2) -> None:
         self.root = Path(root)
         self.keep = keep
 
-    def find(self, shape: str) -> Composite | None:
-        """The composite kept for ``shape``, or ``None`` (also when its files are unusable)."""
-        listing = self.root / f"{shape}.json"
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        import fcntl  # composites exist only where files can be cloned (Linux)
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            document = json.loads(listing.read_text(encoding="utf-8"))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read(self, shape: str) -> tuple[Path, dict[str, str]] | None:
+        try:
+            document = json.loads((self.root / f"{shape}.json").read_text(encoding="utf-8"))
             found, name = document["signatures"], document["volume"]
             volume = self.root / name
             if not isinstance(found, dict) or Path(name).name != name or not volume.is_file():
                 return None
-            os.utime(listing)  # most recently used first when evicting
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return Composite(volume, found)
+        return volume, found
 
-    def save(self, shape: str, volume: Path, found: Mapping[str, str]) -> None:
-        """Keep a clone of ``volume`` as the composite of ``shape`` (replacing the one kept before) with its
-        signatures; then forget all but the :attr:`keep` most recent shapes. A clone that cannot be made only
-        means the next publish applies every layer."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        name = f"{shape}.{secrets.token_hex(6)}.ntfs"
+    def _write(self, shape: str, name: str, found: Mapping[str, str]) -> None:
         listing = self.root / f".{name}.json"
         try:
-            clone_file(volume, self.root / name)
             listing.write_text(json.dumps({"volume": name, "signatures": found}, separators=(",", ":")),
                                encoding="utf-8")
             listing.replace(self.root / f"{shape}.json")
+        except BaseException:
+            listing.unlink(missing_ok=True)
+            raise
+        fsync_dir(self.root)
+
+    def take(self, shape: str, into: Path) -> Composite | None:
+        """Move the composite of ``shape`` to ``into`` (new), leaving a clone of it as the kept composite;
+        ``None`` when there is none (or its files are unusable). :class:`OSError` when the clone cannot be
+        made (nothing changed then)."""
+        with self._locked():
+            kept = self._read(shape)
+            if kept is None:
+                return None
+            volume, found = kept
+            name = f"{shape}.{secrets.token_hex(6)}.ntfs"
+            clone_file(volume, self.root / name)
+            try:
+                self._write(shape, name, found)
+            except BaseException:
+                (self.root / name).unlink(missing_ok=True)
+                raise
+            volume.replace(into)
+            return Composite(into, found)
+
+    def adopt(self, shape: str, volume: Path, found: Mapping[str, str]) -> Path | None:
+        """Move ``volume`` into the store as the composite of ``shape`` (replacing the one kept before) with
+        its signatures, then forget all but the :attr:`keep` most recent shapes; its new path. ``None`` when
+        it cannot be kept (it stays where it was): the next publish then applies every layer."""
+        name = f"{shape}.{secrets.token_hex(6)}.ntfs"
+        try:
+            with self._locked():
+                volume.replace(self.root / name)
+                try:
+                    self._write(shape, name, found)
+                except BaseException:
+                    (self.root / name).replace(volume)
+                    raise
+                for old in self.root.glob(f"{shape}.*.ntfs"):
+                    if old.name != name:
+                        old.unlink(missing_ok=True)
+                shapes = sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+                for stale in shapes[self.keep:]:
+                    self._forget(stale.stem)
         except OSError as exc:
             log.warning("the composite could not be kept for the next publish: %s", exc)
-            listing.unlink(missing_ok=True)
-            (self.root / name).unlink(missing_ok=True)
-            return
-        fsync_dir(self.root)
-        for old in self.root.glob(f"{shape}.*.ntfs"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
-        shapes = sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for stale in shapes[self.keep:]:
-            self.discard(stale.stem)
+            return None
+        return self.root / name
 
     def discard(self, shape: str) -> None:
         """Forget the composite of ``shape``."""
+        with self._locked():
+            self._forget(shape)
+
+    def _forget(self, shape: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / f"{shape}.json").unlink()
         for volume in self.root.glob(f"{shape}.*.ntfs"):

@@ -123,6 +123,7 @@ def assemble(
     *,
     progress: ProgressFn | None = None,
     cancel: Cancellable | None = None,
+    twin: Path | None = None,
 ) -> str | None:
     """Turn ``pieces[volume_index]`` (the Windows volume file) into the ``fmt`` image of all ``pieces`` read
     as one disk, in place; returns the image's ``sha256:`` checksum, or ``None`` when this cannot be done
@@ -130,7 +131,8 @@ def assemble(
 
     The image's layout is planned first and its SHA-256 computed from the pieces as they are (the
     volume's pages are still in the page cache then; moving its blocks drops them); only then is the
-    volume changed, so a cancel while hashing leaves it as it was."""
+    volume changed, so a cancel while hashing leaves it as it was. ``twin``: a file with the volume's bytes
+    (a clone of it whose pages are in memory where the volume's are not) the SHA-256 reads instead."""
     if fmt not in FORMATS:
         return None
     volume = Path(pieces[volume_index])
@@ -161,7 +163,17 @@ def assemble(
             return None
         ticker = vhd._Ticker(plan.size, progress, cancel)
         started = time.monotonic()
-        checksum = plan.sha256(disk, ticker)
+        if twin is not None:
+            read = vhd._Disk([twin if n == volume_index else piece for n, piece in enumerate(pieces)],
+                             volume.parent / f".{volume.name}.image")
+            try:
+                if read.sizes != disk.sizes:
+                    raise DiskError(f"{twin} does not hold the bytes of {volume} (another size).")
+                checksum = plan.sha256(read, ticker)
+            finally:
+                read.close()
+        else:
+            checksum = plan.sha256(disk, ticker)
         ticker.check()
         fd = os.open(volume, os.O_RDWR)
         try:

@@ -8,6 +8,8 @@ not with the engine's own view.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ import pytest
 
 from app.engine import compose as compose_module
 from app.engine.compose import ComposeResult, StackLayer, compose
-from app.engine.composite import plan_changes
+from app.engine.composite import CompositeStore, plan_changes
 from app.engine.importer import scan_folder
 from app.engine.layer_cache import LayerDiskCache
 from app.engine.registry.delta import RegistryDelta
@@ -96,6 +98,20 @@ def windows_volume(result: ComposeResult, where: Path) -> Path:
     return volume
 
 
+def composites(cache: Path) -> dict[str, tuple[str, dict[str, str]]]:
+    """What the layer disk cache keeps as composites: each shape's volume (its SHA-256) and signatures, and
+    no other volume."""
+    root = cache / "composites"
+    found = {}
+    for listing_file in root.glob("*.json"):
+        document = json.loads(listing_file.read_text(encoding="utf-8"))
+        volume = (root / document["volume"]).read_bytes()
+        found[listing_file.stem] = (hashlib.sha256(volume).hexdigest(), document["signatures"])
+    assert sorted(p.name for p in root.glob("*.ntfs")) == sorted(
+        json.loads(p.read_text(encoding="utf-8"))["volume"] for p in root.glob("*.json"))
+    return found
+
+
 def assert_same_volumes(first: Path, second: Path, where: Path) -> None:
     ntfs_is_consistent(first)
     ntfs_is_consistent(second)
@@ -164,7 +180,7 @@ def test_a_cancelled_republish_leaves_nothing_and_keeps_the_composite(xfs: Path,
     repository, first, second = stacks(xfs)
     cache = LayerDiskCache(xfs / "cache", GiB)
     publish(repository, first, xfs / "out", "v1", cache)
-    kept = {p.name: p.read_bytes() for p in (xfs / "cache" / "composites").iterdir()}
+    kept = composites(xfs / "cache")
     token = CancelToken()
 
     def progress(percent: float, _message: str) -> None:
@@ -176,7 +192,7 @@ def test_a_cancelled_republish_leaves_nothing_and_keeps_the_composite(xfs: Path,
         compose(second, repository, xfs / "cancelled", "raw", 1, name="v2", cache=cache, progress=progress,
                 cancel=token)
     assert list((xfs / "cancelled").iterdir()) == []
-    assert {p.name: p.read_bytes() for p in (xfs / "cache" / "composites").iterdir()} == kept
+    assert composites(xfs / "cache") == kept
     v2 = publish(repository, second, xfs / "out", "v2", cache)
     assert "composite" in v2.timings
 
@@ -263,7 +279,7 @@ def test_a_disk_that_fills_up_during_a_republish(xfs: Path, staged: bool) -> Non
         tools = second[2]
         cache.volume(repository, tools.layer_id, tools.version_id, tools.checksum, label=tools.name,
                      scratch=xfs / "scratch")
-    kept = listing(xfs / "cache" / "composites")
+    kept = composites(xfs / "cache")
     stored = listing(repository.root)
     filler = _fill(xfs, 256 * 1024)
     (xfs / "full").mkdir()
@@ -277,7 +293,7 @@ def test_a_disk_that_fills_up_during_a_republish(xfs: Path, staged: bool) -> Non
         assert message == (f"Layer Tools could not be unpacked into the layer disk cache in {xfs / 'cache'}: no "
                            "space is left on its device. Free some space there and publish again.")
     assert list((xfs / "full").iterdir()) == []
-    assert listing(xfs / "cache" / "composites") == kept
+    assert composites(xfs / "cache") == kept
     assert listing(repository.root) == stored
     filler.unlink()
     v2 = publish(repository, second, xfs / "out", "v2", cache)
@@ -306,3 +322,33 @@ def test_a_version_that_changes_most_of_the_bytes_is_applied_whole(xfs: Path, tm
     assert_same_volumes(windows_volume(v2, tmp_path), windows_volume(full, tmp_path), tmp_path)
     v3 = publish(repository, second, xfs / "out", "v3", cache)  # the big file goes: a small change again
     assert "composite" in v3.timings
+
+
+def test_a_taken_composite_leaves_its_clone_and_an_adopted_volume_replaces_it(xfs: Path) -> None:
+    """Taking moves the kept volume out (the taker changes it) and leaves a clone with the same bytes and
+    signatures, so a publish that fails keeps the composite and a concurrent one takes a volume of its
+    own; adopting makes a finished volume the composite and keeps the most recent shapes."""
+    store = CompositeStore(xfs / "cache" / "composites", keep=2)
+    first = xfs / "first.ntfs"
+    first.write_bytes(os.urandom(256 * 1024))
+    content = first.read_bytes()
+    kept = store.adopt("shape-a", first, {"/": "root"})
+    assert kept is not None and kept.read_bytes() == content and not first.exists()
+    taken = store.take("shape-a", xfs / "taken.ntfs")
+    assert taken is not None and taken.volume == xfs / "taken.ntfs" and taken.signatures == {"/": "root"}
+    assert not kept.exists()
+    other = store.take("shape-a", xfs / "other.ntfs")  # a concurrent publish: the clone, then its clone
+    assert other is not None and other.volume.read_bytes() == content
+    with taken.volume.open("r+b") as volume:  # the taker changes its volume: nobody else sees it
+        volume.write(b"changed")
+    assert other.volume.read_bytes() == content
+    assert composites(xfs / "cache") == {"shape-a": (hashlib.sha256(content).hexdigest(), {"/": "root"})}
+    assert store.adopt("shape-a", taken.volume, {"/": "new"}) is not None
+    assert composites(xfs / "cache")["shape-a"][1] == {"/": "new"}
+    for shape in ("shape-b", "shape-c"):
+        (xfs / shape).write_bytes(b"x" * 4096)
+        assert store.adopt(shape, xfs / shape, {}) is not None
+    assert sorted(composites(xfs / "cache")) == ["shape-b", "shape-c"]
+    assert store.take("shape-a", xfs / "gone.ntfs") is None
+    store.discard("shape-b")
+    assert sorted(composites(xfs / "cache")) == ["shape-c"]
