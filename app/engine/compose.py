@@ -79,7 +79,6 @@ from app.engine.composite import (
     Composite,
     CompositeStore,
     apply_changes,
-    clone_file,
     clones_between,
     entries_below,
     plan_changes,
@@ -1022,40 +1021,25 @@ def _write_disk(
                                   disk_guid=gpt.disk_guid if gpt else None,
                                   partition_guids=gpt.partition_guids if gpt else None)
             pieces = [prefix, volume, suffix]
-        consume, twin = volume, None
-        if composites is not None:  # the volume is what the next publish of this shape starts from
-            kept = dict(listed)
-            for hive in hives.values():
-                path = fold(hive.image_path)
-                kept[path] = f"{listed.get(path, '')}+hive-{hive.sha256}"
-            consume, twin = _keep_composite(composites, shape, volume, kept, work)
-            pieces = [consume if piece == volume else piece for piece in pieces]
+        # with composites, the volume stays: it is what the next publish of this shape starts from, and the
+        # image is laid out around clones of its blocks (hashed from its pages, which are in memory)
         try:
             checksum = disk.convert_hashed(pieces, out, fmt,  # type: ignore[arg-type]  # checked in compose()
                                            progress=steps.bytes_in(80, 98, "Writing the disk image"),
-                                           cancel=steps._cancel, consume=consume, twin=twin)
+                                           cancel=steps._cancel, consume=volume if composites is None else None,
+                                           keep=volume if composites is not None else None)
         except disk.DiskError as exc:
             if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOSPC:
                 raise _output_full(work) from exc
             raise
+        finally:
+            if composites is not None:  # complete either way
+                kept = dict(listed)
+                for hive in hives.values():
+                    path = fold(hive.image_path)
+                    kept[path] = f"{listed.get(path, '')}+hive-{hive.sha256}"
+                composites.adopt(shape, volume, kept)
     return out, checksum, hives
-
-
-def _keep_composite(composites: CompositeStore, shape: str, volume: Path, found: Mapping[str, str], work: Path,
-                    ) -> tuple[Path, Path | None]:
-    """Keep the finished ``volume`` as the composite of ``shape`` and give the image a clone of it; returns
-    the file the image is made of and the composite (same bytes) to read them from: its pages are in memory
-    (just written, or taken from the store with its pages), the clone's are not."""
-    image_volume = work / "image.ntfs"
-    try:
-        clone_file(volume, image_volume)
-    except OSError as exc:
-        if no_space(exc):
-            raise _output_full(work) from exc
-        log.warning("the composite could not be kept for the next publish: %s", exc)
-        return volume, None
-    kept = composites.adopt(shape, volume, found)
-    return image_volume, kept if kept is not None else volume
 
 
 #: Changes when what a composite holds for a stack changes meaning: kept composites of older engines are

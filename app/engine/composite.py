@@ -16,11 +16,12 @@ layers in the same order, the same volume) takes that volume out of the store (l
 3. :func:`apply_changes` deletes the replaced paths from the clone, copies them in from the scratch volume
    (:mod:`app.engine.ntfs_volume`) and gives the directories they were in their times back.
 
-The hives are then overwritten in place as after a full apply. The finished volume goes back into the store
-and the disk image is made of a clone of it; the image's SHA-256 reads the volume, whose pages are still in
-memory (a clone's page cache starts empty: reading 3 GB from the disk again cost a re-publish seconds). On a
-file system without block cloning nothing is kept (copying the volume would cost every publish more than it
-saves a re-publish).
+The hives are then overwritten in place as after a full apply. The disk image is laid out in a new file
+around clones of the finished volume's blocks (:func:`app.engine.in_place.assemble` with ``into``), and the
+volume goes back into the store. The image's SHA-256 reads the volume, whose pages are still in memory (a
+clone's page cache starts empty: reading 3 GB from the disk again cost a re-publish seconds, and moving a
+clone's blocks into place another second). On a file system without block cloning nothing is kept (copying
+the volume would cost every publish more than it saves a re-publish).
 """
 
 from __future__ import annotations

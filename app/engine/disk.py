@@ -1181,15 +1181,15 @@ def convert_hashed(
     progress: ProgressFn | None = None,
     cancel: Cancellable | None = None,
     consume: Path | None = None,
-    twin: Path | None = None,
+    keep: Path | None = None,
 ) -> str:
     """:func:`convert`, returning ``"sha256:<hex>"`` of the image written.
 
     ``consume``: one of the pieces (the Windows volume, in the same folder as ``out``) that may become the
     image itself: VHDX, fixed VHD and raw are then assembled around it in place where its file system
-    allows (:mod:`app.engine.in_place`), and the piece is gone afterwards. ``twin``: a file with the same
-    bytes as ``consume`` (a clone whose pages are in memory, where ``consume``'s are not): the image's bytes
-    are read from it. Otherwise VHDX, dynamic and
+    allows (:mod:`app.engine.in_place`), and the piece is gone afterwards. ``keep``: one of the pieces to
+    leave as it is: the image is laid out alike in a new file, the piece's blocks cloned where the file
+    system can. Otherwise VHDX, dynamic and
     fixed VHD and raw are written by :mod:`app.engine.vhd` in one pass that hashes the image as it writes
     it (no read-back), and the other formats go through :func:`convert` and are then read once to hash
     them. Either way the image is verified (:func:`verify_image`) before it appears as ``out``, and nothing
@@ -1211,15 +1211,23 @@ def convert_hashed(
     except FileNotFoundError as exc:
         raise DiskError(f"The raw disk piece {exc.filename} does not exist.") from exc
     if consume is not None and Path(consume) in sources:
-        checksum = in_place.assemble(sources, sources.index(Path(consume)), fmt, progress=progress, cancel=cancel,
-                                     twin=twin)
+        checksum = in_place.assemble(sources, sources.index(Path(consume)), fmt, progress=progress, cancel=cancel)
         if checksum is not None:
             with _output(out) as tmp:
                 Path(consume).replace(tmp)
                 verify_image(tmp, fmt, total)
             return checksum
-        if twin is not None:  # read from the twin; the consumed piece is not changed
-            sources = [Path(twin) if source == Path(consume) else source for source in sources]
+    if keep is not None and Path(keep) in sources:
+        try:
+            with _output(out) as tmp:
+                checksum = in_place.assemble(sources, sources.index(Path(keep)), fmt, progress=progress,
+                                             cancel=cancel, into=tmp)
+                if checksum is None:
+                    raise _NotInPlace
+                verify_image(tmp, fmt, total)
+            return checksum
+        except _NotInPlace:
+            pass
     with _output(out) as tmp:
         if writer is None:
             convert(sources, tmp, fmt, progress, cancel)
@@ -1227,6 +1235,10 @@ def convert_hashed(
         checksum = writer(sources, tmp, progress=progress, cancel=cancel)
         verify_image(tmp, fmt, total)
     return checksum
+
+
+class _NotInPlace(Exception):
+    """The image cannot be laid out around the kept piece: it is written by copying."""
 
 
 def _sha256_file(path: Path, cancel: Cancellable | None) -> str:

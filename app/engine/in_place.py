@@ -123,7 +123,7 @@ def assemble(
     *,
     progress: ProgressFn | None = None,
     cancel: Cancellable | None = None,
-    twin: Path | None = None,
+    into: Path | None = None,
 ) -> str | None:
     """Turn ``pieces[volume_index]`` (the Windows volume file) into the ``fmt`` image of all ``pieces`` read
     as one disk, in place; returns the image's ``sha256:`` checksum, or ``None`` when this cannot be done
@@ -131,12 +131,16 @@ def assemble(
 
     The image's layout is planned first and its SHA-256 computed from the pieces as they are (the
     volume's pages are still in the page cache then; moving its blocks drops them); only then is the
-    volume changed, so a cancel while hashing leaves it as it was. ``twin``: a file with the volume's bytes
-    (a clone of it whose pages are in memory where the volume's are not) the SHA-256 reads instead."""
+    volume changed, so a cancel while hashing leaves it as it was.
+
+    ``into`` (an empty file in the volume's folder): the volume stays as it is, and the image is written to
+    ``into`` with the same layout, the volume's blocks copied by ``copy_file_range``, which clones them
+    where the file system can (XFS, btrfs: no data is copied, and the volume's pages, still in memory,
+    are what the SHA-256 reads)."""
     if fmt not in FORMATS:
         return None
     volume = Path(pieces[volume_index])
-    block = ranges_supported(volume.parent)
+    block = ranges_supported(volume.parent) if into is None else _block_size(volume.parent)
     if not block:
         return None
     disk = vhd._Disk(pieces, volume.parent / f".{volume.name}.image")
@@ -163,33 +167,32 @@ def assemble(
             return None
         ticker = vhd._Ticker(plan.size, progress, cancel)
         started = time.monotonic()
-        if twin is not None:
-            read = vhd._Disk([twin if n == volume_index else piece for n, piece in enumerate(pieces)],
-                             volume.parent / f".{volume.name}.image")
-            try:
-                if read.sizes != disk.sizes:
-                    raise DiskError(f"{twin} does not hold the bytes of {volume} (another size).")
-                checksum = plan.sha256(read, ticker)
-            finally:
-                read.close()
-        else:
-            checksum = plan.sha256(disk, ticker)
+        checksum = plan.sha256(disk, ticker)
         ticker.check()
-        fd = os.open(volume, os.O_RDWR)
+        image = volume if into is None else into
+        fd = os.open(image, os.O_RDWR)
         try:
-            plan.carry_out(disk, fd)
+            if into is None:
+                plan.carry_out(disk, fd)
+            else:
+                plan.copy_out(disk, fd)
         except OSError as exc:
-            raise DiskError(f"Cannot write the disk image in {volume}: {exc.strerror or exc}.") from exc
+            raise DiskError(f"Cannot write the disk image in {image}: {exc.strerror or exc}.") from exc
         finally:
             os.close(fd)
-        if volume.stat().st_size != plan.size:
-            raise DiskError(f"The disk image assembled in {volume} holds {volume.stat().st_size} bytes, "
+        if image.stat().st_size != plan.size:
+            raise DiskError(f"The disk image assembled in {image} holds {image.stat().st_size} bytes, "
                             f"not the {plan.size} planned.")
         log.info("Disk image (%s) assembled around the Windows volume in place: a %s disk in a %s file, %.1f s.",
                  fmt, _size_text(disk.size), _size_text(plan.size), time.monotonic() - started)
         return checksum
     finally:
         disk.close()
+
+
+def _block_size(folder: Path) -> int:
+    """The block size of ``folder``'s file system (0 off Linux, where ``copy_file_range`` does not clone)."""
+    return os.statvfs(folder).f_bsize if sys.platform.startswith("linux") else 0
 
 
 def _size_text(count: int) -> str:
@@ -265,6 +268,20 @@ class _Plan:
                 _copy_disk(disk, begin, end, fd, begin - source + at)
 
 
+    def copy_out(self, disk: vhd._Disk, fd: int) -> None:
+        """The image written to the empty file ``fd``, the disk left as it is: each part's data copied (the
+        volume's blocks lie at offsets the file system's blocks align with, so they are cloned where the
+        file system can)."""
+        extents = disk.data_extents()
+        os.ftruncate(fd, self.size)
+        for at, length, source in self.parts:
+            if isinstance(source, bytes):
+                _pwrite_all(fd, source, at)
+                continue
+            for begin, end in _clip(extents, source, source + length):
+                _copy_disk(disk, begin, end, fd, begin - source + at)
+
+
 def _clip(extents: list[tuple[int, int]], begin: int, end: int) -> list[tuple[int, int]]:
     """The parts of the sorted, disjoint data ``extents`` inside ``[begin, end)``."""
     found = []
@@ -278,8 +295,8 @@ def _clip(extents: list[tuple[int, int]], begin: int, end: int) -> list[tuple[in
 
 
 def _copy_disk(disk: vhd._Disk, begin: int, end: int, fd: int, at: int) -> None:
-    """Disk bytes ``[begin, end)`` (never the volume's: see :class:`_Plan`) to ``fd`` at ``at``, copied by
-    the kernel piece by piece."""
+    """Disk bytes ``[begin, end)`` to ``fd`` at ``at``, copied by the kernel piece by piece (never the
+    volume's once it is being changed: see :class:`_Plan`)."""
     for index, source in enumerate(disk.fds):
         low, high = disk.starts[index], disk.starts[index] + disk.sizes[index]
         a, b = max(begin, low), min(end, high)

@@ -22,7 +22,6 @@ from app.engine import disk, in_place, vhd
 from app.engine.disk import DiskError
 from app.tasks.base import CancelToken, TaskCanceled
 from tests.engine.test_vhd import Piece, assert_image_holds, make_pieces, qemu_info, sha256
-from tests.support.repository_checks import flip_bytes
 from tests.support.tools import loop_filesystem, run_ok, small_filesystem
 
 KiB = 1024
@@ -225,52 +224,43 @@ def test_convert_hashed_consumes_the_volume_and_verifies_the_image(work: Path, f
         assert_image_holds(out, QEMU_NAMES[fmt], reference)
 
 
-@pytest.mark.parametrize("fmt", ["vhdx", "raw", "qcow2", "vmdk-stream"])
-def test_convert_hashed_reads_the_volumes_bytes_from_its_twin(work: Path, fmt: str) -> None:
-    """A twin (a copy of the volume, as a kept composite is a clone of it) is where the volume's bytes are
-    read from; the image is made of the consumed volume and holds the same disk."""
-    pieces, reference = make_pieces(work, LAYOUTS["odd-mib-start"])
-    twin = work / "twin.ntfs"
-    shutil.copyfile(pieces[1], twin)
-    before = sha256(twin)
+@pytest.mark.parametrize("fmt", ["vhdx", "raw", "vhd-fixed", "qcow2", "vhd-dynamic", "vmdk-sparse", "vmdk-stream"])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_an_image_beside_a_kept_volume_leaves_it_as_it_was(work: Path, name: str, fmt: str) -> None:
+    """``keep``: the image is laid out as in place, in a new file, and the volume is not changed."""
+    pieces, reference = make_pieces(work, LAYOUTS[name])
+    kept = pieces[VOLUME[name]]
+    before = sha256(kept)
     out = work / f"disk.{fmt}"
-    checksum = disk.convert_hashed(pieces, out, fmt, consume=pieces[1], twin=twin)  # type: ignore[arg-type]
+    checksum = disk.convert_hashed(pieces, out, fmt, keep=kept)  # type: ignore[arg-type]
     assert checksum == sha256(out)
-    assert_image_holds(out, QEMU_NAMES[fmt], reference)
-    assert sha256(twin) == before
-    if fmt != "vmdk-stream":  # done in place: hashed from the twin, then the volume's blocks moved
-        assert not pieces[1].exists()
+    assert sha256(kept) == before
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []
+    if fmt == "vhd-fixed":
+        disk.verify_image(out, "vhd-fixed", reference.stat().st_size)
+    else:
+        assert_image_holds(out, QEMU_NAMES[fmt], reference)
 
 
-@pytest.mark.parametrize("fmt", ["vhdx", "vmdk-stream"])
-def test_the_bytes_are_read_from_the_twin_not_the_volume(work: Path, fmt: str) -> None:
-    """The caller promises the twin holds the volume's bytes; one that does not (a byte changed) shows
-    that they were read from it: the checksum then is not the file's."""
-    pieces, reference = make_pieces(work, LAYOUTS["odd-mib-start"])
-    twin = work / "twin.ntfs"
-    shutil.copyfile(pieces[1], twin)
-    flip_bytes(twin, 6 * MiB + 17, 1)  # inside the data at 5-8 MiB
-    out = work / f"disk.{fmt}"
-    checksum = disk.convert_hashed(pieces, out, fmt, consume=pieces[1], twin=twin)  # type: ignore[arg-type]
-    if fmt == "vhdx":  # in place: the image is the volume's blocks, the checksum the twin's bytes
-        assert checksum != sha256(out)
-        assert_image_holds(out, "vhdx", reference)
-    else:  # streamed: the image is written from the twin
+@pytest.mark.parametrize("fmt", ["vhdx", "raw", "qcow2"])
+def test_on_xfs_an_image_beside_a_kept_volume_shares_its_blocks(tmp_path: Path, fmt: str) -> None:
+    """Where the file system clones (XFS with reflink), the volume's blocks are not copied into the image:
+    the file system's free space hardly changes, however much data the volume holds."""
+    with loop_filesystem(tmp_path / "xfs", 400, "xfs") as folder:
+        data = RANDOM.randbytes(96 * MiB)
+        pieces, reference = make_pieces(folder, [(MiB, [(0, b"table")]), (128 * MiB, [(4 * MiB, data)]),
+                                                  (MiB, [(0, b"backup")])])
+        reference.unlink()  # not on the measured file system
+        os.sync()
+        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        out = folder / f"disk.{fmt}"
+        checksum = disk.convert_hashed(pieces, out, fmt, keep=pieces[1])  # type: ignore[arg-type]
+        os.sync()
+        used = free - os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        assert used < 8 * MiB, used
         assert checksum == sha256(out)
-        flip_bytes(reference, 3 * MiB + 6 * MiB + 17, 1)
-        assert_image_holds(out, "vmdk", reference)
-
-
-def test_a_twin_of_another_size_is_refused_before_anything_changes(work: Path) -> None:
-    pieces, _ = make_pieces(work, LAYOUTS["odd-mib-start"])
-    twin = work / "twin.ntfs"
-    shutil.copyfile(pieces[1], twin)
-    with twin.open("ab") as file:
-        file.write(b"more")
-    before = sha256(pieces[1])
-    with pytest.raises(DiskError, match="does not hold the bytes of"):
-        in_place.assemble(pieces, 1, "vhdx", twin=twin)
-    assert sha256(pieces[1]) == before
+        with out.open("rb") as image:
+            assert data in image.read()  # the volume's bytes are in the image
 
 
 def test_an_image_that_fails_verification_leaves_nothing(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
