@@ -268,14 +268,15 @@ class CompositeStore:
             if kept is None:
                 return None
             volume, found = kept
-            name = f"{shape}.{secrets.token_hex(6)}.ntfs"
-            clone_file(volume, self.root / name)
+            clone = self.root / f".{volume.name}.{secrets.token_hex(4)}.clone"
+            clone_file(volume, clone)
+            # the clone takes the volume's name: the listing stays as it is (no rewrite of its signatures)
             try:
-                self._write(shape, name, found)
+                volume.replace(into)
+                clone.replace(volume)
             except BaseException:
-                (self.root / name).unlink(missing_ok=True)
+                clone.unlink(missing_ok=True)
                 raise
-            volume.replace(into)
             return Composite(into, found)
 
     def adopt(self, shape: str, volume: Path, found: Mapping[str, str]) -> Path | None:
@@ -310,5 +311,5 @@ class CompositeStore:
     def _forget(self, shape: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / f"{shape}.json").unlink()
-        for volume in self.root.glob(f"{shape}.*.ntfs"):
+        for volume in [*self.root.glob(f"{shape}.*.ntfs"), *self.root.glob(f".{shape}.*.clone")]:
             volume.unlink(missing_ok=True)
