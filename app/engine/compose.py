@@ -85,7 +85,7 @@ from app.engine.composite import (
     prune_to,
     signatures,
 )
-from app.engine.layer_cache import CachedVolume, LayerDiskCache
+from app.engine.layer_cache import COMPOSITES, CachedVolume, LayerDiskCache
 from app.engine.ntfs_volume import NtfsVolumeError
 from app.engine.registry.delta import (
     CreateKey,
@@ -429,7 +429,8 @@ def compose(
     except FileExistsError:
         raise ComposeError(f"The work folder {work} already exists (another publish is using it).") from None
 
-    composites = CompositeStore(cache.root / "composites") if cache is not None and cache.enabled else None
+    composites = CompositeStore(cache.root / COMPOSITES, evict=cache.evict) if cache is not None and cache.enabled \
+        else None
     from_composite = True
 
     def build() -> tuple[Path, str, list[DirEntry], dict[str, _NewHive]]:

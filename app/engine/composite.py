@@ -34,7 +34,7 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,9 +221,12 @@ class CompositeStore:
     the new composite. Taking and adopting hold a lock on the store, and the JSON is replaced atomically:
     concurrent publishes each get a volume of their own and signatures that belong to it."""
 
-    def __init__(self, root: Path, keep: int = 2) -> None:
+    def __init__(self, root: Path, keep: int = 2, evict: Callable[[Collection[str]], object] | None = None) -> None:
         self.root = Path(root)
         self.keep = keep
+        #: Called with the name of a volume just adopted (never to be evicted now), to keep the cache the
+        #: store is in within its bound.
+        self._evict = evict
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -268,6 +271,7 @@ class CompositeStore:
             if kept is None:
                 return None
             volume, found = kept
+            os.utime(self.root / f"{shape}.json")  # used now: the least recently used are evicted first
             clone = self.root / f".{volume.name}.{secrets.token_hex(4)}.clone"
             clone_file(volume, clone)
             # the clone takes the volume's name: the listing stays as it is (no rewrite of its signatures)
@@ -301,6 +305,8 @@ class CompositeStore:
         except OSError as exc:
             log.warning("the composite could not be kept for the next publish: %s", exc)
             return None
+        if self._evict is not None:
+            self._evict({name})
         return self.root / name
 
     def discard(self, shape: str) -> None:

@@ -11,7 +11,10 @@ The cache keeps those volumes between publishes, as App Layering's layer disk ca
   stage, the least recently used volumes are removed until the rest fit, never one the current publish
   uses. Using a volume marks it used (its modification time);
 * a volume in use by another publish may be evicted: on POSIX systems the open file lives on until that
-  publish is done with it.
+  publish is done with it;
+* the composites publishes keep in ``composites/`` (:mod:`app.engine.composite`) count toward the bound
+  too, each used when a publish starts from it, and are evicted alike (their blocks are shared with the
+  images made of them while those exist: counted whole, the bound errs on the safe side).
 
 ``max_bytes`` of 0 disables the cache: volumes are then staged in the publish's work folder only.
 """
@@ -27,6 +30,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.engine.composite import CompositeStore
 from app.engine.repository import LayerRepository, VersionManifest
 from app.engine.wim import make_ntfs_volume
 from app.errors import EnvironmentProblem
@@ -42,6 +46,8 @@ MiB = 1024 * 1024
 _NTFS_PER_FILE = 1024 + 4096
 _NTFS_FIXED = 32 * MiB  # $MFT zone start, $LogFile, bitmaps of a small volume
 _ENTRY = re.compile(r"(\d+)-(\d+)-([0-9a-f]{16})\.ntfs")
+_COMPOSITE = re.compile(r"([0-9a-f]{24})\.[0-9a-f]{12}\.ntfs")
+COMPOSITES = "composites"  # the folder of the composite store, inside the cache
 
 ProgressFn = Callable[[int, int], None]
 
@@ -112,18 +118,24 @@ class LayerDiskCache:
         return CachedVolume(target, False)
 
     def entries(self) -> list[tuple[Path, int, float]]:
-        """``(path, allocated bytes, last used)`` of every complete entry, least recently used first."""
+        """``(path, allocated bytes, last used)`` of every complete entry, composites included, least
+        recently used first."""
         if not self.root.is_dir():
             return []
         found = []
-        for path in self.root.iterdir():
-            if not _ENTRY.fullmatch(path.name):
-                continue
+        composites = self.root / COMPOSITES
+        listed = [path for path in self.root.iterdir() if _ENTRY.fullmatch(path.name)]
+        if composites.is_dir():
+            listed += [path for path in composites.iterdir() if _COMPOSITE.fullmatch(path.name)]
+        for path in listed:
             try:
                 stat = path.stat()
+                used = stat.st_mtime
+                if path.parent == composites:  # used when its listing was last taken or written
+                    used = (composites / f"{path.name.split('.')[0]}.json").stat().st_mtime
             except FileNotFoundError:  # evicted by another publish meanwhile
                 continue
-            found.append((path, stat.st_blocks * 512, stat.st_mtime))
+            found.append((path, stat.st_blocks * 512, used))
         return sorted(found, key=lambda e: e[2])
 
     def evict(self, keep: Collection[str] = ()) -> list[str]:
@@ -137,7 +149,10 @@ class LayerDiskCache:
                 break
             if path.name in keep:
                 continue
-            path.unlink(missing_ok=True)
+            if path.parent.name == COMPOSITES:
+                CompositeStore(path.parent).discard(path.name.split(".")[0])
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path.name)
             total -= size
             log.info("layer disk cache: evicted %s (%d MiB)", path.name, size // MiB)

@@ -17,7 +17,8 @@ import pytest
 
 from app.engine import compose as compose_module
 from app.engine.compose import ComposeError, StackLayer, compose
-from app.engine.layer_cache import LayerDiskCache
+from app.engine.composite import CompositeStore
+from app.engine.layer_cache import COMPOSITES, LayerDiskCache
 from app.engine.repository import LayerRepository, RepositoryDamaged
 from app.engine.wim import WimDataChanged, WimError
 from tests.engine.test_compose import _check_disk, store
@@ -270,3 +271,37 @@ def test_a_damaged_layer_wim_stops_a_publish_even_with_its_volume_cached(
 
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_composites_count_toward_the_bound_and_go_least_recently_used_first(tmp_path: Path) -> None:
+    """The composites kept for re-publishing are in the cache's bound: adopting one evicts what was used
+    least recently (layer volumes or other composites), never the composite just adopted."""
+    MiB = 1024 * 1024
+    cache = LayerDiskCache(tmp_path / "cache", 10 * MiB)
+    store = CompositeStore(tmp_path / "cache" / COMPOSITES, keep=5, evict=cache.evict)
+    layer = tmp_path / "cache" / "1-2-0123456789abcdef.ntfs"
+    layer.parent.mkdir()
+    layer.write_bytes(os.urandom(4 * MiB))
+    now = time.time()
+    os.utime(layer, (now - 100, now - 100))
+
+    def adopt(shape: str, used: float) -> Path:
+        volume = tmp_path / f"{shape}.ntfs"
+        volume.write_bytes(os.urandom(4 * MiB))
+        kept = store.adopt(shape * 24, volume, {"/": shape})
+        assert kept is not None
+        os.utime(kept.parent / f"{shape * 24}.json", (used, used))
+        return kept
+
+    a = adopt("a", now - 50)
+    assert {p.name for p, _, _ in cache.entries()} == {layer.name, a.name}  # 8 MiB: within the bound
+    b = adopt("b", now - 40)
+    assert not layer.exists() and a.exists() and b.exists()  # the layer volume was used least recently
+    c = adopt("c", now - 30)
+    assert not a.exists() and not (a.parent / f"{'a' * 24}.json").exists()
+    assert [p.name for p, _, _ in cache.entries()] == [b.name, c.name]
+    big = tmp_path / "big.ntfs"
+    big.write_bytes(os.urandom(12 * MiB))
+    kept = store.adopt("d" * 24, big, {})
+    assert kept is not None and kept.exists()  # larger than the bound alone, but just adopted
+    assert [p.name for p, _, _ in cache.entries()] == [kept.name]
