@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QKeyEvent
+from PySide6.QtGui import QHideEvent, QKeyEvent, QShowEvent
 from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
@@ -90,6 +90,7 @@ class DirectoryPicker(QWidget):
         self._timer.setSingleShot(True)
         self._timer.setInterval(SEARCH_DELAY_MS)
         self._timer.timeout.connect(self._start)
+        self._resume = False  # a search was due when the picker was hidden
 
         self.results = QListWidget()
         self.results.setObjectName("directory_results")
@@ -149,6 +150,18 @@ class DirectoryPicker(QWidget):
         if self.results.count() == 1:
             self.results.setCurrentRow(0)
         self._choose()
+
+    def hideEvent(self, event: QHideEvent) -> None:
+        # a closed picker does not search; shown again, it searches for what the box holds
+        self._resume = self._timer.isActive()
+        self._timer.stop()
+        super().hideEvent(event)
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        if self._resume:
+            self._resume = False
+            self._timer.start()
 
     # --- searching -----------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from pytestqt.modeltest import ModelTester
 from pytestqt.qtbot import QtBot
 
 from app.catalog.models import PrincipalKind, Role
+from app.console.elastic import SEARCH_DELAY_MS
 from app.directory import PrincipalType
 from app.services import Services
 from app.services.templates import TemplateSpec
@@ -112,6 +113,24 @@ def test_the_picker_finds_users_and_groups_as_you_type(qtbot: QtBot, event_loop:
     assert groups.ok.isEnabled()
     groups.ok.click()
     assert groups.result() == 1 and groups.choice is not None and groups.choice.name == "LAB\\All-Staff"
+
+
+def test_a_hidden_picker_does_not_search_until_it_is_shown_again(
+        qtbot: QtBot, event_loop: asyncio.AbstractEventLoop, joined: Services) -> None:
+    """Closing the dialog right after typing must not leave a search to run against whatever the console
+    holds by then; shown again, the picker searches for what the box holds."""
+    picker = DirectoryPicker(joined)
+    qtbot.addWidget(picker)
+    picker.show()
+    searched: list[None] = []
+    picker.searched.connect(lambda: searched.append(None))
+    qtbot.keyClicks(picker.edit, "ali")
+    picker.hide()
+    qtbot.wait(3 * SEARCH_DELAY_MS)
+    assert searched == [] and picker.found() == []
+    with qtbot.waitSignal(picker.searched, timeout=10000):
+        picker.show()
+    assert "LAB\\alice" in [c.name for c in picker.found()]
 
 
 def test_assigning_a_layer_to_a_group_and_the_resolvers_explanation(
