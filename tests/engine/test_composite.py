@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -352,3 +353,31 @@ def test_a_taken_composite_leaves_its_clone_and_an_adopted_volume_replaces_it(xf
     assert store.take("shape-a", xfs / "gone.ntfs") is None
     store.discard("shape-b")
     assert sorted(composites(xfs / "cache")) == ["shape-c"]
+
+
+def test_two_republishes_of_one_shape_at_once_each_get_a_volume_of_their_own(xfs: Path, tmp_path: Path) -> None:
+    """Two publishes of the same stack start together: each takes a volume (one the composite, the other
+    the clone it left), neither sees the other's changes, both hold what a full publish holds, and the store
+    ends with one composite for the shape."""
+    repository, first, second = stacks(xfs)
+    cache = LayerDiskCache(xfs / "cache", GiB)
+    publish(repository, first, xfs / "out", "v1", cache)
+    start = threading.Barrier(2)
+    results: dict[str, ComposeResult] = {}
+
+    def run(name: str) -> None:
+        start.wait()
+        results[name] = publish(repository, second, xfs / name, name, cache)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("left", "right")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(results) == ["left", "right"]
+    assert all("composite" in result.timings for result in results.values())
+    full = publish(repository, second, xfs / "full", "full", LayerDiskCache(xfs / "other-cache", GiB))
+    expected = windows_volume(full, tmp_path)
+    for result in results.values():
+        assert_same_volumes(windows_volume(result, tmp_path), expected, tmp_path)
+    assert len(composites(xfs / "cache")) == 1
