@@ -3,7 +3,7 @@
 A publish applies the merged layers onto a fresh Windows volume. After one app layer changed, a full apply
 writes every unchanged layer again (the OS layer alone is most of the bytes). When the output folder and the
 layer disk cache sit on one file system that clones blocks (XFS with reflink, btrfs: ``FICLONE``), a publish
-keeps a clone of its finished Windows volume, with a signature of every path the merged image held, in a
+keeps its finished Windows volume, with a signature of every path the merged image held, in a
 :class:`CompositeStore`. A later publish of a stack of the same shape (the same OS layer version, the same
 layers in the same order, the same volume) takes that volume out of the store (leaving a clone behind, see
 :meth:`CompositeStore.take`) and changes only what differs:
@@ -13,7 +13,7 @@ layers in the same order, the same volume) takes that volume out of the store (l
    that only one side has, is replaced whole, with everything below it.
 2. :func:`prune_to` removes everything else from the new merged image, and wimlib applies what is left onto
    a small scratch volume: the replaced paths carry exactly what a full apply would have written.
-3. :func:`apply_changes` deletes the replaced paths from the clone, copies them in from the scratch volume
+3. :func:`apply_changes` deletes the replaced paths from the volume, copies them in from the scratch volume
    (:mod:`app.engine.ntfs_volume`) and gives the directories they were in their times back.
 
 The hives are then overwritten in place as after a full apply. The disk image is laid out in a new file
@@ -146,8 +146,12 @@ def plan_changes(old: Mapping[str, str], new: Mapping[str, str]) -> Changes:
 def entries_below(entries: Sequence[DirEntry], paths: Iterable[str]) -> list[DirEntry]:
     """The entries at or below any of ``paths`` (case-folded)."""
     tops = set(paths)
-    return [entry for entry in entries
-            if (path := entry.path.casefold()) in tops or any(a in tops for a in _ancestors(path))]
+    return [entry for entry in entries if _within(entry.path.casefold(), tops)]
+
+
+def _within(path: str, tops: Collection[str]) -> bool:
+    """Whether ``path`` is one of ``tops`` or below one of them."""
+    return path in tops or any(ancestor in tops for ancestor in _ancestors(path))
 
 
 def prune_to(merged: Wim, index: int, entries: Sequence[DirEntry], keep: Iterable[str]) -> list[DirEntry]:
@@ -162,7 +166,7 @@ def prune_to(merged: Wim, index: int, entries: Sequence[DirEntry], keep: Iterabl
         if path == "/" or path in above:
             left.append(entry)
             continue
-        if path in kept or any(a in kept for a in _ancestors(path)):
+        if _within(path, kept):
             left.append(entry)
         elif _parent(path) in above:  # the top-most path of a tree that goes
             commands.append(DeleteCommand(entry.path, recursive=True))

@@ -1189,11 +1189,11 @@ def convert_hashed(
     image itself: VHDX, fixed VHD and raw are then assembled around it in place where its file system
     allows (:mod:`app.engine.in_place`), and the piece is gone afterwards. ``keep``: one of the pieces to
     leave as it is: the image is laid out alike in a new file, the piece's blocks cloned where the file
-    system can. Otherwise VHDX, dynamic and
-    fixed VHD and raw are written by :mod:`app.engine.vhd` in one pass that hashes the image as it writes
-    it (no read-back), and the other formats go through :func:`convert` and are then read once to hash
-    them. Either way the image is verified (:func:`verify_image`) before it appears as ``out``, and nothing
-    is left behind on a failure or a cancel.
+    system can. Otherwise VHDX, dynamic and fixed VHD and raw are written by :mod:`app.engine.vhd` in one
+    pass that hashes the image as it writes it (no read-back), and the other formats go through
+    :func:`convert` and are then read once to hash them. Either way the image is verified
+    (:func:`verify_image`) before it appears as ``out``, and nothing is left behind on a failure or a
+    cancel.
     """
     from app.engine import in_place, vhd  # imported here: they build on this module
 
@@ -1218,16 +1218,13 @@ def convert_hashed(
                 verify_image(tmp, fmt, total)
             return checksum
     if keep is not None and Path(keep) in sources:
-        try:
-            with _output(out) as tmp:
-                checksum = in_place.assemble(sources, sources.index(Path(keep)), fmt, progress=progress,
-                                             cancel=cancel, into=tmp)
-                if checksum is None:
-                    raise _NotInPlace
-                verify_image(tmp, fmt, total)
+        with contextlib.suppress(_NotInPlace), _output(out) as tmp:
+            checksum = in_place.assemble(sources, sources.index(Path(keep)), fmt, progress=progress,
+                                         cancel=cancel, into=tmp)
+            if checksum is None:
+                raise _NotInPlace  # the empty file goes; the image is written by copying below
+            verify_image(tmp, fmt, total)
             return checksum
-        except _NotInPlace:
-            pass
     with _output(out) as tmp:
         if writer is None:
             convert(sources, tmp, fmt, progress, cancel)

@@ -143,7 +143,7 @@ def assemble(
     block = ranges_supported(volume.parent) if into is None else _block_size(volume.parent)
     if not block:
         return None
-    disk = vhd._Disk(pieces, volume.parent / f".{volume.name}.image")
+    disk = vhd._Disk(pieces, into if into is not None else volume.parent / f".{volume.name}.image")
     try:
         start = disk.starts[volume_index]
         if fmt == "vhdx":
@@ -253,28 +253,24 @@ class _Plan:
             sink.close()
 
     def carry_out(self, disk: vhd._Disk, fd: int) -> None:
+        """The volume (``fd``) made the image: its blocks moved into place, the other parts written."""
         # only the other pieces' bytes are read once the volume has changed: the plan makers keep the
         # volume's own bytes out of the parts copied from the disk (or hold them as ``bytes``)
         extents = disk.data_extents()
         self.move(fd)
-        os.ftruncate(fd, self.size)
-        for at, length, source in self.parts:
-            if at in self.in_place:
-                continue
-            if isinstance(source, bytes):
-                _pwrite_all(fd, source, at)
-                continue
-            for begin, end in _clip(extents, source, source + length):
-                _copy_disk(disk, begin, end, fd, begin - source + at)
-
+        self._write(disk, extents, fd, skip=self.in_place)
 
     def copy_out(self, disk: vhd._Disk, fd: int) -> None:
-        """The image written to the empty file ``fd``, the disk left as it is: each part's data copied (the
-        volume's blocks lie at offsets the file system's blocks align with, so they are cloned where the
-        file system can)."""
-        extents = disk.data_extents()
+        """The image written to the empty file ``fd``, the disk left as it is: every part copied (the
+        volume's blocks lie at offsets the file system's blocks align with, so ``copy_file_range`` clones
+        them where the file system can)."""
+        self._write(disk, disk.data_extents(), fd, skip=set())
+
+    def _write(self, disk: vhd._Disk, extents: list[tuple[int, int]], fd: int, *, skip: set[int]) -> None:
         os.ftruncate(fd, self.size)
         for at, length, source in self.parts:
+            if at in skip:
+                continue
             if isinstance(source, bytes):
                 _pwrite_all(fd, source, at)
                 continue

@@ -261,8 +261,7 @@ def _fill(root: Path, leave: int) -> Path:
         for step in (64 * 1024 * 1024, 1024 * 1024, 65536, 4096):
             with contextlib.suppress(OSError):
                 while True:
-                    os.posix_fallocate(file.fileno(), os.fstat(file.fileno()).st_size,
-                                       step)
+                    os.posix_fallocate(file.fileno(), os.fstat(file.fileno()).st_size, step)
         os.ftruncate(file.fileno(), max(0, os.fstat(file.fileno()).st_size - leave))
     return filler
 
