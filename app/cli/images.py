@@ -55,6 +55,17 @@ def forget(name: str, comment: str) -> None:
     emit({"deleted": name}, f"Forgot published image {name!r}.")
 
 
+@image_group.command("verify")
+@click.argument("name")
+@click.option("--path", "path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path),
+              help="A copy of the image to check instead of the file at its recorded location.")
+def verify(name: str, path: Path | None) -> None:
+    """Check a published image's file against the checksum recorded when it was published (reads every
+    byte). Exits non-zero when they differ."""
+    check = state().services().publishing.verify_image(name, str(path) if path else None)
+    emit(check, f"{check.path} is image {check.name} as it was published ({check.checksum}).")
+
+
 @image_group.command("publish")
 @click.argument("template")
 @click.option("--output", "output", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),

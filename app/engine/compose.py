@@ -74,6 +74,7 @@ from types import FrameType
 from typing import Any, Literal, get_args
 
 from app.engine import disk, gold
+from app.engine.checksum import BLOCK, Known, file_checksum
 from app.engine.composite import (
     Changes,
     Composite,
@@ -205,7 +206,7 @@ class ComposeResult:
     path: Path
     format: str
     size_bytes: int
-    #: ``sha256:<hex>`` of the output file.
+    #: The output file's checksum (:mod:`app.engine.checksum`).
     checksum: str
     files: int
     data_bytes: int
@@ -216,6 +217,8 @@ class ComposeResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: App and platform layers whose volumes came from the layer disk cache.
     cache_hits: int = 0
+    #: Bytes of the image whose block digests came from the last publish of the stack (not read again).
+    reused_bytes: int = 0
 
 
 # --- the stack -----------------------------------------------------------------------------------------
@@ -349,6 +352,7 @@ class _Steps:
         self._lock = threading.Lock()  # layers are staged in several threads
         self.timings: dict[str, float] = {}
         self.cache_hits = 0
+        self.reused_bytes = 0
         self.cached: list[str] = []  # names of the layer disk cache's volumes this publish uses
 
     def check(self) -> None:
@@ -445,7 +449,7 @@ def compose(
                 built = _write_wim(merged, index, name, work, steps)
                 steps.at(98, "Computing the image's checksum")
                 with steps.timed("checksum"):
-                    checksum = _sha256(built, steps)
+                    checksum = _checksum(built, steps)
             else:  # the disk writer hashes what it writes, and merges the hives while it applies the image
                 steps.at(45, "Listing the merged image")
                 entries = list(merged.iterate_dir_tree(index))
@@ -493,6 +497,7 @@ def compose(
         path=final, format=fmt, size_bytes=final.stat().st_size, checksum=checksum, files=files,
         data_bytes=data_bytes, manifest_digest=digest, conflicts=tuple(report),
         seconds=round(time.monotonic() - started, 3), timings=steps.timings, cache_hits=steps.cache_hits,
+        reused_bytes=steps.reused_bytes,
     )
 
 
@@ -900,7 +905,7 @@ def _write_disk(
     stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository,
     job: _HiveJob | None, composites: CompositeStore | None = None, from_composite: bool = True,
 ) -> tuple[Path, str, dict[str, _NewHive]]:
-    """The merged image on a disk, the disk file's ``sha256:`` checksum (computed while it is written for
+    """The merged image on a disk, the disk file's checksum (computed while it is written for
     VHD, VHDX and raw) and the new hive files. An OS layer imported from a gold disk gives the disk its
     layout, its other partitions byte for byte and its Windows boot code (:mod:`app.engine.gold`); any
     other OS layer gets a new GPT disk (ESP formatted but empty, MSR, Windows), keeping the disk and
@@ -1024,11 +1029,12 @@ def _write_disk(
             pieces = [prefix, volume, suffix]
         # with composites, the volume stays: it is what the next publish of this shape starts from, and the
         # image is laid out around clones of its blocks (hashed from its pages, which are in memory)
+        known = None if composites is None else base.known_blocks() if base is not None else Known()
         try:
             checksum = disk.convert_hashed(pieces, out, fmt,  # type: ignore[arg-type]  # checked in compose()
                                            progress=steps.bytes_in(80, 98, "Writing the disk image"),
                                            cancel=steps._cancel, consume=volume if composites is None else None,
-                                           keep=volume if composites is not None else None)
+                                           keep=volume if composites is not None else None, known=known)
         except disk.DiskError as exc:
             if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOSPC:
                 raise _output_full(work) from exc
@@ -1039,7 +1045,9 @@ def _write_disk(
                 for hive in hives.values():
                     path = fold(hive.image_path)
                     kept[path] = f"{listed.get(path, '')}+hive-{hive.sha256}"
-                composites.adopt(shape, volume, kept)
+                composites.adopt(shape, volume, kept, known.found if known is not None else None)
+                if known is not None:
+                    steps.reused_bytes = known.reused * BLOCK
     return out, checksum, hives
 
 
@@ -1153,13 +1161,8 @@ def _responsive_callbacks() -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
-def _sha256(path: Path, steps: _Steps) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(4 * MiB):
-            digest.update(chunk)
-            steps.check()
-    return "sha256:" + digest.hexdigest()
+def _checksum(path: Path, steps: _Steps) -> str:
+    return file_checksum(path, cancel=steps._cancel)
 
 
 # --- the worker ----------------------------------------------------------------------------------------
@@ -1191,7 +1194,8 @@ def compose_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     report.log(f"Composited {result.files} files ({result.data_bytes} bytes) in {result.seconds:.1f} s, "
-               f"{result.cache_hits} layer volume(s) from the layer disk cache; "
+               f"{result.cache_hits} layer volume(s) from the layer disk cache, "
+               f"{result.reused_bytes >> 20} MiB of the image's checksum from the last publish; "
                f"steps: {', '.join(f'{k} {v:.2f} s' for k, v in result.timings.items())}.")
     return {
         "summary": f"Published {result.path.name}: {result.size_bytes} bytes, {len(result.conflicts)} conflict(s).",

@@ -18,9 +18,11 @@ layers in the same order, the same volume) takes that volume out of the store (l
 
 The hives are then overwritten in place as after a full apply. The disk image is laid out in a new file
 around clones of the finished volume's blocks (:func:`app.engine.in_place.assemble` with ``into``), and the
-volume goes back into the store. The image's SHA-256 reads the volume, whose pages are still in memory (a
-clone's page cache starts empty: reading 3 GB from the disk again cost a re-publish seconds, and moving a
-clone's blocks into place another second). On a file system without block cloning nothing is kept (copying
+volume goes back into the store. The image's checksum (:mod:`app.engine.checksum`) is made of 4 MiB block
+digests: the store keeps those of the volume's blocks, and a block of the volume that provably did not
+change (it still shares its physical blocks with the clone left in the store, :mod:`app.engine.extents`)
+is not read again. The blocks that changed are read from the volume, whose pages are still in memory (a
+clone's page cache starts empty). On a file system without block cloning nothing is kept (copying
 the volume would cost every publish more than it saves a re-publish).
 """
 
@@ -35,9 +37,11 @@ import os
 import secrets
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.engine.checksum import Known
+from app.engine.extents import SameRanges, same_ranges
 from app.engine.ntfs_volume import NtfsVolume
 from app.engine.wim import DeleteCommand, DirEntry, Wim
 from app.files import fsync_dir
@@ -208,10 +212,40 @@ def apply_changes(volume: Path, scratch: Path, changes: Changes, times: Mapping[
 
 @dataclass(frozen=True)
 class Composite:
-    """A composite taken from the store: its volume (now the taker's to change) and its paths' signatures."""
+    """A composite taken from the store: its volume (now the taker's to change), its paths' signatures, the
+    digests of its 4 MiB blocks (by offset in the volume) and the clone left in the store (``twin``: the
+    volume as it was taken)."""
 
     volume: Path
     signatures: Mapping[str, str]
+    blocks: Mapping[int, bytes] = field(default_factory=dict)
+    twin: Path | None = None
+
+    def known_blocks(self) -> Known:
+        """The block digests a checksum of the changed volume may take: those of ranges that still share
+        their blocks with the twin, compared when first asked (the changes are made by then)."""
+        twin = self.twin
+        ranges: SameRanges | None = None
+
+        def unchanged(begin: int, end: int) -> bool:
+            nonlocal ranges
+            if ranges is None:
+                ranges = same_ranges(self.volume, twin) if twin is not None else SameRanges()
+                log.info("the composite's volume still shares %d MiB with the one kept", ranges.total() >> 20)
+            return ranges(begin, end)
+
+        return Known(self.blocks, unchanged)
+
+
+def _blocks(listed: object) -> dict[int, bytes]:
+    """The block digests a listing holds; none when they are damaged (every block is then read again)."""
+    if not isinstance(listed, dict):
+        return {}
+    try:
+        blocks = {int(offset): bytes.fromhex(digest) for offset, digest in listed.items()}
+    except (TypeError, ValueError):
+        return {}
+    return {} if any(len(digest) != 32 or offset < 0 for offset, digest in blocks.items()) else blocks
 
 
 class CompositeStore:
@@ -244,7 +278,7 @@ class CompositeStore:
         finally:
             os.close(fd)
 
-    def _read(self, shape: str) -> tuple[Path, dict[str, str]] | None:
+    def _read(self, shape: str) -> Composite | None:
         try:
             document = json.loads((self.root / f"{shape}.json").read_text(encoding="utf-8"))
             found, name = document["signatures"], document["volume"]
@@ -253,13 +287,14 @@ class CompositeStore:
                 return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return volume, found
+        return Composite(volume, found, _blocks(document.get("blocks")))
 
-    def _write(self, shape: str, name: str, found: Mapping[str, str]) -> None:
+    def _write(self, shape: str, name: str, found: Mapping[str, str], blocks: Mapping[int, bytes]) -> None:
         listing = self.root / f".{name}.json"
+        document = {"volume": name, "signatures": found,
+                    "blocks": {str(offset): digest.hex() for offset, digest in sorted(blocks.items())}}
         try:
-            listing.write_text(json.dumps({"volume": name, "signatures": found}, separators=(",", ":")),
-                               encoding="utf-8")
+            listing.write_text(json.dumps(document, separators=(",", ":")), encoding="utf-8")
             listing.replace(self.root / f"{shape}.json")
         except BaseException:
             listing.unlink(missing_ok=True)
@@ -274,7 +309,7 @@ class CompositeStore:
             kept = self._read(shape)
             if kept is None:
                 return None
-            volume, found = kept
+            volume = kept.volume
             os.utime(self.root / f"{shape}.json")  # used now: the least recently used are evicted first
             clone = self.root / f".{volume.name}.{secrets.token_hex(4)}.clone"
             clone_file(volume, clone)
@@ -285,18 +320,20 @@ class CompositeStore:
             except BaseException:
                 clone.unlink(missing_ok=True)
                 raise
-            return Composite(into, found)
+            return Composite(into, kept.signatures, kept.blocks, twin=volume)
 
-    def adopt(self, shape: str, volume: Path, found: Mapping[str, str]) -> Path | None:
+    def adopt(self, shape: str, volume: Path, found: Mapping[str, str],
+              blocks: Mapping[int, bytes] | None = None) -> Path | None:
         """Move ``volume`` into the store as the composite of ``shape`` (replacing the one kept before) with
-        its signatures, then forget all but the :attr:`keep` most recent shapes; its new path. ``None`` when
-        it cannot be kept (it stays where it was): the next publish then applies every layer."""
+        its signatures and the digests of its 4 MiB blocks by offset (those known), then forget all but the
+        :attr:`keep` most recent shapes; its new path. ``None`` when it cannot be kept (it stays where it
+        was): the next publish then applies every layer."""
         name = f"{shape}.{secrets.token_hex(6)}.ntfs"
         try:
             with self._locked():
                 volume.replace(self.root / name)
                 try:
-                    self._write(shape, name, found)
+                    self._write(shape, name, found, blocks or {})
                 except BaseException:
                     (self.root / name).replace(volume)
                     raise

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from app import procs
+from app.engine.checksum import Known, file_checksum
 from app.errors import EnvironmentProblem, UserError
 from app.procs import Cancellable
 from app.tasks.base import TaskCanceled
@@ -1182,18 +1182,20 @@ def convert_hashed(
     cancel: Cancellable | None = None,
     consume: Path | None = None,
     keep: Path | None = None,
+    known: Known | None = None,
 ) -> str:
-    """:func:`convert`, returning ``"sha256:<hex>"`` of the image written.
+    """:func:`convert`, returning the checksum of the image written (:mod:`app.engine.checksum`).
 
     ``consume``: one of the pieces (the Windows volume, in the same folder as ``out``) that may become the
     image itself: VHDX, fixed VHD and raw are then assembled around it in place where its file system
     allows (:mod:`app.engine.in_place`), and the piece is gone afterwards. ``keep``: one of the pieces to
     leave as it is: the image is laid out alike in a new file, the piece's blocks cloned where the file
-    system can. Otherwise VHDX, dynamic and fixed VHD and raw are written by :mod:`app.engine.vhd` in one
-    pass that hashes the image as it writes it (no read-back), and the other formats go through
-    :func:`convert` and are then read once to hash them. Either way the image is verified
-    (:func:`verify_image`) before it appears as ``out``, and nothing is left behind on a failure or a
-    cancel.
+    system can; ``known`` then holds digests of the piece's blocks to take where it did not change, and
+    gets those of its blocks now (:class:`app.engine.checksum.Known`). Otherwise VHDX, dynamic and fixed
+    VHD and raw are written by :mod:`app.engine.vhd` in one pass that hashes the image as it writes it (no
+    read-back), and the other formats go through :func:`convert` and are then read once to hash them.
+    Either way the image is verified (:func:`verify_image`) before it appears as ``out``, and nothing is
+    left behind on a failure or a cancel.
     """
     from app.engine import in_place, vhd  # imported here: they build on this module
 
@@ -1220,7 +1222,7 @@ def convert_hashed(
     if keep is not None and Path(keep) in sources:
         with contextlib.suppress(_NotInPlace), _output(out) as tmp:
             checksum = in_place.assemble(sources, sources.index(Path(keep)), fmt, progress=progress,
-                                         cancel=cancel, into=tmp)
+                                         cancel=cancel, into=tmp, known=known)
             if checksum is None:
                 raise _NotInPlace  # the empty file goes; the image is written by copying below
             verify_image(tmp, fmt, total)
@@ -1228,7 +1230,7 @@ def convert_hashed(
     with _output(out) as tmp:
         if writer is None:
             convert(sources, tmp, fmt, progress, cancel)
-            return _sha256_file(tmp, cancel)
+            return file_checksum(tmp, cancel)
         checksum = writer(sources, tmp, progress=progress, cancel=cancel)
         verify_image(tmp, fmt, total)
     return checksum
@@ -1236,15 +1238,6 @@ def convert_hashed(
 
 class _NotInPlace(Exception):
     """The image cannot be laid out around the kept piece: it is written by copying."""
-
-
-def _sha256_file(path: Path, cancel: Cancellable | None) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(4 * MiB):
-            digest.update(chunk)
-            _check_cancel(cancel)
-    return "sha256:" + digest.hexdigest()
 
 
 def verify_image(image: Path, fmt: DiskFormat, disk_size: int) -> None:

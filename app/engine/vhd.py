@@ -1,5 +1,5 @@
 """Disk images LayerDesk writes itself: dynamic VHDX, dynamic and fixed VHD, and raw, each in one sequential
-pass over the raw pieces of a disk that also computes the image's SHA-256.
+pass over the raw pieces of a disk that also computes the image's checksum (:mod:`app.engine.checksum`).
 
 The pieces (``prefix.raw``, the Windows volume, ``suffix.raw`` from :func:`app.engine.disk.build_gpt_pieces`,
 or a gold disk's pieces) are read as one disk, in order. Which blocks hold data is decided from the pieces'
@@ -22,7 +22,7 @@ Formats, as qemu-img 7.2 and Windows read them:
   ``force_size=on`` does, DESIGN.md §4).
 * raw: the pieces concatenated into a sparse file (holes and all-zero chunks stay holes).
 
-Each writer returns ``"sha256:<hex>"`` of the file it wrote. The image is written under a temporary name
+Each writer returns the checksum of the file it wrote. The image is written under a temporary name
 beside ``out`` and renamed when complete; on a failure or a cancel nothing is left behind. Like
 ``qemu-img convert`` (whose flushes cost nothing measurable: it does not wait for the data), the writers
 leave flushing to the page cache: an fsync costs about 0.3 s per GB on the machines measured.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import array
 import errno
-import hashlib
 import logging
 import os
 import struct
@@ -43,6 +42,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from app.engine.checksum import BlockHash
 from app.engine.disk import DiskError, ProgressFn, _output
 from app.procs import Cancellable
 from app.tasks.base import TaskCanceled
@@ -230,8 +230,8 @@ def _present_blocks(disk: _Disk, block_size: int, ticker: _Ticker, skip_zero_blo
 
 
 class _Sink:
-    """The image file, written strictly in order; every byte goes through the SHA-256. Runs of zeros are
-    hashed but left as holes.
+    """The image file, written strictly in order; every byte goes through the checksum
+    (:mod:`app.engine.checksum`). Runs of zeros are hashed but left as holes.
 
     The hashing runs on a thread of its own (hashlib lets go of the GIL), overlapping the reads and writes:
     one pass then costs about what SHA-256 alone costs. Data read for the image goes into the buffers
@@ -243,8 +243,8 @@ class _Sink:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.position = 0
-        self._digest = hashlib.sha256()
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-sha256")
+        self._digest = BlockHash()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-checksum")
         self._ring: list[tuple[bytearray, Future[None] | None]] = []
         self._turn = 0
         self._last: Future[None] | None = None
@@ -276,11 +276,7 @@ class _Sink:
         self.position += len(view)
 
     def zeros(self, count: int) -> None:
-        left = count
-        while left > 0:
-            step = min(left, len(_ZEROS))
-            self._hash(memoryview(_ZEROS)[:step])
-            left -= step
+        self._last = self._hasher.submit(self._digest.zeros, count)  # whole blocks of zeros cost nothing
         self.position += count
 
     def pad_to(self, offset: int) -> None:
@@ -293,9 +289,10 @@ class _Sink:
         return self.digest()
 
     def digest(self) -> str:
-        """``sha256:<hex>`` of everything written (or hashed); the hashing thread ends."""
+        """The checksum (:mod:`app.engine.checksum`) of everything written (or hashed); the hashing thread
+        ends."""
         self.close()
-        return "sha256:" + self._digest.hexdigest()
+        return self._digest.checksum()
 
     def close(self) -> None:
         """Wait for the hashing thread and end it."""
@@ -394,8 +391,8 @@ def _block_loop(disk: _Disk, sink: _Sink, ticker: _Ticker, present: bytearray, b
 def write_raw(
     pieces: Sequence[Path], out: Path, *, progress: ProgressFn | None = None, cancel: Cancellable | None = None
 ) -> str:
-    """The pieces concatenated into the sparse raw disk ``out``; returns its ``sha256:`` checksum. Holes
-    are hashed as the zeros they read as (a large sparse disk costs SHA-256 time for its holes too)."""
+    """The pieces concatenated into the sparse raw disk ``out``; returns its checksum. Holes
+    are hashed as the zeros they read as (whole blocks of zeros at no cost)."""
     return _write_image(pieces, out, "raw", _write_flat, progress, cancel)
 
 
@@ -466,7 +463,7 @@ def _vhd_footer(size: int, disk_type: int, data_offset: int, unique_id: uuid.UUI
 def write_vhd_fixed(
     pieces: Sequence[Path], out: Path, *, progress: ProgressFn | None = None, cancel: Cancellable | None = None
 ) -> str:
-    """A fixed VHD of the pieces (the sparse raw disk and a footer); returns its ``sha256:`` checksum.
+    """A fixed VHD of the pieces (the sparse raw disk and a footer); returns its checksum.
     qemu reads it as VHD only when told (``-f vpc``): it probes a fixed VHD as raw."""
     def body(disk: _Disk, sink: _Sink, ticker: _Ticker) -> None:
         _write_flat(disk, sink, ticker)
@@ -484,7 +481,7 @@ def write_vhd_dynamic(
     cancel: Cancellable | None = None,
 ) -> str:
     """A dynamic VHD of the pieces with 2 MiB blocks, only blocks that touch data stored (with
-    ``skip_zero_blocks``, only those that are not all zeros); returns its ``sha256:`` checksum."""
+    ``skip_zero_blocks``, only those that are not all zeros); returns its checksum."""
     def body(disk: _Disk, sink: _Sink, ticker: _Ticker) -> None:
         present = _present_blocks(disk, _VHD_BLOCK, ticker, skip_zero_blocks)
         footer = _vhd_footer(disk.size, _VHD_DYNAMIC, SECTOR, uuid.uuid4())
@@ -552,7 +549,7 @@ def write_vhdx(
 ) -> str:
     """A dynamic VHDX of the pieces (``block_size``: a power of two from 1 to 256 MiB), only blocks that
     touch data stored (with ``skip_zero_blocks``, only those that are not all zeros); returns its
-    ``sha256:`` checksum."""
+    checksum."""
     if block_size < MiB or block_size > 256 * MiB or block_size & (block_size - 1):
         raise DiskError(f"A VHDX block size is a power of two from 1 MiB to 256 MiB, not {block_size}.")
 

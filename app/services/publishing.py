@@ -26,6 +26,7 @@ from app.services.views import PublishedImageInfo, PublishPlan, StackEntry, to_j
 if TYPE_CHECKING:  # imported when used: listing and planning never need the engine or the task runner
     from app.engine.compose import Conflict as LayerConflict
     from app.engine.compose import StackLayer
+    from app.procs import Cancellable
     from app.tasks.runner import TaskRunner
 
 #: The engine's output format for each template disk format (VHD dynamic, VMDK monolithicSparse: the
@@ -78,6 +79,15 @@ def _info(row: PublishedImage) -> PublishedImageInfo:
         created_at=row.created_at,
         created_by=row.created_by,
     )
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """A published image's file whose checksum matches the one recorded."""
+
+    name: str
+    path: str
+    checksum: str
 
 
 class PublishingService(Service):
@@ -179,6 +189,36 @@ class PublishingService(Service):
                 raise NotFound(f"There is no published image named {name!r}.")
             change.details = {"location": row.location, "checksum": row.checksum}
             change.session.delete(row)
+
+    def verify_image(self, name: str, path: str | None = None, cancel: Cancellable | None = None) -> ImageCheck:
+        """Check a published image's file (at its recorded location, or ``path``: a copy of it) against the
+        checksum recorded when it was published; :class:`UserError` when they differ (a damaged copy, or
+        another image). Reads every byte of the file. Open to every role."""
+        from app.engine.checksum import checksum_like
+
+        self.caller.require(Operation.READ)
+        with self._read() as session:
+            row = session.scalars(select(PublishedImage).where(PublishedImage.name == name)).one_or_none()
+            if row is None:
+                raise NotFound(f"There is no published image named {name!r}.")
+            recorded, location = row.checksum, row.location
+        if not recorded:
+            raise UserError(f"Image {name} has no checksum on record, so it cannot be verified.")
+        file = Path(path) if path else Path(location)
+        if not file.is_file():
+            where = "is not a file on this machine" if not path else "is not a file"
+            raise UserError(f"{file} {where}; give the path of a copy of image {name} with --path.")
+        try:
+            actual = checksum_like(file, recorded, cancel)
+        except ValueError as exc:
+            raise UserError(f"Image {name}'s checksum on record ({recorded}) is of a kind this version of "
+                            f"LayerDesk does not know: {exc}.") from None
+        except OSError as exc:
+            raise UserError(f"Cannot read {file}: {exc.strerror or exc}.") from None
+        if actual != recorded:
+            raise UserError(f"{file} is not image {name} as it was published: its checksum is {actual}, the image "
+                            f"was published with {recorded}. The file is damaged or holds another image.")
+        return ImageCheck(name, str(file), recorded)
 
     # --- compositing ---------------------------------------------------------------------------
 

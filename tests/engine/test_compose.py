@@ -4,7 +4,6 @@ ours (wimlib-imagex, qemu-img, sgdisk, dd + ntfsls/ntfscat, hivexget) against th
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import subprocess
@@ -36,6 +35,7 @@ from tests.support.compose_stack import (
     LayerDef,
     os_layer,
 )
+from tests.support.image_checksum import image_checksum
 from tests.support.tools import run_ok, small_filesystem, tool
 
 MiB = 1024 * 1024
@@ -149,7 +149,7 @@ def test_publish_to_wim(stack: tuple[LayerRepository, list[StackLayer]], tmp_pat
     check_hives(config / "SOFTWARE", config / "SYSTEM")
     assert result.files == len(EXPECTED_FILES)
     assert [c.to_dict() for c in result.conflicts] == EXPECTED_CONFLICTS
-    assert result.checksum == "sha256:" + hashlib.sha256(result.path.read_bytes()).hexdigest()
+    assert result.checksum == image_checksum(result.path)
     again = compose(layers, repository, out, "wim", 1, name="Gold_2")
     assert again.manifest_digest == result.manifest_digest  # deterministic
 
@@ -390,7 +390,7 @@ def test_a_disk_image_is_assembled_around_the_volume_where_the_file_system_allow
         assert any("cannot move file blocks" in r.getMessage() for r in caplog.records)
         assert streamed.manifest_digest == in_place.manifest_digest
         for number, result in enumerate((in_place, streamed)):
-            assert result.checksum == "sha256:" + hashlib.sha256(result.path.read_bytes()).hexdigest()
+            assert result.checksum == image_checksum(result.path)
             run_ok("qemu-img", "check", "-f", "vhdx", result.path)
             raw = tmp_path / f"converted-{number}.raw"
             run_ok("qemu-img", "convert", "-f", "vhdx", "-O", "raw", result.path, raw)

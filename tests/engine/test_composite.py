@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from app.engine import compose as compose_module
+from app.engine.checksum import BLOCK, ZERO_LEAF
 from app.engine.compose import ComposeResult, StackLayer, compose
 from app.engine.composite import CompositeStore, plan_changes
 from app.engine.importer import scan_folder
@@ -32,8 +33,9 @@ from tests.engine.test_compose import _partition_table, store
 from tests.engine.test_ntfs_volume import described, mounted
 from tests.engine.test_wim import ntfs_cat, ntfs_is_consistent, ntfs_tree
 from tests.support.compose_stack import CITRIX, OFFICE, TOOLS, LayerDef, os_layer
+from tests.support.image_checksum import image_checksum
 from tests.support.repository_checks import listing
-from tests.support.tools import loop_filesystem
+from tests.support.tools import loop_filesystem, run_ok
 
 GiB = 1024**3
 
@@ -380,3 +382,89 @@ def test_two_republishes_of_one_shape_at_once_each_get_a_volume_of_their_own(xfs
     for result in results.values():
         assert_same_volumes(windows_volume(result, tmp_path), expected, tmp_path)
     assert len(composites(xfs / "cache")) == 1
+
+
+def stored_blocks(cache: Path) -> list[tuple[Path, dict[int, str]]]:
+    """Each kept composite's volume and the block digests the store keeps for it."""
+    root = cache / "composites"
+    found = []
+    for listing_file in sorted(root.glob("*.json")):
+        document = json.loads(listing_file.read_text(encoding="utf-8"))
+        found.append((root / document["volume"], {int(k): v for k, v in document.get("blocks", {}).items()}))
+    return found
+
+
+def assert_blocks_describe_their_volumes(cache: Path) -> None:
+    """Every digest the store keeps is the SHA-256 of the 4 MiB of its volume it stands for."""
+    kept = stored_blocks(cache)
+    assert kept
+    for volume, blocks in kept:
+        assert blocks
+        data = volume.read_bytes()
+        for offset, digest in blocks.items():
+            assert hashlib.sha256(data[offset:offset + BLOCK]).hexdigest() == digest, (volume.name, offset)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "vhdx", "qcow2"])
+def test_a_republish_hashes_only_the_blocks_that_changed(xfs: Path, fmt: str) -> None:
+    """The image checksum (4 MiB block digests) of a re-publish takes the digests of the volume's blocks
+    that still share their disk blocks with the composite it started from; the checksum is still that of
+    the whole file (coreutils), and the digests kept for the next publish are those of the new volume."""
+    repository = LayerRepository(xfs / "repository").ensure()
+    sources = xfs / "sources"
+    base = os_layer(sources)
+    big = LayerDef(base.name, "os", {**base.files, "Windows/System32/big.dat": os.urandom(32 * 1024 * 1024)})
+    first = [store(repository, sources, layer, n) for n, layer in enumerate([big, OFFICE, TOOLS, CITRIX], 1)]
+    second = [*first[:2], new_version(repository, sources, TOOLS_2, 3, 31), first[3]]
+    cache = LayerDiskCache(xfs / "cache", GiB)
+    (xfs / "out").mkdir()
+    v1 = compose(first, repository, xfs / "out", fmt, 1, name="v1", cache=cache)
+    assert v1.reused_bytes == 0
+    assert v1.checksum == image_checksum(v1.path)
+    assert_blocks_describe_their_volumes(xfs / "cache")
+
+    v2 = compose(second, repository, xfs / "out", fmt, 1, name="v2", cache=cache)
+
+    assert "composite" in v2.timings
+    assert v2.checksum == image_checksum(v2.path)
+    assert v2.checksum != v1.checksum
+    # the OS layer's 32 MiB file did not change: its blocks were not read again
+    assert v2.reused_bytes >= 6 * BLOCK
+    assert v2.reused_bytes < v2.size_bytes
+    assert_blocks_describe_their_volumes(xfs / "cache")
+    back = compose(first, repository, xfs / "out", fmt, 1, name="back", cache=cache)
+    assert back.reused_bytes > 0 and back.checksum == image_checksum(back.path)
+
+
+def test_block_digests_are_taken_only_with_their_twin(xfs: Path) -> None:
+    """Without the clone the composite left behind (gone, or another file under its name) nothing proves
+    which blocks are unchanged: every block is read; damaged digests in the listing are not used."""
+    repository, first, second = stacks(xfs)
+    cache = LayerDiskCache(xfs / "cache", GiB)
+    publish(repository, first, xfs / "out", "v1", cache)
+    store = CompositeStore(xfs / "cache" / "composites")
+    (shape_file,) = (xfs / "cache" / "composites").glob("*.json")
+    taken = store.take(shape_file.stem, xfs / "taken.ntfs")
+    assert taken is not None and taken.twin is not None and taken.blocks
+    with taken.volume.open("r+b") as volume:
+        volume.seek(BLOCK + 100)
+        volume.write(b"changed")
+    known = taken.known_blocks()
+    offsets = sorted(taken.blocks)
+    changed = next(offset for offset in offsets if offset <= BLOCK + 100 < offset + BLOCK)
+    data = next(offset for offset in offsets if offset != changed and taken.blocks[offset] != ZERO_LEAF)
+    hole = next(offset for offset in offsets if offset != changed and taken.blocks[offset] == ZERO_LEAF)
+    assert known.take(data) == taken.blocks[data]
+    assert known.take(changed) is None  # written since
+    taken.twin.unlink()  # the same bytes, but not a clone: proves nothing
+    run_ok("cp", "--sparse=always", "--reflink=never", taken.volume, taken.twin)
+    assert taken.known_blocks().take(data) is None
+    assert taken.known_blocks().take(hole) == ZERO_LEAF  # a hole in both reads as zeros in both
+    taken.volume.unlink()
+
+    document = json.loads(shape_file.read_text(encoding="utf-8"))
+    document["blocks"] = {"0": "not hex"}
+    shape_file.write_text(json.dumps(document), encoding="utf-8")
+    v2 = publish(repository, second, xfs / "out", "v2", cache)
+    assert "composite" in v2.timings and v2.reused_bytes == 0
+    assert v2.checksum == image_checksum(v2.path)

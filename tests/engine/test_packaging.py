@@ -31,6 +31,7 @@ from app.services.views import TaskInfo
 from app.tasks.runner import TaskRunner
 from tests.conftest import demo_lab
 from tests.engine.test_wim import ntfs_cat, ntfs_tree, wimlib_imagex_dir
+from tests.support.image_checksum import image_checksum
 from tests.support.repository_checks import listing, outcome_snapshot
 from tests.support.tools import run_ok
 
@@ -146,7 +147,7 @@ def test_package_change_finalize_and_publish(lab: PackagingService, runner: Task
         ("Demo-Win11", "1.0", ["Demo-Browser"], None)
     assert record.os.checksum.startswith("sha256:") and record.prerequisites[0].checksum.startswith("sha256:")
     assert record.disk is not None and record.disk.path == str(disk) and record.disk.format is DiskFormat.QCOW2
-    assert record.disk.checksum == "sha256:" + run_ok("sha256sum", disk).stdout.split()[0]
+    assert record.disk.checksum == image_checksum(disk)
     assert record.disk.manifest_digest.startswith("sha256:") and len(record.disk.volume_serial) == 16
 
     # The OS layer's and the prerequisite's files are on the disk's NTFS partition.

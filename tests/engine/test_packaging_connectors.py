@@ -19,6 +19,7 @@ from app.tasks.runner import TaskRunner
 from tests.conftest import ServicesFactory
 from tests.engine.test_packaging import SIZE_GB, OpenDisk, _wait, lab, runner  # noqa: F401 - fixtures
 from tests.engine.test_wim import wimlib_imagex_dir
+from tests.support.image_checksum import image_checksum
 from tests.support.repository_checks import listing, outcome_snapshot
 from tests.support.tools import run_ok
 from tests.unit.test_cli import Ctl
@@ -52,7 +53,7 @@ def test_a_packaging_disk_delivered_through_a_connector_is_finalized_from_there(
     assert record.disk.path == str(disk) and record.disk.format is DiskFormat.VHDX
     assert record.disk.delivery == {"connector": "Lab-Folder", "type": "folder", "location": str(disk),
                                     "ids": {"image": str(disk), "sidecar": str(sidecar)}}
-    assert described["checksum"] == record.disk.checksum == "sha256:" + run_ok("sha256sum", disk).stdout.split()[0]
+    assert described["checksum"] == record.disk.checksum == image_checksum(disk)
     assert _leftovers(lab) == []  # the disk was built in the work folder and is only at the connector now
     recorded = admin.audit.list_entries(operation="layer.package.disk")[0]
     assert recorded.change["connector"] == "Lab-Folder" and recorded.change["ids"]["image"] == str(disk)

@@ -4,13 +4,14 @@ too small, a cancel. Images are checked with wimlib-imagex and qemu-img; the rec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from app.catalog.database import Catalog
 from app.catalog.models import AuditOutcome, DiskFormat, LayerType, PublishedImage, Role, TaskState
 from app.errors import PermissionDenied
 from app.services import Services
@@ -26,15 +27,12 @@ from tests.support.compose_stack import (
     TOOLS,
     os_layer,
 )
+from tests.support.image_checksum import image_checksum
 from tests.support.keyring_memory import MemoryKeyring
 from tests.support.tools import run_ok
 from tests.unit.test_cli import Ctl
 
 MiB = 1024 * 1024
-
-
-def _sha256(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture
@@ -81,12 +79,12 @@ def test_publish_wim_with_wait_and_json(cli: Ctl, tmp_path: Path) -> None:
     assert [p.name for p in out_dir.iterdir()] == [path.name]
     listed = {line for line in run_ok("wimlib-imagex", "dir", path, "1").stdout.splitlines() if line}
     assert listed == {"/", *(f"/{p}" for p in EXPECTED_DIRS), *(f"/{p}" for p in EXPECTED_FILES)}
-    assert result["checksum"] == _sha256(path) and result["size_bytes"] == path.stat().st_size
+    assert result["checksum"] == image_checksum(path) and result["size_bytes"] == path.stat().st_size
     images = cli.json("image", "list")
     assert isinstance(images, list) and len(images) == 1
     record = images[0]
     assert (record["name"], record["location"], record["checksum"], record["size_bytes"], record["conflict_count"]) \
-        == (path.stem, str(path), _sha256(path), path.stat().st_size, len(EXPECTED_CONFLICTS))
+        == (path.stem, str(path), image_checksum(path), path.stat().st_size, len(EXPECTED_CONFLICTS))
     assert [entry["layer"] for entry in record["layers"]] == ["Win11", "Office", "Tools", "Citrix"]
     task = cli.json("task", "show", str(result["task"]))
     assert isinstance(task, dict) and (task["kind"], task["state"]) == ("image.publish", "complete")
@@ -105,7 +103,7 @@ def test_publish_vhdx_prints_the_task_then_the_image(cli: Ctl, tmp_path: Path) -
     info = json.loads(run_ok("qemu-img", "info", "--output=json", path).stdout)
     assert info["virtual-size"] == 1024 * MiB
     (record,) = cli.json("image", "list")  # type: ignore[misc]
-    assert record["checksum"] == _sha256(path)
+    assert record["checksum"] == image_checksum(path)
     # Without --wait: the task runs in a background process; the command returns with its id at once.
     status, out, err = cli("--json", "image", "publish", "GoldWim", "--comment", "nightly")
     assert status == 0, err
@@ -122,6 +120,42 @@ def test_publish_vhdx_prints_the_task_then_the_image(cli: Ctl, tmp_path: Path) -
     assert {image["name"] for image in cli.json("image", "list")} == {path.stem, wim.stem}  # type: ignore[union-attr,index]
     newest = cli.json("audit", "list", "--operation", "image.publish", "--limit", "1")
     assert [e["comment"] for e in newest] == ["nightly"]  # type: ignore[union-attr,index]
+
+
+def test_image_verify_checks_the_file_or_a_copy_against_the_recorded_checksum(cli: Ctl, tmp_path: Path) -> None:
+    """The record's checksum is the block checksum coreutils computes; verify reads the file (or a copy)
+    and refuses a copy with one byte changed, naming both checksums; an image recorded with the SHA-256
+    of the whole file (published before block checksums) is checked that way."""
+    result = cli.json("image", "publish", "Gold", "--output", str(tmp_path / "out"), "--wait")
+    assert isinstance(result, dict)
+    path, name = Path(result["path"]), Path(result["path"]).stem
+    assert result["checksum"] == image_checksum(path)
+
+    assert cli.json("image", "verify", name) == {"name": name, "path": str(path), "checksum": result["checksum"]}
+    copy = tmp_path / "copy.vhdx"
+    data = bytearray(path.read_bytes())
+    copy.write_bytes(data)
+    status, out, _ = cli("image", "verify", name, "--path", str(copy))
+    assert status == 0 and out.strip() == f"{copy} is image {name} as it was published ({result['checksum']})."
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(data)
+    status, _, err = cli("image", "verify", name, "--path", str(copy))
+    assert status == 3
+    assert f"{copy} is not image {name} as it was published: its checksum is {image_checksum(copy)}, the image " \
+           f"was published with {result['checksum']}. The file is damaged or holds another image." in err
+    assert cli.json("image", "verify", name) == {"name": name, "path": str(path), "checksum": result["checksum"]}
+
+    status, _, err = cli("image", "verify", name, "--path", str(tmp_path / "nowhere.vhdx"))
+    assert status == 3 and f"{tmp_path / 'nowhere.vhdx'} is not a file; give the path of a copy" in err
+    status, _, err = cli("image", "verify", "NoSuchImage")
+    assert status == 5 and "There is no published image named 'NoSuchImage'." in err
+
+    whole = "sha256:" + run_ok("sha256sum", path).stdout.split()[0]
+    catalog = Catalog(cli.home / "catalog.sqlite")
+    with catalog.write() as session:
+        session.scalars(select(PublishedImage).where(PublishedImage.name == name)).one().checksum = whole
+    catalog.close()
+    assert cli.json("image", "verify", name) == {"name": name, "path": str(path), "checksum": whole}
 
 
 def test_publish_in_the_background_refuses_at_once_what_it_can_check(cli: Ctl) -> None:
