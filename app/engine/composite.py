@@ -77,7 +77,8 @@ def clone_file(source: Path, target: Path) -> None:
 def clones_between(first: Path, second: Path) -> bool:
     """Whether files in folder ``first`` can be cloned into folder ``second``, tried on a one-block scratch
     file each time (a device number may name another file system after a remount: not worth caching)."""
-    probe, copy = first / f".clone-probe-{os.getpid()}", second / f".clone-probe-{os.getpid()}.copy"
+    token = secrets.token_hex(4)  # publishes probe at once, in threads of one process too
+    probe, copy = first / f".clone-probe-{token}", second / f".clone-probe-{token}.copy"
     try:
         probe.write_bytes(b"\0" * 4096)
         clone_file(probe, copy)
