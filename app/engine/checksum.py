@@ -24,10 +24,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from app.procs import Cancellable
 from app.tasks.base import TaskCanceled
@@ -107,22 +108,33 @@ class BlockHash:
 
 @dataclass
 class Known:
-    """Block digests a publish can take from the last one of the same stack instead of reading the bytes.
+    """What the last publish of the same stack left for this one's checksum: block digests to take instead
+    of reading the bytes, and where it put the disk's blocks in its image file.
 
-    ``digests`` maps an offset in the Windows volume to the digest of the volume's :data:`BLOCK` bytes
-    from there, as the volume was when they were computed; ``unchanged(begin, end)`` says whether the
-    volume's bytes in ``[begin, end)`` are provably still those (see
-    :func:`app.engine.composite.unchanged_ranges`). The hasher fills ``found`` with the digests of the
-    volume's blocks as they are now, for the next publish."""
+    A block of the image whose bytes are ranges of the Windows volume is named by its *composition*: each
+    range's place in the block, length and offset in the volume (see
+    :func:`app.engine.in_place.composition`). ``digests`` maps compositions to the digest the block had
+    when the volume was as it was then; ``unchanged(begin, end)`` says whether the volume's bytes in
+    ``[begin, end)`` are provably still those (see :func:`app.engine.extents.same_ranges`). ``layouts``
+    (by image format) say where that image put each of the disk's blocks: an image laid out alike puts
+    the blocks that are still there in the same places, so its blocks have the same compositions.
 
-    digests: Mapping[int, bytes] = field(default_factory=dict)
+    The hasher fills ``found`` and ``found_layouts`` with this publish's, for the next one."""
+
+    digests: Mapping[str, bytes] = field(default_factory=dict)
     unchanged: Callable[[int, int], bool] = lambda begin, end: False
-    found: dict[int, bytes] = field(default_factory=dict)
+    layouts: Mapping[str, Any] = field(default_factory=dict)
+    found: dict[str, bytes] = field(default_factory=dict)
+    found_layouts: dict[str, Any] = field(default_factory=dict)
     reused: int = 0  # blocks whose digest came from ``digests``
+    hashed: int = 0  # bytes read and hashed
+    seconds: float = 0.0  # spent computing the checksum
 
-    def take(self, offset: int) -> bytes | None:
-        digest = self.digests.get(offset)
-        if digest is not None and self.unchanged(offset, offset + BLOCK):
+    def take(self, composition: str, ranges: Sequence[tuple[int, int]]) -> bytes | None:
+        """The digest of a block made of the volume's ``ranges`` as ``composition`` says, when it is known
+        and none of those ranges changed."""
+        digest = self.digests.get(composition)
+        if digest is not None and all(self.unchanged(begin, end) for begin, end in ranges):
             self.reused += 1
             return digest
         return None

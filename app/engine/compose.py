@@ -1030,6 +1030,7 @@ def _write_disk(
         # with composites, the volume stays: it is what the next publish of this shape starts from, and the
         # image is laid out around clones of its blocks (hashed from its pages, which are in memory)
         known = None if composites is None else base.known_blocks() if base is not None else Known()
+        image_started = time.monotonic()
         try:
             checksum = disk.convert_hashed(pieces, out, fmt,  # type: ignore[arg-type]  # checked in compose()
                                            progress=steps.bytes_in(80, 98, "Writing the disk image"),
@@ -1040,14 +1041,16 @@ def _write_disk(
                 raise _output_full(work) from exc
             raise
         finally:
+            steps.timings["image"] = round(time.monotonic() - image_started, 3)
             if composites is not None:  # complete either way
                 kept = dict(listed)
                 for hive in hives.values():
                     path = fold(hive.image_path)
                     kept[path] = f"{listed.get(path, '')}+hive-{hive.sha256}"
-                composites.adopt(shape, volume, kept, known.found if known is not None else None)
+                composites.adopt(shape, volume, kept, known)
                 if known is not None:
                     steps.reused_bytes = known.reused * BLOCK
+                    steps.timings["checksum"] = round(known.seconds, 3)
     return out, checksum, hives
 
 

@@ -39,6 +39,7 @@ import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from app.engine.checksum import Known
 from app.engine.extents import SameRanges, same_ranges
@@ -214,12 +215,14 @@ def apply_changes(volume: Path, scratch: Path, changes: Changes, times: Mapping[
 @dataclass(frozen=True)
 class Composite:
     """A composite taken from the store: its volume (now the taker's to change), its paths' signatures, the
-    digests of its 4 MiB blocks (by offset in the volume) and the clone left in the store (``twin``: the
-    volume as it was taken)."""
+    digests of its image's 4 MiB blocks by composition and the image's layouts (see
+    :class:`app.engine.checksum.Known`), and the clone left in the store (``twin``: the volume as it was
+    taken)."""
 
     volume: Path
     signatures: Mapping[str, str]
-    blocks: Mapping[int, bytes] = field(default_factory=dict)
+    blocks: Mapping[str, bytes] = field(default_factory=dict)
+    layouts: Mapping[str, Any] = field(default_factory=dict)
     twin: Path | None = None
 
     def known_blocks(self) -> Known:
@@ -235,18 +238,18 @@ class Composite:
                 log.info("the composite's volume still shares %d MiB with the one kept", ranges.total() >> 20)
             return ranges(begin, end)
 
-        return Known(self.blocks, unchanged)
+        return Known(self.blocks, unchanged, self.layouts)
 
 
-def _blocks(listed: object) -> dict[int, bytes]:
+def _blocks(listed: object) -> dict[str, bytes]:
     """The block digests a listing holds; none when they are damaged (every block is then read again)."""
     if not isinstance(listed, dict):
         return {}
     try:
-        blocks = {int(offset): bytes.fromhex(digest) for offset, digest in listed.items()}
+        blocks = {str(name): bytes.fromhex(digest) for name, digest in listed.items()}
     except (TypeError, ValueError):
         return {}
-    return {} if any(len(digest) != 32 or offset < 0 for offset, digest in blocks.items()) else blocks
+    return {} if any(len(digest) != 32 for digest in blocks.values()) else blocks
 
 
 class CompositeStore:
@@ -288,12 +291,14 @@ class CompositeStore:
                 return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return Composite(volume, found, _blocks(document.get("blocks")))
+        layouts = document.get("layouts")
+        return Composite(volume, found, _blocks(document.get("blocks")), layouts if isinstance(layouts, dict) else {})
 
-    def _write(self, shape: str, name: str, found: Mapping[str, str], blocks: Mapping[int, bytes]) -> None:
+    def _write(self, shape: str, name: str, found: Mapping[str, str], blocks: Mapping[str, bytes],
+               layouts: Mapping[str, Any]) -> None:
         listing = self.root / f".{name}.json"
-        document = {"volume": name, "signatures": found,
-                    "blocks": {str(offset): digest.hex() for offset, digest in sorted(blocks.items())}}
+        document = {"volume": name, "signatures": found, "layouts": layouts,
+                    "blocks": {named: digest.hex() for named, digest in blocks.items()}}
         try:
             listing.write_text(json.dumps(document, separators=(",", ":")), encoding="utf-8")
             listing.replace(self.root / f"{shape}.json")
@@ -323,10 +328,9 @@ class CompositeStore:
                 raise
             return Composite(into, kept.signatures, kept.blocks, twin=volume)
 
-    def adopt(self, shape: str, volume: Path, found: Mapping[str, str],
-              blocks: Mapping[int, bytes] | None = None) -> Path | None:
+    def adopt(self, shape: str, volume: Path, found: Mapping[str, str], known: Known | None = None) -> Path | None:
         """Move ``volume`` into the store as the composite of ``shape`` (replacing the one kept before) with
-        its signatures and the digests of its 4 MiB blocks by offset (those known), then forget all but the
+        its signatures and what ``known`` found of its image's blocks, then forget all but the
         :attr:`keep` most recent shapes; its new path. ``None`` when it cannot be kept (it stays where it
         was): the next publish then applies every layer."""
         name = f"{shape}.{secrets.token_hex(6)}.ntfs"
@@ -334,7 +338,8 @@ class CompositeStore:
             with self._locked():
                 volume.replace(self.root / name)
                 try:
-                    self._write(shape, name, found, blocks or {})
+                    self._write(shape, name, found, known.found if known is not None else {},
+                                known.found_layouts if known is not None else {})
                 except BaseException:
                     (self.root / name).replace(volume)
                     raise

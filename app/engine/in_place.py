@@ -42,6 +42,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import struct
@@ -50,10 +51,11 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.engine import vhd
 from app.engine.checksum import BLOCK, ZERO_LEAF, Known, root
@@ -152,27 +154,36 @@ def assemble(
     if not block:
         return None
     disk = vhd._Disk(pieces, into if into is not None else volume.parent / f".{volume.name}.image")
+    # beside the volume, with what the last image of this disk left: its blocks in the same places (qcow2's
+    # metadata grows with its clusters, so its blocks always go in order)
+    layout: dict[str, Any] | None = None
+    if into is not None and known is not None and fmt != "qcow2":
+        kept = known.layouts.get(fmt)
+        layout = kept if isinstance(kept, dict) else {}
     try:
         start = disk.starts[volume_index]
         if fmt == "vhdx":
             vhd._check_sectors("VHDX", vhd._VHDX_MAX)(disk.size)
-            plan: _Plan | None = _vhdx_plan(disk, volume_index) if not start % MiB and not MiB % block else None
+            aligned = not start % MiB and not MiB % block
+            plan: _Plan | None = _vhdx_plan(disk, volume_index, layout) if aligned else None
         elif fmt == "qcow2":
             aligned = not start % _QCOW2_CLUSTER and not _QCOW2_CLUSTER % block
             plan = _qcow2_plan(disk, volume_index) if aligned else None
         elif fmt == "vmdk-sparse":
             aligned = not start % _VMDK_GRAIN and not _VMDK_GRAIN % block
-            plan = _vmdk_sparse_plan(disk, volume_index) if aligned else None
+            plan = _vmdk_sparse_plan(disk, volume_index, layout) if aligned else None
         elif fmt == "vhd-dynamic":
             vhd._check_sectors("VHD", vhd._VHD_MAX)(disk.size)
             aligned = not start % block and not _VHD_GAP % block and not vhd._VHD_BLOCK % block
-            plan = _vhd_dynamic_plan(disk, volume_index) if aligned else None
+            plan = _vhd_dynamic_plan(disk, volume_index, layout) if aligned else None
         else:
             if fmt == "vhd-fixed":
                 vhd._check_sectors("VHD", vhd._VHD_MAX)(disk.size)
             plan = _flat_plan(disk, volume_index, footer=fmt == "vhd-fixed") if not start % block else None
         if plan is None:
             return None
+        if plan.layout is not None and known is not None:
+            known.found_layouts[fmt] = plan.layout
         ticker = vhd._Ticker(plan.size, progress, cancel)
         started = time.monotonic()
         if into is None:  # hashed while the volume is as it was (moving its blocks drops its pages)
@@ -220,19 +231,22 @@ class _Plan:
     parts: list[tuple[int, int, bytes | int]]
     in_place: set[int]  # file offsets of the parts that are the volume's own blocks
     move: Callable[[int], None]  # moves the volume's blocks into place (given the open volume)
+    layout: dict[str, Any] | None = None  # where the blocks went, for the next image (see _mapped_plan)
 
     def checksum(self, disk: vhd._Disk, ticker: vhd._Ticker, volume_index: int, known: Known | None = None) -> str:
         """The image's checksum (:mod:`app.engine.checksum`), read from the disk's pieces as the parts say:
-        block by block, on two threads. A block that holds no data is not read; a block whose bytes are a
-        range of the volume takes its digest from ``known`` where that range is unchanged, and records its
-        digest in ``known.found``."""
+        block by block, on two threads. A block that holds no data is not read; a block whose bytes are
+        ranges of the volume takes its digest from ``known`` where those ranges are unchanged, and records
+        its digest in ``known.found`` (by :func:`composition`)."""
+        started = time.monotonic()
         extents = disk.data_extents()
         low = disk.starts[volume_index]
         high = low + disk.sizes[volume_index]
         blocks = _blocks(self.parts, self.size)
         leaves: list[bytes | Future[bytes]] = []
         in_flight: deque[Future[bytes]] = deque()
-        volume_blocks: list[tuple[int, int]] = []  # (leaf, volume offset) of the blocks that are volume bytes
+        volume_blocks: list[tuple[int, str]] = []  # (leaf, composition) of the blocks made of volume bytes
+        read = 0
         advised = 0  # the disk's bytes before this have been asked for ahead of the reads
 
         def read_ahead(offset: int) -> None:
@@ -258,11 +272,11 @@ class _Plan:
             ticker.at(0)
             for begin, end, segments in blocks:
                 ticker.at(begin)
-                volume_at = _volume_offset(segments, begin, end, low, high)
-                if volume_at is not None and known is not None:
-                    reused = known.take(volume_at - low)
+                named = composition(segments, begin, end, low, high) if known is not None else None
+                if named is not None and known is not None:
+                    reused = known.take(*named)
                     if reused is not None:
-                        volume_blocks.append((len(leaves), volume_at - low))
+                        volume_blocks.append((len(leaves), named[0]))
                         leaves.append(reused)
                         continue
                 pieces: list[tuple[int, int, bytes | int]] = []
@@ -278,17 +292,22 @@ class _Plan:
                     if any(isinstance(source, int) for _, _, source in pieces):
                         read_ahead(next(s for _, _, s in pieces if isinstance(s, int)))
                     hashing = pool.submit(hash_block, end - begin, pieces)
+                    read += end - begin
                     leaves.append(hashing)
                     in_flight.append(hashing)
                     if len(in_flight) > 2 * _HASHERS:
                         in_flight.popleft().result()  # a few blocks in memory at a time
-                if volume_at is not None and known is not None:
-                    volume_blocks.append((len(leaves) - 1, volume_at - low))
+                if named is not None:
+                    volume_blocks.append((len(leaves) - 1, named[0]))
             ticker.at(self.size)
             done = [leaf if isinstance(leaf, bytes) else leaf.result() for leaf in leaves]
         if known is not None:
-            for index, offset in volume_blocks:
-                known.found[offset] = done[index]
+            for index, named_as in volume_blocks:
+                known.found[named_as] = done[index]
+            known.hashed += read
+            known.seconds += time.monotonic() - started
+        log.info("image checksum: %d MiB read and hashed, %d MiB known from the last publish, in %.2f s",
+                 read >> 20, (known.reused if known is not None else 0) * BLOCK >> 20, time.monotonic() - started)
         return root(b"".join(done))
 
     def carry_out(self, disk: vhd._Disk, fd: int) -> None:
@@ -337,24 +356,26 @@ def _blocks(parts: Sequence[tuple[int, int, bytes | int]],
         yield begin, end, inside
 
 
-def _volume_offset(segments: Sequence[tuple[int, int, bytes | int]], begin: int, end: int, low: int,
-                   high: int) -> int | None:
-    """The disk offset of the block ``[begin, end)`` when all of it is the volume's bytes ``[low, high)``
-    in order (the block is then those bytes, wherever the image puts them), else ``None``."""
+def composition(segments: Sequence[tuple[int, int, bytes | int]], begin: int, end: int, low: int,
+                high: int) -> tuple[str, list[tuple[int, int]]] | None:
+    """The name of the image block ``[begin, end)`` when its bytes are the volume's (disk bytes
+    ``[low, high)``), metadata and zeros: each part's place in the block, length, and offset in the volume
+    or (metadata) digest, as ``"at:length:offset"`` or ``"at:length:#digest"``, comma-separated; and the
+    volume's ranges in it. ``None`` for a short block or one that holds other disk bytes. Two blocks with
+    one name hold the same bytes wherever they lie in their files, as long as the volume's bytes in the
+    ranges are the same."""
     if end - begin != BLOCK or not segments:
         return None
-    at, _, source = segments[0]
-    if at != begin or not isinstance(source, int):
-        return None
-    delta = source - at
-    covered = begin
+    names, ranges = [], []
     for at, length, source in segments:
-        if at != covered or not isinstance(source, int) or source - at != delta:
+        if isinstance(source, bytes):  # metadata: named by its content
+            names.append(f"{at - begin}:{length}:#{hashlib.sha256(source).hexdigest()[:32]}")
+            continue
+        if source < low or source + length > high:
             return None
-        covered += length
-    if covered != end or delta + begin < low or delta + end > high:
-        return None
-    return delta + begin
+        names.append(f"{at - begin}:{length}:{source - low}")
+        ranges.append((source - low, source - low + length))
+    return ",".join(names), ranges
 
 
 def _clip(extents: list[tuple[int, int]], begin: int, end: int) -> list[tuple[int, int]]:
@@ -401,7 +422,7 @@ def _flat_plan(disk: vhd._Disk, volume_index: int, *, footer: bool) -> _Plan:
     return _Plan(disk.size + (vhd.SECTOR if footer else 0), parts, {start}, move)
 
 
-def _vhdx_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
+def _vhdx_plan(disk: vhd._Disk, volume_index: int, layout: Mapping[str, Any] | None = None) -> _Plan | None:
     """dynamic VHDX (see the module docstring); ``None`` when the volume holds no whole block."""
     def front_size(present: bytearray) -> int:
         return vhd._VHDX_BAT_AT + vhd.vhdx_bat_size(len(present), _BLOCK)
@@ -409,7 +430,7 @@ def _vhdx_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
     def front(locations: list[int | None], _size: int) -> list[tuple[int, bytes]]:
         return vhd.vhdx_front(disk.size, _BLOCK, locations)
 
-    return _mapped_plan(disk, volume_index, _BLOCK, front_size, front)
+    return _mapped_plan(disk, volume_index, _BLOCK, front_size, front, layout=layout)
 
 
 def _qcow2_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
@@ -470,7 +491,8 @@ def _qcow2_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
     return _mapped_plan(disk, volume_index, cluster, front_size, front)
 
 
-def _vhd_dynamic_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
+def _vhd_dynamic_plan(disk: vhd._Disk, volume_index: int, layout: Mapping[str, Any] | None = None,
+                      ) -> _Plan | None:
     """dynamic VHD: each 2 MiB block stored after its 512-byte sector bitmap, which must sit right before
     the block's data. The volume's blocks lie back to back, so 4 KiB (a file system block) is inserted
     before each: its last sector holds the bitmap, the rest stays a hole nothing points at. Then the
@@ -498,10 +520,11 @@ def _vhd_dynamic_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
         return [(0, footer), (vhd.SECTOR, vhd._VHD_DYNAMIC_HEADER.pack(*fields)), (table_at, table.tobytes()),
                 *bitmaps, (size, footer)]
 
-    return _mapped_plan(disk, volume_index, vhd._VHD_BLOCK, front_size, front, gap=_VHD_GAP)
+    return _mapped_plan(disk, volume_index, vhd._VHD_BLOCK, front_size, front, gap=_VHD_GAP, layout=layout)
 
 
-def _vmdk_sparse_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
+def _vmdk_sparse_plan(disk: vhd._Disk, volume_index: int, layout: Mapping[str, Any] | None = None,
+                      ) -> _Plan | None:
     """monolithicSparse VMDK (hosted sparse extent, as qemu-img writes it): the header, the embedded
     descriptor, the redundant and the primary grain directory with all their grain tables, then 64 KiB
     grains; a grain table entry of 0 reads as zeros."""
@@ -548,18 +571,46 @@ def _vmdk_sparse_plan(disk: vhd._Disk, volume_index: int) -> _Plan | None:
                 (rgd * sector, directory(rgd + directory_sectors)), ((rgd + directory_sectors) * sector, grain_tables),
                 (gd * sector, directory(gd + directory_sectors)), ((gd + directory_sectors) * sector, grain_tables)]
 
-    return _mapped_plan(disk, volume_index, grain, lambda present: overhead, front)
+    return _mapped_plan(disk, volume_index, grain, lambda present: overhead, front, layout=layout)
+
+
+def _slots(indices: Sequence[int], kept: object) -> dict[int, int]:
+    """A slot for each block number in ``indices``: the one it had in ``kept`` (``{"number": slot}``) when
+    it had one, else the lowest free one; all laid out afresh when the slots would leave more than a
+    fifth of the file empty."""
+    slot_of: dict[int, int] = {}
+    if isinstance(kept, dict):
+        taken: set[int] = set()
+        for index in indices:
+            slot = kept.get(str(index))
+            if isinstance(slot, int) and slot >= 0 and slot not in taken:
+                slot_of[index] = slot
+                taken.add(slot)
+        free = (number for number in itertools.count() if number not in taken)
+        for index in indices:
+            if index not in slot_of:
+                slot_of[index] = next(free)
+        if slot_of and max(slot_of.values()) + 1 > len(indices) + len(indices) // 5 + 4:
+            slot_of = {}
+    return slot_of or {index: number for number, index in enumerate(indices)}
 
 
 def _mapped_plan(
     disk: vhd._Disk, volume_index: int, block: int, front_size: Callable[[bytearray], int],
     front: Callable[[list[int | None], int], list[tuple[int, bytes]]], *, gap: int = 0,
+    layout: Mapping[str, Any] | None = None,
 ) -> _Plan | None:
     """A format that maps each ``block`` of the disk to a place in the file (VHDX, qcow2, dynamic VHD):
     ``front_size`` gives the bytes of metadata before the first block (aligned as the format wants its
     blocks), ``front`` the metadata's parts (any offsets: before, between and after the blocks) once each
     block's file offset (or ``None``: not stored) and the end of the last block are known. ``gap``: bytes
-    kept before each block (dynamic VHD's sector bitmap). ``None`` when the volume holds no whole block."""
+    kept before each block (dynamic VHD's sector bitmap). ``None`` when the volume holds no whole block.
+
+    ``layout`` (only for an image written beside the volume, never for one made of it): the blocks go in
+    *slots*, and a block the layout of the last image (``{}``: none) had a slot for keeps it; new blocks
+    take the slots blocks that went left free, then new ones. So a block that did not change lies where
+    it lay, and the image's checksum blocks have the same compositions (:func:`composition`): their
+    digests are not computed again. The plan's :attr:`_Plan.layout` is the layout to keep."""
     start, size = disk.starts[volume_index], disk.sizes[volume_index]
     first, end = -(-start // block), (start + size) // block  # the blocks wholly inside the volume
     if end <= first:
@@ -569,41 +620,53 @@ def _mapped_plan(
     whole_end = end * block - start  # volume bytes up to the end of its last whole block
     # the volume's bytes before its first whole block stay in front of it: room for them at least
     before = max(front_size(present), head - gap)
+    whole = [index for index in range(first, end) if present[index]]
+    outside = [index for index, flag in enumerate(present) if flag and not first <= index < end]
+    indices = [*whole, *outside]
+    if layout is None:
+        slot_of = {index: number for number, index in enumerate(indices)}
+    else:
+        same_block = layout.get("block") == block
+        kept_before = layout.get("before")
+        if same_block and isinstance(kept_before, int) and kept_before > before:
+            before = kept_before
+        slot_of = _slots(indices, layout.get("slots") if same_block else None)
+    stride = gap + block
     locations: list[int | None] = [None] * len(present)
     parts: list[tuple[int, int, bytes | int]] = []
-    position = before
-    for index in range(first, end):
-        if present[index]:
-            position += gap
-            locations[index] = position
-            last = parts[-1] if parts else None
+    buffer = bytearray(block)
+    merging = False  # the last part is a run of the volume's whole blocks
+    for index in sorted(indices, key=slot_of.__getitem__):
+        position = before + slot_of[index] * stride + gap
+        locations[index] = position
+        if first <= index < end:
+            last = parts[-1] if merging else None
             if last is not None and isinstance(last[2], int) and last[0] + last[1] == position and \
                     last[2] + last[1] == index * block:  # one part for a run of blocks: read in large pieces
                 parts[-1] = (last[0], last[1] + block, last[2])
             else:
                 parts.append((position, block, index * block))
-            position += block
-    in_place = {at for at, _, _ in parts}
-    buffer = bytearray(block)
-    for index, flag in enumerate(present):
-        if not flag or first <= index < end:
+            merging = True
             continue
+        merging = False
         length = min(block, disk.size - index * block)
         source: bytes | int = index * block
         if (index == first - 1 and head) or (index == end and whole_end < size):  # shares bytes with the volume
             view = memoryview(buffer)[:length]
             disk.read_into(view, index * block)
             source = bytes(view)
-        position += gap
-        locations[index] = position
         parts.append((position, length, source))
-        position += block  # a short last block still takes a whole one
+    position = before + (max(slot_of.values()) + 1 if slot_of else 0) * stride  # a short last block takes a whole one
+    in_place = {at for at, _, source in parts if isinstance(source, int) and first * block <= source < end * block}
     parts += [(at, len(data), data) for at, data in front(locations, position)]
     parts.sort(key=lambda part: part[0])
     size = max(position, *(at + length for at, length, _ in parts))
-    whole = [index for index in range(first, end) if present[index]]
+    placed = None if layout is None else {"block": block, "before": before,
+                                          "slots": {str(index): slot for index, slot in slot_of.items()}}
 
     def move(fd: int) -> None:
+        if placed is not None:
+            raise AssertionError("an image laid out in slots is written beside the volume, not in it")
         os.ftruncate(fd, whole_end)
         inserted = before + gap - head  # then block ``first`` starts at ``before`` + ``gap``
         if inserted:
@@ -629,4 +692,4 @@ def _mapped_plan(
             for number in range(len(whole) - 1, 0, -1):
                 _fallocate(fd, _FALLOC_FL_INSERT_RANGE, before_blocks + number * block, gap)
 
-    return _Plan(size, parts, in_place, move)
+    return _Plan(size, parts, in_place, move, placed)

@@ -101,12 +101,13 @@ def test_not_checksums() -> None:
     assert not is_image_checksum("sha256-4m:" + "G" * 64)
 
 
-def test_known_gives_a_digest_only_where_the_range_is_unchanged() -> None:
-    known = Known({0: b"a" * 32, BLOCK: b"b" * 32}, unchanged=lambda begin, end: end <= BLOCK)
+def test_known_gives_a_digest_only_where_every_range_is_unchanged() -> None:
+    known = Known({"0:4194304:0": b"a" * 32, "0:1048576:0,1048576:3145728:8388608": b"b" * 32},
+                  unchanged=lambda begin, end: end <= BLOCK)
 
-    assert known.take(0) == b"a" * 32
-    assert known.take(BLOCK) is None  # changed since
-    assert known.take(2 * BLOCK) is None  # never hashed
+    assert known.take("0:4194304:0", [(0, BLOCK)]) == b"a" * 32
+    assert known.take("0:1048576:0,1048576:3145728:8388608", [(0, MiB), (2 * BLOCK, 2 * BLOCK + 3 * MiB)]) is None
+    assert known.take("0:4194304:4194304", [(BLOCK, 2 * BLOCK)]) is None  # never hashed
     assert known.reused == 1
 
 

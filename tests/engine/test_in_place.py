@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from app.engine import disk, in_place, vhd
+from app.engine.checksum import Known
 from app.engine.disk import DiskError
 from app.tasks.base import CancelToken, TaskCanceled
 from tests.engine.test_vhd import Piece, assert_image_holds, make_pieces, qemu_info, sha256
@@ -262,6 +263,67 @@ def test_on_xfs_an_image_beside_a_kept_volume_shares_its_blocks(tmp_path: Path, 
         assert checksum == image_checksum(out)
         with out.open("rb") as image:
             assert data in image.read()  # the volume's bytes are in the image
+
+
+def _whole_disk(pieces: list[Path], out: Path) -> Path:
+    """The pieces concatenated: the raw disk an image of them must read as."""
+    with out.open("wb") as whole:
+        for piece in pieces:
+            with piece.open("rb") as part:
+                shutil.copyfileobj(part, whole)
+    return out
+
+
+def _republished(work: Path, fmt: str, layouts: bool) -> tuple[Known, Known]:
+    """An image beside a volume, then the volume changed (a block that held nothing now holds data, before
+    every other; one that held data is emptied) and an image of it beside it again, told what the first one
+    found: its block digests, its layouts when ``layouts``, and which of the volume's ranges changed."""
+    chunks = {offset * MiB: RANDOM.randbytes(2 * MiB) for offset in range(4, 156, 8)}
+    pieces, reference = make_pieces(work, [(3 * MiB, [(0, b"table")]), (160 * MiB, list(chunks.items())),
+                                           (MiB, [(MiB - 512, b"backup")])])
+    first = Known()
+    checksum = disk.convert_hashed(pieces, work / f"first.{fmt}", fmt, keep=pieces[1], known=first)  # type: ignore[arg-type]
+    assert checksum == image_checksum(work / f"first.{fmt}") and first.found and first.reused == 0
+    assert_image_holds(work / f"first.{fmt}", QEMU_NAMES[fmt], reference)
+    assert (fmt in first.found_layouts) == (fmt in {"vhdx", "vhd-dynamic", "vmdk-sparse"})
+    changed = [(MiB, 2 * MiB), (36 * MiB, 38 * MiB)]
+    with pieces[1].open("r+b") as volume:
+        volume.seek(MiB)
+        volume.write(RANDOM.randbytes(MiB))
+    fd = os.open(pieces[1], os.O_RDWR)
+    try:
+        punch = in_place._FALLOC_FL_PUNCH_HOLE | in_place._FALLOC_FL_KEEP_SIZE
+        in_place._fallocate(fd, punch, 36 * MiB, 2 * MiB)
+    finally:
+        os.close(fd)
+
+    def unchanged(begin: int, end: int) -> bool:
+        return all(end <= a or b <= begin for a, b in changed)
+
+    second = Known(first.found, unchanged, first.found_layouts if layouts else {})
+    out = work / f"second.{fmt}"
+    checksum = disk.convert_hashed(pieces, out, fmt, keep=pieces[1], known=second)  # type: ignore[arg-type]
+    assert checksum == image_checksum(out)
+    assert_image_holds(out, QEMU_NAMES[fmt], _whole_disk(pieces, work / "second.raw"))
+    return first, second
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "vhd-dynamic", "vmdk-sparse", "raw"])
+def test_an_image_beside_a_changed_volume_keeps_its_unchanged_blocks_where_they_were(work: Path, fmt: str) -> None:
+    """With the last image's layout, the blocks that still hold the same data lie where they lay, so
+    their checksum blocks are not hashed again although a new block came before them; the image is
+    still exactly the disk (qemu-img compare) and its checksum that of the file (coreutils)."""
+    first, second = _republished(work, fmt, layouts=True)
+    assert second.reused >= len(first.found) - 4, (second.reused, len(first.found))
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "vmdk-sparse", "qcow2"])
+def test_without_the_last_layout_a_new_block_moves_every_block_after_it(work: Path, fmt: str) -> None:
+    """Blocks in disk order: the new block before the others moves them all by one block, and their
+    checksum blocks have to be hashed again (what the kept layout avoids; qcow2 always lays its clusters
+    out in order, its metadata growing with them)."""
+    _, without = _republished(work, fmt, layouts=False)
+    assert without.reused <= 1, without.reused
 
 
 def test_an_image_that_fails_verification_leaves_nothing(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
