@@ -326,7 +326,7 @@ class CompositeStore:
             except BaseException:
                 clone.unlink(missing_ok=True)
                 raise
-            return Composite(into, kept.signatures, kept.blocks, twin=volume)
+            return Composite(into, kept.signatures, kept.blocks, kept.layouts, twin=volume)
 
     def adopt(self, shape: str, volume: Path, found: Mapping[str, str], known: Known | None = None) -> Path | None:
         """Move ``volume`` into the store as the composite of ``shape`` (replacing the one kept before) with

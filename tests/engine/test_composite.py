@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from app.engine import compose as compose_module
-from app.engine.checksum import BLOCK, ZERO_LEAF
+from app.engine.checksum import BLOCK, ZERO_LEAF, Known
 from app.engine.compose import ComposeResult, StackLayer, compose
 from app.engine.composite import CompositeStore, plan_changes
 from app.engine.importer import scan_folder
@@ -345,8 +345,15 @@ def test_a_taken_composite_leaves_its_clone_and_an_adopted_volume_replaces_it(xf
         volume.write(b"changed")
     assert other.volume.read_bytes() == content
     assert composites(xfs / "cache") == {"shape-a": (hashlib.sha256(content).hexdigest(), {"/": "root"})}
-    assert store.adopt("shape-a", taken.volume, {"/": "new"}) is not None
+    found = Known(found={"0:4194304:0": b"d" * 32},
+                  found_layouts={"vhdx": {"block": 1, "before": 2, "slots": {"3": 0}}})
+    assert store.adopt("shape-a", taken.volume, {"/": "new"}, found) is not None
     assert composites(xfs / "cache")["shape-a"][1] == {"/": "new"}
+    again = store.take("shape-a", xfs / "again.ntfs")  # what the image found comes back with the volume
+    assert again is not None and again.twin is not None and again.twin.exists()
+    assert (again.blocks, again.layouts) == (found.found, found.found_layouts)
+    assert again.known_blocks().layouts == found.found_layouts
+    again.volume.unlink()
     for shape in ("shape-b", "shape-c"):
         (xfs / shape).write_bytes(b"x" * 4096)
         assert store.adopt(shape, xfs / shape, {}) is not None
@@ -392,6 +399,12 @@ def stored_blocks(cache: Path) -> list[tuple[Path, dict[str, str]]]:
         document = json.loads(listing_file.read_text(encoding="utf-8"))
         found.append((root / document["volume"], dict(document.get("blocks", {}))))
     return found
+
+
+def kept_slots(cache: Path, fmt: str) -> dict[str, int]:
+    """Where the image of the one kept composite put each of the disk's blocks (block number -> slot)."""
+    (listing_file,) = (cache / "composites").glob("*.json")
+    return dict(json.loads(listing_file.read_text(encoding="utf-8")).get("layouts", {}).get(fmt, {}).get("slots", {}))
 
 
 def volume_parts(name: str) -> list[tuple[int, int, int]] | None:
@@ -441,6 +454,7 @@ def test_a_republish_hashes_only_the_blocks_that_changed(xfs: Path, fmt: str) ->
     assert v1.reused_bytes == 0
     assert v1.checksum == image_checksum(v1.path)
     assert assert_blocks_describe_their_volumes(xfs / "cache") >= 8
+    first_slots = kept_slots(xfs / "cache", fmt)
 
     v2 = compose(second, repository, xfs / "out", fmt, 1, name="v2", cache=cache)
 
@@ -451,6 +465,9 @@ def test_a_republish_hashes_only_the_blocks_that_changed(xfs: Path, fmt: str) ->
     assert v2.reused_bytes >= 6 * BLOCK
     assert v2.reused_bytes < v2.size_bytes
     assert assert_blocks_describe_their_volumes(xfs / "cache") >= 8
+    if fmt == "vhdx":  # the blocks the image had before are where they were
+        second_slots = kept_slots(xfs / "cache", fmt)
+        assert first_slots and all(second_slots[block] == slot for block, slot in first_slots.items())
     back = compose(first, repository, xfs / "out", fmt, 1, name="back", cache=cache)
     assert back.reused_bytes > 0 and back.checksum == image_checksum(back.path)
 
