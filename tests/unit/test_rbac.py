@@ -580,7 +580,7 @@ def test_the_table_covers_every_public_mutating_method() -> None:
         "get_connector", "password", "list_junctions", "list_tasks", "get_task", "log", "list_settings", "get",
         "list_entries", "list_accounts", "list_grants", "conflicts", "template_usage", "version_contents",
         "preview_conflicts", "resolve", "sync_plan", "user_layer_location", "get_packaging", "editing_version",
-        "preview_import",
+        "preview_import", "verify_image",
         # Read, but with a role beyond Read Only (the keyring password, a test against the peer, a sync's
         # pre-flight): see test_connector_checks_that_use_the_password_need_their_roles and tests/elastic.
         "settings", "test_connector", "test_settings", "delivery", "check_sync", "list_user_layers",
