@@ -205,6 +205,9 @@ class NtfsVolume:
         self._lib = lib
         # libntfs-3g's SECURITY_CONTEXT: only its first field, the volume, is used for NTFS ACLs
         self._security_context = (ctypes.c_void_p * 8)(handle)
+        #: Directory record -> its names as NTFS compares them -> (record, name as spelled), listed when a
+        #: name is first looked up there without its exact spelling; forgotten when the directory changes.
+        self._names: dict[int, dict[str, tuple[int, str]]] = {}
 
     @classmethod
     @contextmanager
@@ -283,14 +286,30 @@ class NtfsVolume:
             if found == 0xFFFFFFFFFFFFFFFF:
                 # libntfs-3g's index lookup matches exactly; names in the POSIX namespace (files without a
                 # short name, as wimlib writes them) only so. Windows ignores case in every namespace.
-                wanted = _upcase(part)
-                match = next((e for e in self._list_record(record, False) if _upcase(e.name) == wanted), None)
+                match = self._named(record, part)
                 if match is None:
                     raise NtfsVolumeError(f"{self.image}: {walked} does not exist.", errno.ENOENT)
-                found = match.record
-                walked = walked[:-len(part)] + match.name
+                found, spelled = match
+                walked = walked[:-len(part)] + spelled
             record = found & _MREF_MASK
         return record, walked
+
+    def _named(self, directory: int, name: str) -> tuple[int, str] | None:
+        """The entry of ``directory`` named ``name`` as Windows compares names (the first one, in the
+        directory's order): its record and its name as spelled there. The directory is listed once, not at
+        every lookup (re-publishing a few hundred paths spelled in lower case listed thousands)."""
+        names = self._names.get(directory)
+        if names is None:
+            names = {}
+            for entry in self._list_record(directory, False):
+                names.setdefault(_upcase(entry.name), (entry.record, entry.name))
+            self._names[directory] = names
+        return names.get(_upcase(name))
+
+    def _changed(self, *directories: int) -> None:
+        """Names were added to or removed from ``directories`` (or they were deleted)."""
+        for directory in directories:
+            self._names.pop(directory, None)
 
     @contextmanager
     def _inode(self, path: str) -> Iterator[int]:
@@ -472,7 +491,9 @@ class NtfsVolume:
         if self.stat(path).is_directory:
             for entry in self.listdir(path):
                 removed += self.delete(f"{path.rstrip('/')}/{entry.name}")
-        parent = self._open_record(self._record_of("/" + "/".join(parts[:-1])))
+        parent_record = self._record_of("/" + "/".join(parts[:-1]))
+        self._changed(parent_record, record)
+        parent = self._open_record(parent_record)
         ni = self._open_record(record)
         name = _utf16(parts[-1])
         # ntfs_delete closes both inodes, whether it succeeds or not
@@ -497,6 +518,7 @@ class NtfsVolume:
         info = source.stat(path)
         lib = self._lib.lib
         parent_record = self._record_of(parent_path)
+        self._changed(parent_record)
         known = links.get(info.record) if links is not None and not info.is_directory else None
         if known is not None:
             parent, ni = self._open_record(parent_record), self._open_record(known)

@@ -185,6 +185,31 @@ def test_layer_volumes_wimlib_applied_are_read_and_merged_whatever_the_case_of_a
                                           "/Program Files/Tools/readme.txt"}
 
 
+def test_names_looked_up_in_another_case_follow_the_volume_as_it_changes(tmp_path: Path) -> None:
+    """A directory is listed once for lookups in another case; deleting and copying in it (and deleting a
+    directory whose record a new one may take) are seen by the next lookup at once, in one open volume."""
+    tools = Layer("Tools", {"Program Files/Tools/tool.exe": b"one", "Program Files/Tools/Sub/a.txt": b"a"})
+    other = Layer("Other", {"Program Files/Tools/Tool.exe": b"two", "Program Files/Tools/New.txt": b"new"})
+    base = Layer("Base", {"Windows/notepad.exe": b"notepad", "Program Files/Common/shared.dll": b"dll"})
+    first, second, merged = build_volume(tmp_path, tools), build_volume(tmp_path, other), build_volume(tmp_path, base)
+    with NtfsVolume.opened(first) as one, NtfsVolume.opened(second) as two, \
+            NtfsVolume.opened(merged, writable=True) as dst:
+        dst.copy_tree_from(one, "/program files/tools", to="/Program Files/Tools")
+        assert dst.spelled("/PROGRAM FILES/TOOLS/TOOL.EXE") == "/Program Files/Tools/tool.exe"
+        assert dst.spelled("/program files/tools/sub/A.TXT") == "/Program Files/Tools/Sub/a.txt"
+        dst.delete("/program files/tools/TOOL.EXE")
+        dst.delete("/PROGRAM FILES/TOOLS/SUB")
+        assert not dst.exists("/program files/tools/tool.exe")
+        assert not dst.exists("/program files/tools/sub/a.txt")
+        dst.copy_from(two, "/program files/tools/tool.exe", to="/Program Files/Tools/Tool.exe")
+        dst.copy_from(two, "/program files/tools/new.txt", to="/Program Files/Tools/New.txt")
+        assert dst.spelled("/program files/tools/TOOL.EXE") == "/Program Files/Tools/Tool.exe"
+        assert dst.read("/program files/tools/tool.exe") == b"two"
+        assert dst.read("/PROGRAM FILES/TOOLS/NEW.TXT") == b"new"
+    ntfs_is_consistent(merged)
+    assert ntfs_cat(merged, "/Program Files/Tools/Tool.exe") == b"two"
+
+
 def test_delete_takes_a_whole_tree_and_gives_its_space_back(source: Path, tmp_path: Path) -> None:
     target = make_ntfs_volume(tmp_path / "target.ntfs", 64 * MiB, label="Target")
     with mounted(target, tmp_path / "m") as root:
