@@ -986,7 +986,7 @@ def _write_disk(
             try:
                 if base is not None and changes is not None and composites is not None:
                     try:
-                        _change_composite(changes, merged, index, entries, volume, work, steps, abort)
+                        _change_composite(changes, merged, index, entries, volume, work, steps, abort, composites)
                     except _FullApplyNeeded:
                         composites.discard(shape)
                         raise
@@ -1126,7 +1126,7 @@ def _composite_changes(base: Composite, entries: Sequence[DirEntry], listed: Map
 
 def _change_composite(
     changes: Changes, merged: Wim, index: int, entries: Sequence[DirEntry], volume: Path,
-    work: Path, steps: _Steps, abort: _Abort,
+    work: Path, steps: _Steps, abort: _Abort, composites: CompositeStore,
 ) -> None:
     """Change the composite taken from the store (now at ``volume``) into the merged image by
     ``changes`` (see :mod:`app.engine.composite`). Prunes the merged image."""
@@ -1136,8 +1136,9 @@ def _change_composite(
         try:
             kept = prune_to(merged, index, entries, changes.added)
             scratch = work / "changes.ntfs"
-            size = -(-(_needed_volume_bytes(kept) * 5 // 4 + 16 * MiB) // MiB) * MiB
-            make_ntfs_volume(scratch, size, label="Changes")
+            # a power of two: the few sizes re-publishes need are formatted once and cloned afterwards
+            size = 1 << max(26, (_needed_volume_bytes(kept) * 5 // 4 + 16 * MiB - 1).bit_length())
+            composites.blank_volume(size, scratch, lambda path, size: make_ntfs_volume(path, size, label="Changes"))
             merged.extract_image_to_ntfs_volume(index, scratch, cancel=abort,
                                                 progress=steps.bytes_in(50, 70, "Applying the changed layers"))
             steps.at(70, "Changing the last published volume")

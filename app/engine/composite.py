@@ -55,6 +55,7 @@ __all__ = ["Changes", "CompositeStore", "apply_changes", "clone_file", "entries_
            "signatures"]
 
 _FICLONE = 0x40049409
+_BLANKS = 3  # empty NTFS volumes kept to clone (see CompositeStore.blank_volume), one per size
 
 
 def clone_file(source: Path, target: Path) -> None:
@@ -355,6 +356,27 @@ class CompositeStore:
         if self._evict is not None:
             self._evict({name})
         return self.root / name
+
+    def blank_volume(self, size: int, into: Path, make: Callable[[Path, int], object]) -> None:
+        """An empty NTFS volume of ``size`` bytes at ``into`` (new): a clone of the one kept for that size,
+        made by ``make(path, size)`` the first time (formatting costs a quarter of a second; a clone, none).
+        A few sizes are kept, the most recently used, in ``blank/``."""
+        blanks = self.root / "blank"
+        template = blanks / f"{size}.ntfs"
+        blanks.mkdir(parents=True, exist_ok=True)
+        if not template.is_file():
+            partial = blanks / f".{template.name}.{secrets.token_hex(4)}"
+            try:
+                make(partial, size)
+                partial.replace(template)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            kept = sorted(blanks.glob("*.ntfs"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for stale in kept[_BLANKS:]:
+                stale.unlink(missing_ok=True)
+        clone_file(template, into)
+        os.utime(template)
 
     def discard(self, shape: str) -> None:
         """Forget the composite of ``shape``."""

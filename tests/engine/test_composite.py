@@ -27,6 +27,7 @@ from app.engine.layer_cache import LayerDiskCache
 from app.engine.registry.delta import RegistryDelta
 from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind
+from app.engine.wim import make_ntfs_volume
 from app.errors import LayerDeskError
 from app.tasks.base import CancelToken, TaskCanceled
 from tests.engine.test_compose import _partition_table, store
@@ -38,6 +39,7 @@ from tests.support.repository_checks import listing
 from tests.support.tools import loop_filesystem, run_ok
 
 GiB = 1024**3
+MiB = 1024**2
 
 #: Tools, version 2: config.ini changes, tool.exe goes, new files (one in a new folder, one in the OS's),
 #: another whiteout and other registry changes.
@@ -508,3 +510,34 @@ def test_block_digests_are_taken_only_with_their_twin(xfs: Path) -> None:
     v2 = publish(repository, second, xfs / "out", "v2", cache)
     assert "composite" in v2.timings and v2.reused_bytes == 0
     assert v2.checksum == image_checksum(v2.path)
+
+
+def test_scratch_volumes_are_formatted_once_per_size_and_cloned(xfs: Path) -> None:
+    """A re-publish applies the changed paths to an empty scratch volume: the store formats one per size
+    once (mkntfs) and clones it afterwards; the kept one never changes, and only a few sizes are kept."""
+    store = CompositeStore(xfs / "cache" / "composites")
+    made: list[int] = []
+
+    def make(path: Path, size: int) -> None:
+        made.append(size)
+        make_ntfs_volume(path, size, label="Changes")
+
+    store.blank_volume(64 * MiB, xfs / "a.ntfs", make)
+    (template,) = (xfs / "cache" / "composites" / "blank").glob("*.ntfs")
+    before = hashlib.sha256(template.read_bytes()).hexdigest()
+    with (xfs / "a.ntfs").open("r+b") as changed:
+        changed.seek(40 * MiB)
+        changed.write(b"the clone is the publish's to change")
+    store.blank_volume(64 * MiB, xfs / "b.ntfs", make)
+    assert made == [64 * MiB]
+    assert hashlib.sha256(template.read_bytes()).hexdigest() == before
+    ntfs_is_consistent(xfs / "b.ntfs")
+    for size in (128 * MiB, 256 * MiB, 512 * MiB):
+        store.blank_volume(size, xfs / f"{size}.ntfs", make)
+    assert made == [64 * MiB, 128 * MiB, 256 * MiB, 512 * MiB]
+    assert sorted(p.name for p in (xfs / "cache" / "composites" / "blank").glob("*.ntfs")) == sorted(
+        f"{size}.ntfs" for size in (128 * MiB, 256 * MiB, 512 * MiB))
+    with pytest.raises(LayerDeskError):
+        store.blank_volume(1024, xfs / "tiny.ntfs", make)  # mkntfs refuses: nothing is left behind
+    assert not (xfs / "tiny.ntfs").exists()
+    assert not [p for p in (xfs / "cache" / "composites" / "blank").iterdir() if p.name.startswith(".")]
