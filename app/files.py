@@ -99,3 +99,26 @@ def no_space(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the ranges of the open file ``fd`` (``size`` bytes) that hold data, in order; the
+    whole file where the system cannot tell holes (``SEEK_DATA``/``SEEK_HOLE``)."""
+    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
+    if seek_data is None or seek_hole is None:
+        return [(0, size)] if size else []
+    found = []
+    position = 0
+    while position < size:
+        try:
+            data = os.lseek(fd, position, seek_data)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after ``position``
+                break
+            raise
+        if data >= size:
+            break
+        hole = min(os.lseek(fd, data, seek_hole), size)
+        found.append((data, hole))
+        position = hole
+    return found

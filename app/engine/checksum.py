@@ -30,22 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.files import data_ranges
 from app.procs import Cancellable
 from app.tasks.base import TaskCanceled
 
-__all__ = ["BLOCK", "PREFIX", "ZERO_LEAF", "BlockHash", "Known", "checksum_like", "file_checksum", "is_image_checksum"]
+__all__ = ["BLOCK", "PREFIX", "ZERO_LEAF", "BlockHash", "Known", "checksum_like", "file_checksum"]
 
 BLOCK = 4 * 1024 * 1024
 PREFIX = "sha256-4m:"
 #: The digest of a block of zeros (a hole, or zeros the writer did not store).
 ZERO_LEAF = hashlib.sha256(bytes(BLOCK)).digest()
 _ZEROS = bytes(BLOCK)
-
-
-def is_image_checksum(text: str) -> bool:
-    """Whether ``text`` looks like a checksum this module makes."""
-    hexdigits = text[len(PREFIX):]
-    return text.startswith(PREFIX) and len(hexdigits) == 64 and all(c in "0123456789abcdef" for c in hexdigits)
 
 
 def root(leaves: bytes | bytearray) -> str:
@@ -87,13 +82,6 @@ class BlockHash:
                 self.update(memoryview(_ZEROS)[:step])
             count -= step
 
-    def leaf(self, digest: bytes) -> None:
-        """A whole block whose digest is known; only at a block's start."""
-        if self._filled or self.position % BLOCK:
-            raise AssertionError(f"a known block at {self.position}, not at a block's start")
-        self._leaves += digest
-        self.position += BLOCK
-
     def checksum(self) -> str:
         leaves = bytearray(self._leaves)
         if self._filled:
@@ -127,7 +115,6 @@ class Known:
     found: dict[str, bytes] = field(default_factory=dict)
     found_layouts: dict[str, Any] = field(default_factory=dict)
     reused: int = 0  # blocks whose digest came from ``digests``
-    hashed: int = 0  # bytes read and hashed
     seconds: float = 0.0  # spent computing the checksum
 
     def take(self, composition: str, ranges: Sequence[tuple[int, int]]) -> bytes | None:
@@ -140,32 +127,13 @@ class Known:
         return None
 
 
-def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """The ranges of the file that hold data (everything, where holes cannot be asked for)."""
-    found: list[tuple[int, int]] = []
-    at = 0
-    try:
-        while at < size:
-            try:
-                start = os.lseek(fd, at, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after ``at``
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            found.append((start, end))
-            at = end
-    except (AttributeError, OSError):
-        return [(0, size)]
-    return found
-
-
-def file_checksum(path: Path, cancel: Cancellable | None = None,
-                  progress: Callable[[int, int], None] | None = None, threads: int = 2) -> str:
+def file_checksum(path: Path, cancel: Cancellable | None = None, threads: int = 2) -> str:
     """The checksum of the file at ``path``, its blocks read and hashed on ``threads`` threads; blocks in
     holes are not read."""
     with Path(path).open("rb") as file:
         fd = file.fileno()
         size = os.fstat(fd).st_size
-        data = _data_ranges(fd, size)
+        data = data_ranges(fd, size)
         count = -(-size // BLOCK)
         leaves: list[bytes | Future[bytes]] = []
 
@@ -202,25 +170,19 @@ def file_checksum(path: Path, cancel: Cancellable | None = None,
                 in_flight.append(hashing)
                 if len(in_flight) > 2 * workers:
                     in_flight.popleft().result()  # bounded memory: a few blocks in flight
-                if progress is not None:
-                    progress(end, size)
         digests = bytearray()
         for leaf in leaves:
             digests += leaf if isinstance(leaf, bytes) else leaf.result()
     return root(digests)
 
 
-def checksum_like(path: Path, recorded: str, cancel: Cancellable | None = None) -> str:
+def checksum_like(path: Path, recorded: str) -> str:
     """The checksum of ``path`` made the way ``recorded`` was: ``sha256-4m:`` (this module), or
     ``sha256:`` (the SHA-256 of the whole file, as images published before block checksums recorded)."""
     if recorded.startswith(PREFIX):
-        return file_checksum(path, cancel)
+        return file_checksum(path)
     if recorded.startswith("sha256:"):
-        digest = hashlib.sha256()
-        with Path(path).open("rb") as file:
-            while chunk := file.read(BLOCK):
-                if cancel is not None and cancel.cancelled:
-                    raise TaskCanceled()
-                digest.update(chunk)
-        return "sha256:" + digest.hexdigest()
+        from app.engine.transfer import sha256_file  # only for images recorded the old way
+
+        return "sha256:" + sha256_file(Path(path))
     raise ValueError(f"unknown checksum kind {recorded.split(':', 1)[0]!r}")

@@ -449,7 +449,7 @@ def compose(
                 built = _write_wim(merged, index, name, work, steps)
                 steps.at(98, "Computing the image's checksum")
                 with steps.timed("checksum"):
-                    checksum = _checksum(built, steps)
+                    checksum = file_checksum(built, cancel=steps._cancel)
             else:  # the disk writer hashes what it writes, and merges the hives while it applies the image
                 steps.at(45, "Listing the merged image")
                 entries = list(merged.iterate_dir_tree(index))
@@ -1163,10 +1163,6 @@ def _responsive_callbacks() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(previous)
-
-
-def _checksum(path: Path, steps: _Steps) -> str:
-    return file_checksum(path, cancel=steps._cancel)
 
 
 # --- the worker ----------------------------------------------------------------------------------------

@@ -289,8 +289,9 @@ class _Plan:
                 if not pieces:
                     leaves.append(ZERO_LEAF if end - begin == BLOCK else hashlib.sha256(bytes(end - begin)).digest())
                 else:
-                    if any(isinstance(source, int) for _, _, source in pieces):
-                        read_ahead(next(s for _, _, s in pieces if isinstance(s, int)))
+                    first_read = next((source for _, _, source in pieces if isinstance(source, int)), None)
+                    if first_read is not None:
+                        read_ahead(first_read)
                     hashing = pool.submit(hash_block, end - begin, pieces)
                     read += end - begin
                     leaves.append(hashing)
@@ -304,7 +305,6 @@ class _Plan:
         if known is not None:
             for index, named_as in volume_blocks:
                 known.found[named_as] = done[index]
-            known.hashed += read
             known.seconds += time.monotonic() - started
         log.info("image checksum: %d MiB read and hashed, %d MiB known from the last publish, in %.2f s",
                  read >> 20, (known.reused if known is not None else 0) * BLOCK >> 20, time.monotonic() - started)

@@ -31,7 +31,6 @@ leave flushing to the page cache: an fsync costs about 0.3 s per GB on the machi
 from __future__ import annotations
 
 import array
-import errno
 import logging
 import os
 import struct
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from app.engine.checksum import BlockHash
 from app.engine.disk import DiskError, ProgressFn, _output
+from app.files import data_ranges
 from app.procs import Cancellable
 from app.tasks.base import TaskCanceled
 
@@ -137,7 +137,7 @@ class _Disk:
         """``(start, end)`` of the disk's bytes that are not holes in their piece, in order, merged."""
         extents: list[tuple[int, int]] = []
         for fd, start, end in zip(self.fds, self.starts, [*self.starts[1:], self.size], strict=True):
-            for data, hole in _piece_extents(fd, end - start):
+            for data, hole in data_ranges(fd, end - start):
                 if extents and extents[-1][1] == start + data:
                     extents[-1] = (extents[-1][0], start + hole)
                 else:
@@ -183,28 +183,6 @@ class _Disk:
             filled += count
         if filled < len(buffer):
             buffer[filled:] = bytes(len(buffer) - filled)
-
-
-def _piece_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """Data ranges of one open file; the whole file where the system cannot tell holes."""
-    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
-    if seek_data is None or seek_hole is None:
-        return [(0, size)] if size else []
-    found = []
-    position = 0
-    while position < size:
-        try:
-            data = os.lseek(fd, position, seek_data)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after ``position``
-                break
-            raise
-        if data >= size:
-            break
-        hole = min(os.lseek(fd, data, seek_hole), size)
-        found.append((data, hole))
-        position = hole
-    return found
 
 
 def _present_blocks(disk: _Disk, block_size: int, ticker: _Ticker, skip_zero_blocks: bool) -> bytearray:

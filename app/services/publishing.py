@@ -26,7 +26,6 @@ from app.services.views import PublishedImageInfo, PublishPlan, StackEntry, to_j
 if TYPE_CHECKING:  # imported when used: listing and planning never need the engine or the task runner
     from app.engine.compose import Conflict as LayerConflict
     from app.engine.compose import StackLayer
-    from app.procs import Cancellable
     from app.tasks.runner import TaskRunner
 
 #: The engine's output format for each template disk format (VHD dynamic, VMDK monolithicSparse: the
@@ -190,7 +189,7 @@ class PublishingService(Service):
             change.details = {"location": row.location, "checksum": row.checksum}
             change.session.delete(row)
 
-    def verify_image(self, name: str, path: str | None = None, cancel: Cancellable | None = None) -> ImageCheck:
+    def verify_image(self, name: str, path: str | None = None) -> ImageCheck:
         """Check a published image's file (at its recorded location, or ``path``: a copy of it) against the
         checksum recorded when it was published; :class:`UserError` when they differ (a damaged copy, or
         another image). Reads every byte of the file. Open to every role."""
@@ -209,7 +208,7 @@ class PublishingService(Service):
             where = "is not a file on this machine" if not path else "is not a file"
             raise UserError(f"{file} {where}; give the path of a copy of image {name} with --path.")
         try:
-            actual = checksum_like(file, recorded, cancel)
+            actual = checksum_like(file, recorded)
         except ValueError as exc:
             raise UserError(f"Image {name}'s checksum on record ({recorded}) is of a kind this version of "
                             f"LayerDesk does not know: {exc}.") from None
