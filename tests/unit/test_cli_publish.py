@@ -132,6 +132,7 @@ def test_image_verify_checks_the_file_or_a_copy_against_the_recorded_checksum(cl
     assert result["checksum"] == image_checksum(path)
 
     assert cli.json("image", "verify", name) == {"name": name, "path": str(path), "checksum": result["checksum"]}
+    images, image_bytes = cli.json("image", "list"), path.read_bytes()
     copy = tmp_path / "copy.vhdx"
     data = bytearray(path.read_bytes())
     copy.write_bytes(data)
@@ -149,6 +150,7 @@ def test_image_verify_checks_the_file_or_a_copy_against_the_recorded_checksum(cl
     assert status == 3 and f"{tmp_path / 'nowhere.vhdx'} is not a file; give the path of a copy" in err
     status, _, err = cli("image", "verify", "NoSuchImage")
     assert status == 5 and "There is no published image named 'NoSuchImage'." in err
+    assert cli.json("image", "list") == images and path.read_bytes() == image_bytes  # nothing changed
 
     whole = "sha256:" + run_ok("sha256sum", path).stdout.split()[0]
     catalog = Catalog(cli.home / "catalog.sqlite")
