@@ -30,9 +30,10 @@
      aliasing bug needs one NTFS source per call). Where both layers hold a directory, the lower
      layer's directory (name, ACL, attributes) stays; files are replaced whole;
   3. the hives some delta changes (``Windows\\System32\\config\\SOFTWARE``, ``SYSTEM``, ``DEFAULT``,
-     ``DRIVERS``, ``Users\\Default\\NTUSER.DAT``) are extracted from the merged image, every layer's delta
-     is applied in stack order, and the new hive files replace the old ones in one more update call
-     (their transaction logs, stale now, are removed). ``.reg`` imports map ``CurrentControlSet`` to
+     ``DRIVERS``, ``Users\\Default\\NTUSER.DAT``) get every layer's delta in stack order, in a child process
+     that starts with the publish and reads them from the OS layer's image (from the merged image when a
+     layer replaced or removed one: :mod:`app.engine.publish_hives`); the new hive files replace the old
+     ones (their transaction logs, stale now, are removed from the image). ``.reg`` imports map ``CurrentControlSet`` to
      ``ControlSet001``; when ``SYSTEM\\Select\\Current`` names another control set, keys under
      ``ControlSet001`` are moved to it. On a disk the new hive files overwrite the old ones in place on
      the applied volume (``ntfscp``), keeping their ACLs and attributes; in a WIM output they are new
@@ -88,19 +89,18 @@ from app.engine.composite import (
 )
 from app.engine.layer_cache import COMPOSITES, CachedVolume, LayerDiskCache
 from app.engine.ntfs_volume import NtfsVolumeError
-from app.engine.registry.delta import (
-    CreateKey,
-    DeleteKey,
-    DeleteValue,
-    HiveName,
-    Operation,
-    RegistryDelta,
-    SetValue,
-    TouchKind,
+from app.engine.publish_hives import (
+    HIVE_FILES,
+    HiveEntries,
+    HiveMergeError,
+    NewHive,
+    PendingHives,
+    changed_hives,
+    find_entry,
+    same_entries,
 )
-from app.engine.registry.model import Hive, ValueType, fold
-from app.engine.registry.patch import open_hive
-from app.engine.registry.regf import HiveError
+from app.engine.registry.delta import HiveName, TouchKind
+from app.engine.registry.model import fold
 from app.engine.repository import LayerRepository, VersionManifest
 from app.engine.wim import (
     AddCommand,
@@ -145,15 +145,6 @@ EXTENSIONS: Mapping[str, str] = {
     "vmdk-sparse": "vmdk", "qcow2": "qcow2", "raw": "raw",
 }
 
-#: Where each hive a delta may change lives in the image.
-HIVE_FILES: Mapping[HiveName, str] = {
-    HiveName.SOFTWARE: "/Windows/System32/config/SOFTWARE",
-    HiveName.SYSTEM: "/Windows/System32/config/SYSTEM",
-    HiveName.DEFAULT: "/Windows/System32/config/DEFAULT",
-    HiveName.DRIVERS: "/Windows/System32/config/DRIVERS",
-    HiveName.NTUSER: "/Users/Default/NTUSER.DAT",
-}
-_IMPORT_CONTROL_SET = "ControlSet001"  # what .reg imports map CurrentControlSet to
 _NTFS_FIXED = 32 * MiB  # $MFT zone start, $LogFile, bitmaps of a small volume
 
 ProgressFn = Callable[[float, str], None]
@@ -347,7 +338,12 @@ class _Steps:
 
     def __init__(self, report: ProgressFn | None, cancel: Cancellable | None) -> None:
         self._report = report
-        self._cancel = cancel
+        #: What the steps' work stops on: the task's cancel, or work running beside them that failed.
+        self._cancel = _Abort(cancel)
+        #: The task's own cancel.
+        self.task_cancel = cancel
+        #: Why work running beside the steps failed (the publish's error), once it did.
+        self.failure: BaseException | None = None
         self._last = (-1, 0.0)
         self._lock = threading.Lock()  # layers are staged in several threads
         self.timings: dict[str, float] = {}
@@ -356,8 +352,13 @@ class _Steps:
         self.cached: list[str] = []  # names of the layer disk cache's volumes this publish uses
 
     def check(self) -> None:
-        if self._cancel is not None and self._cancel.cancelled:
+        if self._cancel.cancelled:
             raise TaskCanceled()
+
+    def fail(self, error: BaseException) -> None:
+        """Work running beside the steps failed with ``error``: the steps stop at their next check."""
+        self.failure = error
+        self._cancel.failed.set()
 
     def at(self, percent: float, message: str) -> None:
         self.check()
@@ -437,13 +438,14 @@ def compose(
         else None
     from_composite = True
 
-    def build() -> tuple[Path, str, list[DirEntry], dict[str, _NewHive]]:
+    def build() -> tuple[Path, str, list[DirEntry], dict[str, NewHive]]:
         with contextlib.ExitStack() as held:
-            merged, index, captured = _merge(stack, manifests, repository, work, held, steps,
+            pending = _start_hives(stack, manifests, repository, work, steps, held)
+            merged, index, os_hives = _merge(stack, manifests, repository, work, held, steps,
                                              cache if cache is not None else LayerDiskCache(work / "staged", 0))
-            job = _extract_hives(stack, manifests, merged, index, work, steps, captured)
+            job = _hive_job(stack, manifests, repository, merged, index, work, steps, os_hives, pending, held)
             if fmt == "wim":
-                hives = _merge_registry(job, stack, manifests, merged, index, steps)
+                hives = _merge_registry(job, merged, index, steps)
                 steps.at(45, "Listing the merged image")
                 entries = list(merged.iterate_dir_tree(index))
                 built = _write_wim(merged, index, name, work, steps)
@@ -463,6 +465,12 @@ def compose(
             try:
                 built, checksum, entries, hives = build()
                 break
+            except TaskCanceled:
+                if isinstance(steps.failure, HiveMergeError):  # the registry merge failed: its error, not a cancel
+                    raise ComposeError(str(steps.failure)) from None
+                if steps.failure is not None:
+                    raise steps.failure from None
+                raise
             except _FullApplyNeeded as exc:
                 # the last composite could not be changed into this one (it was forgotten): apply every layer
                 log.warning("re-publishing from the last composite failed (%s); applying every layer", exc)
@@ -518,17 +526,17 @@ def _timed_conflicts(stack: Sequence[StackLayer], repository: LayerRepository, s
 def _merge(
     stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository, work: Path,
     held: contextlib.ExitStack, steps: _Steps, cache: LayerDiskCache,
-) -> tuple[Wim, int, list[int]]:
+) -> tuple[Wim, int, HiveEntries | None]:
     """The OS image, opened in memory, with every other layer merged into it (one update call per layer), and
-    when each layer version's image was captured (FILETIMEs, in stack order: the registry merge stamps the
-    keys a layer changes with it). The layers' volumes come from the layer disk cache (or are staged into
-    it)."""
+    the OS image's own hive files that the registry merge reads (``None`` when no layer changes the
+    registry). The layers' volumes come from the layer disk cache (or are staged into it)."""
     os_layer, os_manifest = stack[0], manifests[0]
     merged = held.enter_context(Wim.open(repository.wim_path(os_layer.layer_id)))
     index = merged.find_image(os_manifest.image)
     if index is None:
         raise ComposeError(f"The repository's WIM of layer {os_layer.name} has no image {os_manifest.image}.")
-    captured = [merged.image_created(index)]
+    changed = changed_hives(manifests)
+    os_hives = HiveEntries.of(merged, index, changed) if changed else None
     uppers = list(zip(stack[1:], manifests[1:], strict=True))
     with steps.timed("stage"):
         volumes = _stage(uppers, repository, work, steps, cache)
@@ -542,23 +550,21 @@ def _merge(
         steps.at(30 + 10 * number / len(uppers), f"Merging layer {layer.name}")
         with steps.timed("merge"):
             merged.update_image(index, commands, cancel=steps._cancel)
-            captured.append(_take_hashes(merged, index, repository, layer, manifest))
-    return merged, index, captured
+            _take_hashes(merged, index, repository, layer, manifest)
+    return merged, index, os_hives
 
 
 def _take_hashes(merged: Wim, index: int, repository: LayerRepository, layer: StackLayer,
-                 manifest: VersionManifest) -> int:
+                 manifest: VersionManifest) -> None:
     """The files a layer's volume just added get the SHA-1s its repository image holds for them (the volume was
     staged from that image, times and all), so wimlib does not read the whole volume to hash them before the
     first extraction (1.6 s for 1.2 GB of app layers). Applying the image still reads each file's data and
-    checks it against its SHA-1: a volume whose data no longer matches its layer stops the publish. Returns
-    when the layer's image was captured (:meth:`Wim.image_created`)."""
+    checks it against its SHA-1: a volume whose data no longer matches its layer stops the publish."""
     with Wim.open(repository.wim_path(layer.layer_id)) as layer_wim:
         image = layer_wim.find_image(manifest.image)
         if image is None:  # what the conflict report, beside this, finds too
             raise ComposeError(f"The repository's WIM of layer {layer.name} has no image {manifest.image}.")
         merged.take_hashes_from(index, layer_wim, image)
-        return layer_wim.image_created(image)
 
 
 #: After every update that adds at the image's root, wimlib describes the image in its XML (edition, version)
@@ -573,7 +579,7 @@ def _hide_info_hives(merged: Wim, index: int) -> list[tuple[str, str]]:
     token = secrets.token_hex(4)
     hidden = []
     for path in _INFO_HIVES:
-        entry = _find_entry(merged, index, path)
+        entry = find_entry(merged, index, path)
         if entry is not None and not entry.is_directory:
             folder, _, name = entry.path.rpartition("/")
             hidden.append((entry.path, f"{folder}/.layerdesk-{token}-{name}"))
@@ -590,10 +596,10 @@ def _restore_info_hives(merged: Wim, index: int, hidden: Sequence[tuple[str, str
     deleted = [fold(d.image_path.rstrip("/")) for manifest in merged_so_far for d in manifest.deletions]
     commands: list[UpdateCommand] = []
     for path, away in hidden:
-        if _find_entry(merged, index, away) is None:
+        if find_entry(merged, index, away) is None:
             continue
         folded = fold(path)
-        if _find_entry(merged, index, path) is not None or any(
+        if find_entry(merged, index, path) is not None or any(
             folded == d or folded.startswith(d + "/") for d in deleted
         ):
             commands.append(DeleteCommand(away, recursive=False))
@@ -670,90 +676,47 @@ def _stage(
 # --- registry ------------------------------------------------------------------------------------------
 
 
-def _find_entry(merged: Wim, index: int, path: str) -> DirEntry | None:
-    """The entry at ``path`` (found case-insensitively), or ``None`` when it is not in the image."""
-    try:
-        entries = merged.iterate_dir_tree(index, path)
-    except WimError as exc:
-        if exc.wimlib_code == 49:  # PATH_DOES_NOT_EXIST
-            return None
-        raise
-    return next(iter(entries), None)
-
-
-def _current_control_set(system: Hive) -> str:
-    select = system.find("Select")
-    value = select.value("Current") if select is not None else None
-    if value is None or value.type != ValueType.DWORD or len(value.data) < 4:
-        raise ComposeError("The OS layer's SYSTEM hive has no Select\\Current value (REG_DWORD), so its current "
-                           "control set is unknown.")
-    number = int.from_bytes(value.data[:4], "little")
-    if not 1 <= number <= 999:
-        raise ComposeError(f"The OS layer's SYSTEM hive names control set {number} as current.")
-    return f"ControlSet{number:03d}"
-
-
-def _retarget(delta: RegistryDelta, control_set: str) -> RegistryDelta:
-    """``delta`` with SYSTEM keys under ``ControlSet001`` (what ``CurrentControlSet`` was imported as) moved
-    to ``control_set``."""
-    if fold(control_set) == fold(_IMPORT_CONTROL_SET):
-        return delta
-
-    def moved(op: Operation) -> Operation:
-        head, _, rest = op.key.partition("\\")
-        if op.hive != HiveName.SYSTEM or fold(head) != fold(_IMPORT_CONTROL_SET):
-            return op
-        key = f"{control_set}\\{rest}" if rest else control_set
-        if isinstance(op, SetValue):
-            return SetValue(op.hive, key, op.name, op.type, op.data)
-        if isinstance(op, DeleteValue):
-            return DeleteValue(op.hive, key, op.name)
-        if isinstance(op, DeleteKey):
-            return DeleteKey(op.hive, key)
-        return CreateKey(op.hive, key)
-
-    return RegistryDelta(moved(op) for op in delta)
-
-
-@dataclass(frozen=True)
-class _NewHive:
-    """A hive file written by the registry merge: where it goes in the image, the local file, its SHA-256."""
-
-    image_path: str
-    file: Path
-    sha256: str
-
-
 @dataclass(frozen=True)
 class _HiveJob:
-    """The hive files a publish rewrites, extracted from the merged image: by hive name, the image's entry
-    (``found``, SYSTEM always when the image has it) and the ones some delta changes (``changed``); when each
-    layer of the stack was captured (``captured``, FILETIMEs; 0: not known)."""
+    """The hive files a publish rewrites: the merged image's entries of them (``found``: by hive name, SYSTEM
+    always when the image has it), the ones some delta changes (``changed``) and the child process merging
+    them (:mod:`app.engine.publish_hives`)."""
 
     found: Mapping[str, DirEntry]
     changed: Sequence[str]
-    source: Path
-    target: Path
-    captured: Sequence[int]
+    pending: PendingHives
 
 
-def _extract_hives(
-    stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], merged: Wim, index: int, work: Path,
-    steps: _Steps, captured: Sequence[int],
+def _start_hives(stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository,
+                 work: Path, steps: _Steps, held: contextlib.ExitStack) -> PendingHives | None:
+    """The registry merge, started in a child process from the OS layer's hives in the repository; ``None``
+    when no layer changes the registry. Ended (if still running) when ``held`` closes."""
+    if not changed_hives(manifests):
+        return None
+    pending = PendingHives.start(repository, [layer.to_dict() for layer in stack], work / "hives",
+                                 steps.task_cancel, on_failure=steps.fail)
+    held.callback(pending.stop)
+    return pending
+
+
+def _hive_job(
+    stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository, merged: Wim,
+    index: int, work: Path, steps: _Steps, os_hives: HiveEntries | None, pending: PendingHives | None,
+    held: contextlib.ExitStack,
 ) -> _HiveJob | None:
-    """Extract the hives some delta changes (and SYSTEM, for its current control set) from the merged image,
-    and remove their stale transaction logs from it; ``None`` when no layer changes the registry. (The
-    extraction is the first read of the merged image: wimlib computes the SHA-1 of every file the app layers
-    added here, once.)"""
-    changed = sorted({hive for manifest in manifests for hive in manifest.registry.hives})
-    if not changed:
+    """The merged image's hives that the deltas change (and SYSTEM, for its current control set), with
+    their stale transaction logs removed from the image; ``None`` when no layer changes the registry.
+    Where the layers left the OS layer's hive files and logs as they were (``os_hives``), the merge started
+    with the publish (``pending``) goes on; otherwise the merged image's hives are extracted and merged
+    afresh."""
+    changed = changed_hives(manifests)
+    if not changed or pending is None or os_hives is None:
         return None
     steps.at(40, "Merging the registry")
     with steps.timed("registry"):
-        found: dict[str, DirEntry] = {}
+        here = HiveEntries.of(merged, index, changed)
         for hive in changed:
-            entry = _find_entry(merged, index, HIVE_FILES[HiveName(hive)])
-            if entry is None or entry.is_directory:
+            if hive not in here.hives:
                 users = [layer.name for layer, manifest in zip(stack, manifests, strict=True)
                          if hive in manifest.registry.hives]
                 raise ComposeError(
@@ -761,74 +724,40 @@ def _extract_hives(
                     f"is not in its image), but the registry changes of {', '.join(users)} need it. Import the OS "
                     "layer with its registry hive files."
                 )
-            found[hive] = entry
-        if HiveName.SYSTEM not in found:
-            system_entry = _find_entry(merged, index, HIVE_FILES[HiveName.SYSTEM])
-            if system_entry is not None and not system_entry.is_directory:
-                found[HiveName.SYSTEM] = system_entry
-        logs: list[str] = []
-        for entry in found.values():
-            for suffix in (".LOG1", ".LOG2"):
-                log_entry = _find_entry(merged, index, entry.path + suffix)
-                if log_entry is not None and not log_entry.is_directory:
-                    logs.append(log_entry.path)
-        source = work / "hives-in"
-        source.mkdir()
-        merged.extract_paths_to_folder(index, [e.path for e in found.values()] + logs, source)
-        steps.check()
-        if logs:
-            merged.update_image(index, [DeleteCommand(path, recursive=False, missing_ok=True) for path in logs],
-                                cancel=steps._cancel)
-    target = work / "hives-out"
-    target.mkdir()
-    return _HiveJob(found, changed, source, target, captured)
+        if not same_entries(here, os_hives):  # a layer replaced or removed a hive or one of its logs
+            log.info("the layers changed the OS layer's hive files: merging the registry into the merged image's")
+            pending.stop()
+            folder = work / "hives-merged"
+            (folder / "in").mkdir(parents=True)
+            merged.extract_paths_to_folder(index, here.paths(), folder / "in")
+            steps.check()
+            pending = PendingHives.start(
+                repository, [layer.to_dict() for layer in stack], folder, steps.task_cancel, on_failure=steps.fail,
+                found={hive: entry.path for hive, entry in here.hives.items()})
+            held.callback(pending.stop)
+        if here.logs:
+            merged.update_image(index, [DeleteCommand(entry.path, recursive=False, missing_ok=True)
+                                        for entry in here.logs], cancel=steps._cancel)
+    return _HiveJob(here.hives, changed, pending)
 
 
-def _rewrite_hives(job: _HiveJob, stack: Sequence[StackLayer], manifests: Sequence[VersionManifest],
-                   ) -> dict[str, _NewHive]:
-    """Open the extracted hives, apply every layer's delta in stack order and write the new hive files: each
-    OS hive patched where the deltas change it (:mod:`app.engine.registry.patch`), everything else kept as
-    it is. Touches nothing but the job's files, so it may run while the image is being applied."""
-    files = {hive: job.source / entry.path.lstrip("/") for hive, entry in job.found.items()}
+def _new_hives(job: _HiveJob, steps: _Steps) -> dict[str, NewHive]:
+    """Waits for the registry merge; its new hive files."""
     try:
-        hives = {hive: open_hive(file) for hive, file in files.items()}
-        control_set = _current_control_set(hives[HiveName.SYSTEM]) if HiveName.SYSTEM in hives else None
-        for manifest, captured in zip(manifests, job.captured, strict=True):
-            delta = manifest.registry
-            if control_set is not None:
-                delta = _retarget(delta, control_set)
-            # the keys a layer changes carry the time its version was captured, so the same layers always give
-            # the same hives (a .reg file carries no times of its own)
-            delta.apply(hives, written=captured or None)
-        written: dict[str, _NewHive] = {}
-        for hive in job.changed:
-            file = job.target / hive
-            written[hive] = _NewHive(job.found[hive].path, file, hives[hive].write(file))
-    except HiveError as exc:
-        # the hive's messages start with its file's name (opening it, or reading a key the deltas reach)
-        message = str(exc)
-        damaged = next((h for h, file in files.items() if message.startswith(f"{file}: ")), None)
-        if damaged is None:
-            raise
-        raise ComposeError(
-            f"The OS layer {stack[0].name}'s {damaged} hive ({_windows_path(job.found[damaged].path)}) cannot be "
-            f"used: {message.removeprefix(f'{files[damaged]}: ')}. Import the OS layer again from a machine that was "
-            "shut down cleanly."
-        ) from None
-    return written
+        return job.pending.result()
+    except HiveMergeError as exc:
+        raise ComposeError(str(exc)) from None
+    finally:
+        steps.timings["hives"] = job.pending.seconds
 
 
-def _merge_registry(
-    job: _HiveJob | None, stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], merged: Wim,
-    index: int, steps: _Steps,
-) -> dict[str, _NewHive]:
-    """For a WIM output: the new hive files (see :func:`_rewrite_hives`) replace the old ones in the merged
-    image. They carry no ACL of their own there (a disk output overwrites the old files in place on the
+def _merge_registry(job: _HiveJob | None, merged: Wim, index: int, steps: _Steps) -> dict[str, NewHive]:
+    """For a WIM output: the new hive files (see :mod:`app.engine.publish_hives`) replace the old ones in the
+    merged image. They carry no ACL of their own there (a disk output overwrites the old files in place on the
     applied volume instead, keeping their ACLs and attributes)."""
     if job is None:
         return {}
-    with steps.timed("hives"):
-        written = _rewrite_hives(job, stack, manifests)
+    written = _new_hives(job, steps)
     steps.check()
     merged.update_image(index, [AddCommand(h.file, h.image_path, ntfs=False) for h in written.values()],
                         cancel=steps._cancel)
@@ -838,7 +767,7 @@ def _merge_registry(
 # --- the merged tree -----------------------------------------------------------------------------------
 
 
-def _tree_manifest(entries: Sequence[DirEntry], hives: Mapping[str, _NewHive]) -> tuple[int, int, str]:
+def _tree_manifest(entries: Sequence[DirEntry], hives: Mapping[str, NewHive]) -> tuple[int, int, str]:
     """(files, data bytes, ``sha256:`` digest of the sorted tree manifest). A rewritten hive is listed by
     its new content's SHA-256 and size (a disk output keeps the old file in the image until it overwrites
     it on the volume, so the listing's size is the old one)."""
@@ -904,16 +833,16 @@ def _write_disk(
     merged: Wim, index: int, fmt: str, disk_size: int, entries: Sequence[DirEntry], work: Path, steps: _Steps,
     stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository,
     job: _HiveJob | None, composites: CompositeStore | None = None, from_composite: bool = True,
-) -> tuple[Path, str, dict[str, _NewHive]]:
+) -> tuple[Path, str, dict[str, NewHive]]:
     """The merged image on a disk, the disk file's checksum (computed while it is written for
     VHD, VHDX and raw) and the new hive files. An OS layer imported from a gold disk gives the disk its
     layout, its other partitions byte for byte and its Windows boot code (:mod:`app.engine.gold`); any
     other OS layer gets a new GPT disk (ESP formatted but empty, MSR, Windows), keeping the disk and
     partition GUIDs an OS layer imported from a GPT disk recorded (Windows knows its boot disk by them).
 
-    The hives are merged (:func:`_rewrite_hives`, seconds for a real SOFTWARE hive) in a thread while wimlib
-    applies the image, then overwrite the old files in place on the volume. A hive that cannot be used
-    stops the apply at once, and its error is the one raised.
+    The hives are merged in a child process (:mod:`app.engine.publish_hives`, started with the publish) while
+    the image is merged and applied, then overwrite the old files in place on the volume. A hive that cannot
+    be used stops the publish at once, and its error is the one raised.
 
     With ``composites`` (a store on a file system that clones blocks, see :mod:`app.engine.composite`), the
     volume is the last composite of the same stack shape, taken from the store, when there is one, and only
@@ -937,7 +866,7 @@ def _write_disk(
         layout = disk.gpt_layout(disk_size)
         data_start_lba, data_size = layout.data_start_lba, layout.data_size
         room = f"a disk of {disk_size / GiB:g} GB leaves {data_size // MiB} MiB for it (after the ESP and the MSR)"
-    def check_room(hives: Mapping[str, _NewHive]) -> None:
+    def check_room(hives: Mapping[str, NewHive]) -> None:
         """The old hive files are in ``entries``; the new ones replace them."""
         old = job.found if job is not None else {}
         needed = _needed_volume_bytes(entries) + sum(
@@ -966,40 +895,19 @@ def _write_disk(
         volume.unlink()
         base = None
     steps.at(50, "Applying the merged image to the Windows volume")
-    abort = _Abort(steps._cancel)
-
-    def rewrite() -> dict[str, _NewHive]:
-        if job is None:
-            return {}
-        started = time.monotonic()
+    with steps.timed("apply"):
         try:
-            return _rewrite_hives(job, stack, manifests)
-        except BaseException:
-            abort.failed.set()
-            raise
-        finally:
-            steps.timings["hives"] = round(time.monotonic() - started, 3)
-
-    with steps.timed("apply"), _responsive_callbacks(), ThreadPoolExecutor(1, thread_name_prefix="hives") as pool:
-        merging = pool.submit(rewrite)
-        try:
-            try:
-                if base is not None and changes is not None and composites is not None:
-                    try:
-                        _change_composite(changes, merged, index, entries, volume, work, steps, abort, composites)
-                    except _FullApplyNeeded:
-                        composites.discard(shape)
-                        raise
-                else:
-                    make_ntfs_volume(volume, data_size, label="Windows", partition_start_sector=data_start_lba)
-                    merged.extract_image_to_ntfs_volume(index, volume, cancel=abort,
-                                                        progress=steps.bytes_in(50, 78, "Applying the image"))
-            except TaskCanceled:
-                failure = merging.exception() if abort.failed.is_set() else None
-                if failure is not None:
-                    raise failure from None
-                raise
-            hives = merging.result()
+            if base is not None and changes is not None and composites is not None:
+                try:
+                    _change_composite(changes, merged, index, entries, volume, work, steps, composites)
+                except _FullApplyNeeded:
+                    composites.discard(shape)
+                    raise
+            else:
+                make_ntfs_volume(volume, data_size, label="Windows", partition_start_sector=data_start_lba)
+                merged.extract_image_to_ntfs_volume(index, volume, cancel=steps._cancel,
+                                                    progress=steps.bytes_in(50, 78, "Applying the image"))
+            hives = _new_hives(job, steps) if job is not None else {}
             check_room(hives)
             for hive in hives.values():  # in place: the hive files keep their ACLs and attributes
                 overwrite_file_in_ntfs_volume(volume, hive.file, hive.image_path)
@@ -1126,7 +1034,7 @@ def _composite_changes(base: Composite, entries: Sequence[DirEntry], listed: Map
 
 def _change_composite(
     changes: Changes, merged: Wim, index: int, entries: Sequence[DirEntry], volume: Path,
-    work: Path, steps: _Steps, abort: _Abort, composites: CompositeStore,
+    work: Path, steps: _Steps, composites: CompositeStore,
 ) -> None:
     """Change the composite taken from the store (now at ``volume``) into the merged image by
     ``changes`` (see :mod:`app.engine.composite`). Prunes the merged image."""
@@ -1139,30 +1047,16 @@ def _change_composite(
             # a power of two: the few sizes re-publishes need are formatted once and cloned afterwards
             size = 1 << max(26, (_needed_volume_bytes(kept) * 5 // 4 + 16 * MiB - 1).bit_length())
             composites.blank_volume(size, scratch, lambda path, size: make_ntfs_volume(path, size, label="Changes"))
-            merged.extract_image_to_ntfs_volume(index, scratch, cancel=abort,
+            merged.extract_image_to_ntfs_volume(index, scratch, cancel=steps._cancel,
                                                 progress=steps.bytes_in(50, 70, "Applying the changed layers"))
             steps.at(70, "Changing the last published volume")
             times = {entry.path.casefold(): entry.times for entry in entries if entry.is_directory}
-            apply_changes(volume, scratch, changes, times, cancel=abort)
+            apply_changes(volume, scratch, changes, times, cancel=steps._cancel)
             scratch.unlink()
         except (OSError, NtfsVolumeError, WimError, EnvironmentProblem) as exc:
             if no_space(exc):  # a full apply would need more room still; the composite is fine
                 raise
             raise _FullApplyNeeded(str(exc)) from exc
-
-
-@contextlib.contextmanager
-def _responsive_callbacks() -> Iterator[None]:
-    """While Python work runs beside a wimlib call, let wimlib's progress callbacks get the interpreter
-    quickly: the apply calls back every 5 MB, and each call waited up to the 5 ms switch interval for the
-    thread merging the hives (700 of them cost the apply of 2.9 GB about 1.2 s). 0.5 ms makes that wait
-    small and the switches still rare for the merging thread."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, 0.0005))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
 
 
 # --- the worker ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ the same volume afterwards (NTFS volume images; :func:`ntfs_volume_of` copies on
    a directory's own metadata is not part of the layer.
 4. The deletions are the paths ``base`` has and ``after`` has not, topmost only, as whiteouts
    (:class:`Deletion`).
-5. The registry: the hive files of :data:`app.engine.compose.HIVE_FILES` (SOFTWARE, SYSTEM, DEFAULT, DRIVERS,
+5. The registry: the hive files of :data:`app.engine.publish_hives.HIVE_FILES` (SOFTWARE, SYSTEM, DEFAULT, DRIVERS,
    the default user's NTUSER.DAT) are read from both sides (replaying their ``.LOG1``/``.LOG2``) and their
    difference becomes the layer's registry delta (:func:`app.engine.registry.diff.layer_registry_delta`:
    SYSTEM through its current control set, spelled ``ControlSet001`` as compositing expects).
@@ -48,8 +48,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from app.engine.compose import HIVE_FILES
 from app.engine.disk import extract_ntfs_volume
+from app.engine.publish_hives import HIVE_FILES
 from app.engine.registry.delta import HiveName, RegistryDelta
 from app.engine.registry.diff import layer_registry_delta
 from app.engine.registry.model import Hive, fold

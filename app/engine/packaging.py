@@ -35,10 +35,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from app.engine.compose import HIVE_FILES, StackLayer, compose
+from app.engine.compose import StackLayer, compose
 from app.engine.difference import capture_difference
 from app.engine.disk import SECTOR, extract_ntfs_volume, extract_partition, image_info, read_image_partition_table
 from app.engine.layer_cache import LayerDiskCache
+from app.engine.publish_hives import HIVE_FILES
 from app.engine.registry.delta import HiveName
 from app.engine.registry.model import Hive, RegistryKey, ValueType, fold
 from app.engine.registry.regf import HiveError, parse_hive

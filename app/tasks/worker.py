@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TextIO
 
 from app.errors import EnvironmentProblem, LayerDeskError, UserError
-from app.procs import module_command, stream
+from app.procs import Cancellable, module_command, stream
 from app.tasks.base import LayerDeskTask, TaskCanceled, TaskContext, TaskResult
 
 WorkerFunction = Callable[[dict[str, Any], "WorkerReport"], dict[str, Any]]
@@ -150,37 +150,62 @@ class SubprocessTask(LayerDeskTask):
     def run_worker(self, ctx: TaskContext) -> dict[str, Any]:
         """Run the worker function in a child process and return its result document (tasks that do
         more in the parent, such as recording what the child produced, call this from ``run``)."""
-        outcome: dict[str, Any] = {}
+        try:
+            return call_worker(self.function, self.arguments(), ctx.cancel, progress=ctx.progress, log=ctx.log,
+                               module=self.worker_module)
+        except WorkerFailed as exc:
+            raise EnvironmentProblem(f"The worker process for {self.title!r} failed: {exc}") from None
 
-        def on_line(line: str) -> None:
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
-                ctx.log(line, "INFO")  # stray output (a library printing) goes to the task log
-                return
-            if "progress" in message:
-                ctx.progress(float(message["progress"]), str(message.get("message", "")))
-            elif "log" in message:
-                ctx.log(str(message["log"]), str(message.get("level", "INFO")))
-            else:
-                outcome.update(message)
 
-        spec = json.dumps({"function": self.function, "args": self.arguments()}) + "\n"
-        done = stream(module_command(self.worker_module), on_line, ctx.cancel, stdin_text=spec)
-        if done.cancelled:
-            raise TaskCanceled()
-        if "result" in outcome:
-            return dict(outcome["result"])
-        error = outcome.get("error") or {}
-        message = str(error.get("message") or "")
-        if error.get("kind") == "user":
-            raise UserError(message)
-        if error.get("kind") == "environment":
-            raise EnvironmentProblem(message)
-        if error.get("kind") == "internal":
-            raise WorkerBug(message)
-        detail = message or (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise EnvironmentProblem(f"The worker process for {self.title!r} failed: {detail}")
+class WorkerFailed(RuntimeError):
+    """The child process ended without a result or an error document (it crashed or was killed); the
+    message is the last line of its error output, or its exit status."""
+
+
+def call_worker(
+    function: str, args: dict[str, Any], cancel: Cancellable, *,
+    progress: Callable[[float, str], None] | None = None, log: Callable[[str, str], None] | None = None,
+    module: str = "app.tasks.worker",
+) -> dict[str, Any]:
+    """Run ``function`` (``app.module:function``) with ``args`` in a child process (see the module docstring
+    for the protocol) and return its result document; its progress and log lines go to ``progress`` and
+    ``log``. Raises what the function raised, by kind: :class:`UserError`, :class:`EnvironmentProblem` or
+    :class:`WorkerBug`; :class:`TaskCanceled` when ``cancel`` stopped it; :class:`WorkerFailed` when it
+    ended without saying why. Blocks until the child has ended: run it in a thread to do other work
+    meanwhile (the thread only waits on the child's output)."""
+    outcome: dict[str, Any] = {}
+
+    def on_line(line: str) -> None:
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            if log is not None:
+                log(line, "INFO")  # stray output (a library printing) goes to the log
+            return
+        if "progress" in message:
+            if progress is not None:
+                progress(float(message["progress"]), str(message.get("message", "")))
+        elif "log" in message:
+            if log is not None:
+                log(str(message["log"]), str(message.get("level", "INFO")))
+        else:
+            outcome.update(message)
+
+    spec = json.dumps({"function": function, "args": args}) + "\n"
+    done = stream(module_command(module), on_line, cancel, stdin_text=spec)
+    if done.cancelled:
+        raise TaskCanceled()
+    if "result" in outcome:
+        return dict(outcome["result"])
+    error = outcome.get("error") or {}
+    message = str(error.get("message") or "")
+    if error.get("kind") == "user":
+        raise UserError(message)
+    if error.get("kind") == "environment":
+        raise EnvironmentProblem(message)
+    if error.get("kind") == "internal":
+        raise WorkerBug(message)
+    raise WorkerFailed(message or (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -16,13 +16,15 @@ import pytest
 from regipy.registry import RegistryHive
 
 from app.engine import compose as compose_module
+from app.engine import publish_hives
 from app.engine.compose import ComposeError, StackLayer, compose, conflicts
 from app.engine.disk import DiskError
 from app.engine.importer import scan_folder
 from app.engine.registry.delta import RegistryDelta
+from app.engine.registry.model import Hive, RegistryKey, ValueType
+from app.engine.registry.regf import write_hive
 from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind, image_name
-from app.engine.wim import Wim
 from app.tasks.base import CancelToken, TaskCanceled
 from tests.support.compose_stack import (
     CITRIX,
@@ -237,34 +239,58 @@ def test_publish_to_vhdx_and_raw(stack: tuple[LayerRepository, list[StackLayer]]
     _check_disk(direct.path, tmp_path / "from-raw", 1024 * MiB)
 
 
-def test_the_hives_are_merged_while_the_image_is_applied(stack: tuple[LayerRepository, list[StackLayer]],
-                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real SOFTWARE hive takes seconds to read, merge and write: a disk publish does it in a thread while
-    wimlib applies the image. Here the merge waits until the apply has begun (it would wait in vain if it
-    ran first), and the disk still carries the merged hives."""
+def test_the_hives_are_merged_in_a_child_process_beside_the_image(
+    stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real SOFTWARE hive takes a second of Python to read, merge and write: a disk publish does it in a
+    child process started with the publish, from the OS layer's hives in the repository. Here the layers are
+    only merged once the new hive files exist (they would never appear if the merge waited for the merged
+    image), hives opened in this process fail the test, and the disk carries the merged hives."""
     repository, layers = stack
-    applying = threading.Event()
-    merged_in: list[str] = []
-    real_extract, real_rewrite = Wim.extract_image_to_ntfs_volume, compose_module._rewrite_hives
-
-    def extract(self: Wim, index: int, volume: Path, **kwargs: Any) -> None:
-        if volume.name == "windows.ntfs":  # the image, not a layer being staged
-            applying.set()
-        real_extract(self, index, volume, **kwargs)
-
-    def rewrite(*args: Any) -> Any:
-        assert applying.wait(20), "the hives were merged before the image was applied"
-        merged_in.append(threading.current_thread().name)
-        return real_rewrite(*args)
-
-    monkeypatch.setattr(Wim, "extract_image_to_ntfs_volume", extract)
-    monkeypatch.setattr(compose_module, "_rewrite_hives", rewrite)
     out = tmp_path / "out"
     out.mkdir()
+    real_merge = compose_module._merge
+
+    def merge(*args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + 30
+        while not list(out.glob(".*.work/hives/out/SOFTWARE")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(out.glob(".*.work/hives/out/SYSTEM")), "the hives were not merged before the layers"
+        return real_merge(*args, **kwargs)
+
+    def not_here(path: Path, **_: Any) -> None:
+        raise AssertionError(f"{path} was opened in the publishing process")
+
+    monkeypatch.setattr(compose_module, "_merge", merge)
+    monkeypatch.setattr(publish_hives, "open_hive", not_here)
     result = compose(layers, repository, out, "raw", 1, name="Overlap")
-    assert len(merged_in) == 1 and merged_in[0].startswith("hives")
     assert {"registry", "hives", "apply"} <= set(result.timings)
     _check_disk(result.path, tmp_path, 1024 * MiB)
+
+
+def test_a_hive_file_a_layer_supplies_is_the_one_the_registry_changes_go_into(tmp_path: Path) -> None:
+    """An app layer that brings its own SOFTWARE hive file replaces the OS layer's: the other layers' registry
+    changes are merged into that file (extracted from the merged image), not into the OS layer's."""
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    base = store(repository, tmp_path, os_layer(tmp_path), 1)
+    own = Hive(RegistryKey("ROOT"), file_name="\\SystemRoot\\System32\\Config\\SOFTWARE")
+    own.ensure("Brought").set_value("By", ValueType.SZ, "Hives layer\0".encode("utf-16-le"))
+    write_hive(own, tmp_path / "own-software")
+    brings = LayerDef("Hives", "app", {"Windows/System32/config/SOFTWARE": (tmp_path / "own-software").read_bytes()})
+    layers = [base, store(repository, tmp_path, brings, 2), store(repository, tmp_path, OFFICE, 3)]
+    out = tmp_path / "out"
+    out.mkdir()
+    result = compose(layers, repository, out, "wim", 1, name="Brought")
+    extracted = tmp_path / "x"
+    run_ok("wimlib-imagex", "extract", result.path, "1", "/Windows/System32/config/SOFTWARE",
+           "/Windows/System32/config/SYSTEM", f"--dest-dir={extracted}")
+    software = extracted / "SOFTWARE"
+    assert hive_value(software, "\\Brought", "By") == "Hives layer"
+    assert hive_value(software, "\\Vendor\\App", "Version") == "1.0"
+    assert hive_value(software, "\\Shared", "Owner") == "Office"
+    gone = subprocess.run([tool("hivexget"), software, "\\Microsoft\\Windows NT\\CurrentVersion", "ProductName"],
+                          capture_output=True, text=True, check=False)
+    assert gone.returncode != 0, gone.stdout  # the OS layer's SOFTWARE is not in the image any more
 
 
 def test_os_hives_replaced_or_removed_by_layers_before_the_last_one(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import lzma
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from app.engine.compose import ComposeError, StackLayer, compose
 from app.engine.disk import DiskError
 from app.engine.registry.regf import serialize_hive
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind
-from app.engine.wim import Wim, make_ntfs_volume
+from app.engine.wim import AddCommand, Wim, make_ntfs_volume
 from app.errors import LayerDeskError, UserError
 from tests.engine.test_compose import store
 from tests.engine.test_hive import walk_cells
@@ -95,11 +96,12 @@ def test_a_damaged_os_hive_is_refused_with_a_clear_message(tmp_path: Path) -> No
     assert os.listdir(tmp_path / "out") == []
 
 
-def test_a_damaged_os_hive_stops_a_disk_publish_that_is_applying_the_image(
+def test_a_damaged_os_hive_stops_a_disk_publish_that_is_merging_the_layers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A disk publish merges the hives while wimlib applies the image: a hive that cannot be used stops the
-    apply (here it waits until the merge failed, then sees the stop at once) and its message is the error."""
+    """A disk publish merges the hives in a child process while it merges the layers: a hive that cannot be
+    used stops the merge of the layers (here it waits until it is told to stop, and stops at once) and the
+    hive's message is the error, not a cancel."""
     repository = LayerRepository(tmp_path / "repository").ensure()
     broken = LayerDef("Win11", "os", {
         "Windows/System32/config/SYSTEM": lzma.decompress((HIVES / "corrupted_system_hive.xz").read_bytes()),
@@ -107,37 +109,29 @@ def test_a_damaged_os_hive_stops_a_disk_publish_that_is_applying_the_image(
     app = LayerDef("Tools", "app", {"tool.exe": b"MZ"}, reg=(
         "[HKEY_LOCAL_MACHINE\\SYSTEM\\CurrentControlSet\\Services\\Tools]\r\n\"Start\"=dword:00000002\r\n\r\n"))
     stack = [store(repository, tmp_path, broken, 1), store(repository, tmp_path, app, 2)]
-    failed = threading.Event()
-    applies: list[str] = []
-    real_extract, real_rewrite = Wim.extract_image_to_ntfs_volume, compose_module._rewrite_hives
+    merges: list[str] = []
+    real_update = Wim.update_image
 
-    def rewrite(*args: Any) -> Any:
-        try:
-            return real_rewrite(*args)
-        except ComposeError:
-            failed.set()
-            raise
+    def update(self: Wim, index: int, commands: Any, **kwargs: Any) -> None:
+        cancel = kwargs.get("cancel")
+        if cancel is not None and any(isinstance(c, AddCommand) for c in commands):  # a layer being merged
+            merges.append("started")
+            deadline = time.monotonic() + 20
+            while not cancel.cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)
+            merges.append("told to stop" if cancel.cancelled else "never told")
+        real_update(self, index, commands, **kwargs)
+        merges.append("finished")
 
-    def extract(self: Wim, index: int, volume: Path, **kwargs: Any) -> None:
-        if volume.name != "windows.ntfs":  # a layer being staged
-            real_extract(self, index, volume, **kwargs)
-            return
-        applies.append("started")
-        assert failed.wait(20)
-        real_extract(self, index, volume, **kwargs)
-        applies.append("finished")
-
-    monkeypatch.setattr(compose_module, "_rewrite_hives", rewrite)
-    monkeypatch.setattr(Wim, "extract_image_to_ntfs_volume", extract)
+    monkeypatch.setattr(Wim, "update_image", update)
     (tmp_path / "out").mkdir()
     with pytest.raises(ComposeError) as caught:
         compose(stack, repository, tmp_path / "out", "vhdx", 1, name="broken")
     message = str(caught.value)
     assert "OS layer Win11" in message and "SYSTEM hive" in message and "cannot be used" in message
-    assert applies == ["started"]  # stopped, not finished
+    assert merges == ["started", "told to stop"]  # stopped, not finished
     assert os.listdir(tmp_path / "out") == []
     assert repository.check() == []
-
 
 
 def test_a_disk_that_fills_up_during_the_publish(tmp_path: Path) -> None:

@@ -1,0 +1,312 @@
+"""The registry half of a publish, merged in a child process of its own.
+
+A publish rewrites each OS hive some layer's registry delta changes (and reads SYSTEM for its current control
+set): every delta applied in stack order, written as a new hive file (:mod:`app.engine.registry.patch`).
+Reading, patching and writing a real SOFTWARE hive is about a second of Python. In a thread it would share
+the interpreter with the rest of the publish, which is Python too (listing the merged image, planning the
+changes to the last composite, the conflict report), and stretch both; in a child process it takes the
+machine's other core. It needs nothing from the merged image, so it starts with the publish
+(:meth:`PendingHives.start`) and reads the hives from the OS layer's image in the repository.
+
+That is right as long as the merged image holds the OS layer's hive files and transaction logs: no layer
+replaced or removed one. The publish checks it after merging (:func:`same_entries`); where a layer did, the
+merged image's hives are extracted and the child rewrites those instead (``found``).
+
+The worker (:func:`hive_worker`, run by :func:`app.tasks.worker.call_worker`) returns the new hive files'
+places; a hive that cannot be used is a :class:`HiveMergeError` (a user error: its message names the OS layer,
+the hive and what is wrong).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.engine.registry.delta import CreateKey, DeleteKey, DeleteValue, HiveName, Operation, RegistryDelta, SetValue
+from app.engine.registry.model import Hive, ValueType, fold
+from app.engine.registry.patch import open_hive
+from app.engine.registry.regf import HiveError
+from app.engine.repository import LayerRepository, VersionManifest
+from app.engine.wim import DirEntry, Wim, WimError
+from app.errors import EnvironmentProblem, UserError
+from app.procs import Cancellable
+from app.tasks.base import TaskCanceled
+from app.tasks.worker import WorkerFailed, WorkerReport, call_worker
+
+log = logging.getLogger(__name__)
+
+#: Where each hive a delta may change lives in the image.
+HIVE_FILES: Mapping[HiveName, str] = {
+    HiveName.SOFTWARE: "/Windows/System32/config/SOFTWARE",
+    HiveName.SYSTEM: "/Windows/System32/config/SYSTEM",
+    HiveName.DEFAULT: "/Windows/System32/config/DEFAULT",
+    HiveName.DRIVERS: "/Windows/System32/config/DRIVERS",
+    HiveName.NTUSER: "/Users/Default/NTUSER.DAT",
+}
+_IMPORT_CONTROL_SET = "ControlSet001"  # what .reg imports map CurrentControlSet to
+
+
+class HiveMergeError(UserError):
+    """An OS hive cannot be used (damaged, dirty without usable logs, no current control set)."""
+
+    code = "compose"
+
+
+def find_entry(image: Wim, index: int, path: str) -> DirEntry | None:
+    """The entry at ``path`` (found case-insensitively), or ``None`` when it is not in the image."""
+    try:
+        entries = image.iterate_dir_tree(index, path)
+    except WimError as exc:
+        if exc.wimlib_code == 49:  # PATH_DOES_NOT_EXIST
+            return None
+        raise
+    return next(iter(entries), None)
+
+
+def changed_hives(manifests: Sequence[VersionManifest]) -> list[str]:
+    """The hives some layer's registry delta changes, sorted."""
+    return sorted({hive for manifest in manifests for hive in manifest.registry.hives})
+
+
+@dataclass(frozen=True)
+class HiveEntries:
+    """An image's hive files a publish reads: by hive name, the changed ones and SYSTEM (when the image has
+    them as files), and their transaction logs."""
+
+    hives: Mapping[str, DirEntry]
+    logs: Sequence[DirEntry]
+
+    @classmethod
+    def of(cls, image: Wim, index: int, changed: Sequence[str]) -> HiveEntries:
+        hives: dict[str, DirEntry] = {}
+        for hive in [*changed, *([] if HiveName.SYSTEM.value in changed else [HiveName.SYSTEM.value])]:
+            entry = find_entry(image, index, HIVE_FILES[HiveName(hive)])
+            if entry is not None and not entry.is_directory:
+                hives[hive] = entry
+        logs = []
+        for entry in hives.values():
+            for suffix in (".LOG1", ".LOG2"):
+                found = find_entry(image, index, entry.path + suffix)
+                if found is not None and not found.is_directory:
+                    logs.append(found)
+        return cls(hives, logs)
+
+    def paths(self) -> list[str]:
+        return [entry.path for entry in (*self.hives.values(), *self.logs)]
+
+
+def same_entries(one: HiveEntries, other: HiveEntries) -> bool:
+    """Whether both name the same files with the same data (SHA-1s known and equal)."""
+    def key(entry: DirEntry) -> tuple[str, tuple[bytes | None, ...]]:
+        return fold(entry.path), entry.stream_hashes
+
+    if any(None in entry.stream_hashes for entry in (*one.hives.values(), *one.logs, *other.hives.values(),
+                                                        *other.logs)):
+        return False
+    return ({name: key(e) for name, e in one.hives.items()} == {name: key(e) for name, e in other.hives.items()}
+            and sorted(map(key, one.logs)) == sorted(map(key, other.logs)))
+
+
+@dataclass(frozen=True)
+class NewHive:
+    """A hive file the registry merge wrote: where it goes in the image, the local file, its SHA-256."""
+
+    image_path: str
+    file: Path
+    sha256: str
+
+
+# --- the merge (in the child) ------------------------------------------------------------------------
+
+
+def current_control_set(system: Hive) -> str:
+    select = system.find("Select")
+    value = select.value("Current") if select is not None else None
+    if value is None or value.type != ValueType.DWORD or len(value.data) < 4:
+        raise HiveMergeError("The OS layer's SYSTEM hive has no Select\\Current value (REG_DWORD), so its current "
+                             "control set is unknown.")
+    number = int.from_bytes(value.data[:4], "little")
+    if not 1 <= number <= 999:
+        raise HiveMergeError(f"The OS layer's SYSTEM hive names control set {number} as current.")
+    return f"ControlSet{number:03d}"
+
+
+def retarget(delta: RegistryDelta, control_set: str) -> RegistryDelta:
+    """``delta`` with SYSTEM keys under ``ControlSet001`` (what ``CurrentControlSet`` was imported as) moved
+    to ``control_set``."""
+    if fold(control_set) == fold(_IMPORT_CONTROL_SET):
+        return delta
+
+    def moved(op: Operation) -> Operation:
+        head, _, rest = op.key.partition("\\")
+        if op.hive != HiveName.SYSTEM or fold(head) != fold(_IMPORT_CONTROL_SET):
+            return op
+        key = f"{control_set}\\{rest}" if rest else control_set
+        if isinstance(op, SetValue):
+            return SetValue(op.hive, key, op.name, op.type, op.data)
+        if isinstance(op, DeleteValue):
+            return DeleteValue(op.hive, key, op.name)
+        if isinstance(op, DeleteKey):
+            return DeleteKey(op.hive, key)
+        return CreateKey(op.hive, key)
+
+    return RegistryDelta(moved(op) for op in delta)
+
+
+def _windows_path(image_path: str) -> str:
+    return image_path.strip("/").replace("/", "\\")
+
+
+def rewrite_hives(found: Mapping[str, str], source: Path, target: Path, os_name: str,
+                  manifests: Sequence[VersionManifest], captured: Sequence[int]) -> dict[str, NewHive]:
+    """Open the hives extracted into ``source`` (``found``: hive name → image path), apply every layer's delta
+    in stack order and write the changed hives into ``target``: each patched where the deltas change it,
+    everything else kept as it is. ``captured``: when each layer version was captured (FILETIMEs; 0: not
+    known)."""
+    files = {hive: source / path.lstrip("/") for hive, path in found.items()}
+    try:
+        hives = {hive: open_hive(file) for hive, file in files.items()}
+        control_set = current_control_set(hives[HiveName.SYSTEM]) if HiveName.SYSTEM in hives else None
+        for manifest, when in zip(manifests, captured, strict=True):
+            delta = manifest.registry
+            if control_set is not None:
+                delta = retarget(delta, control_set)
+            # the keys a layer changes carry the time its version was captured, so the same layers always give
+            # the same hives (a .reg file carries no times of its own)
+            delta.apply(hives, written=when or None)
+        written: dict[str, NewHive] = {}
+        for hive in changed_hives(manifests):
+            file = target / hive
+            written[hive] = NewHive(found[hive], file, hives[hive].write(file))
+    except HiveError as exc:
+        # the hive's messages start with its file's name (opening it, or reading a key the deltas reach)
+        message = str(exc)
+        damaged = next((h for h, file in files.items() if message.startswith(f"{file}: ")), None)
+        if damaged is None:
+            raise
+        raise HiveMergeError(
+            f"The OS layer {os_name}'s {damaged} hive ({_windows_path(found[damaged])}) cannot be "
+            f"used: {message.removeprefix(f'{files[damaged]}: ')}. Import the OS layer again from a machine that was "
+            "shut down cleanly."
+        ) from None
+    return written
+
+
+def hive_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
+    """Worker function (child process): the registry merge of a publish. ``args``: ``repository``, ``layers``
+    (the stack, bottom first: each ``name``, ``layer_id``, ``version_id``, ``checksum``) and ``folder`` (made
+    here; the hives are extracted into ``folder/in`` and written into ``folder/out``). With ``found`` (hive
+    name → image path) the hives are already in ``folder/in``; otherwise they come from the OS layer's image
+    in the repository. Returns ``written`` (hive name → ``image_path``, ``file``, ``sha256``), empty with
+    ``missing`` when the OS image lacks a hive some delta changes (the publish then decides)."""
+    started = time.monotonic()
+    repository = LayerRepository(Path(args["repository"]))
+    layers = list(args["layers"])
+    manifests = [repository.manifest(int(layer["layer_id"]), int(layer["version_id"]), layer.get("checksum"))
+                 for layer in layers]
+    folder = Path(args["folder"])
+    source, target = folder / "in", folder / "out"
+    captured = []
+    found: dict[str, str] | None = args.get("found")
+    for number, (layer, manifest) in enumerate(zip(layers, manifests, strict=True)):
+        with Wim.open(repository.wim_path(int(layer["layer_id"]))) as image:
+            index = image.find_image(manifest.image)
+            if index is None:
+                raise HiveMergeError(f"The repository's WIM of layer {layer['name']} has no image {manifest.image}.")
+            captured.append(image.image_created(index))
+            if number == 0 and found is None:
+                entries = HiveEntries.of(image, index, changed_hives(manifests))
+                missing = [hive for hive in changed_hives(manifests) if hive not in entries.hives]
+                if missing:
+                    return {"written": {}, "missing": missing}
+                source.mkdir(parents=True)
+                image.extract_paths_to_folder(index, entries.paths(), source)
+                found = {hive: entry.path for hive, entry in entries.hives.items()}
+    assert found is not None
+    target.mkdir(parents=True, exist_ok=True)
+    written = rewrite_hives(found, source, target, str(layers[0]["name"]), manifests, captured)
+    return {
+        "written": {hive: {"image_path": new.image_path, "file": str(new.file), "sha256": new.sha256}
+                    for hive, new in written.items()},
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+# --- the publish's side ------------------------------------------------------------------------------
+
+
+class PendingHives:
+    """A registry merge running in a child process for a publish (:meth:`start`). :meth:`result` waits for
+    its new hive files; :meth:`stop` ends it early. When it fails, ``on_failure`` is given the error at once
+    (the publish stops what it is doing), and :meth:`result` raises it."""
+
+    def __init__(self, args: dict[str, Any], cancel: Cancellable | None,
+                 on_failure: Callable[[BaseException], None] = lambda _: None) -> None:
+        self._args = args
+        self._cancel = cancel
+        self._on_failure = on_failure
+        self._stopped = threading.Event()
+        self._outcome: dict[str, Any] = {}
+        self._error: BaseException | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="hives", daemon=True)
+
+    @classmethod
+    def start(cls, repository: LayerRepository, layers: Sequence[Mapping[str, Any]], folder: Path,
+              cancel: Cancellable | None, on_failure: Callable[[BaseException], None] = lambda _: None,
+              found: Mapping[str, str] | None = None) -> PendingHives:
+        """Start merging the registry of ``layers`` (see :func:`hive_worker`) in ``folder``."""
+        args: dict[str, Any] = {"repository": str(repository.root), "layers": [dict(layer) for layer in layers],
+                                "folder": str(folder)}
+        if found is not None:
+            args["found"] = dict(found)
+        pending = cls(args, cancel, on_failure)
+        pending._thread.start()
+        return pending
+
+    @property
+    def cancelled(self) -> bool:
+        return self._stopped.is_set() or (self._cancel is not None and self._cancel.cancelled)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        try:
+            self._outcome = call_worker("app.engine.publish_hives:hive_worker", self._args, self,
+                                        log=lambda text, level: log.log(logging.getLevelName(level), "%s", text))
+        except TaskCanceled as exc:
+            self._error = exc
+        except UserError as exc:
+            self._error = HiveMergeError(str(exc))
+        except WorkerFailed as exc:
+            self._error = EnvironmentProblem(f"The registry merge's process failed: {exc}")
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
+            self._error = exc
+        finally:
+            self.seconds = round(time.monotonic() - started, 3)
+        if self._error is not None and not isinstance(self._error, TaskCanceled):
+            self._on_failure(self._error)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error it ended with, once it failed (not when stopped or cancelled)."""
+        if self._thread.is_alive() or isinstance(self._error, TaskCanceled):
+            return None
+        return self._error
+
+    def result(self) -> dict[str, NewHive]:
+        """Waits; the new hive files by hive name, or the merge's error."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return {hive: NewHive(str(new["image_path"]), Path(str(new["file"])), str(new["sha256"]))
+                for hive, new in self._outcome["written"].items()}
+
+    def stop(self) -> None:
+        """End the child process if it still runs, and wait for it."""
+        self._stopped.set()
+        self._thread.join()
