@@ -68,7 +68,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -424,10 +424,9 @@ def compose(
             boot.layout.plan(disk_size)
         else:
             disk.gpt_layout(disk_size)
-    # the conflict report is only needed at the end: it is worked out beside the staging and merging
+    # the conflict report is only needed at the end: it is worked out beside the merging and applying
     background = ThreadPoolExecutor(1, thread_name_prefix="conflicts")
-    pending_report = background.submit(_timed_conflicts, stack, repository, steps)
-    background.shutdown(wait=False)
+    reports: list[Future[list[Conflict]]] = []
     work = Path(work_dir) if work_dir is not None else out_dir / f".{name}.{secrets.token_hex(4)}.work"
     try:
         work.mkdir()
@@ -440,10 +439,20 @@ def compose(
 
     def build() -> tuple[Path, str, list[DirEntry], dict[str, NewHive]]:
         with contextlib.ExitStack() as held:
-            pending = _start_hives(stack, manifests, repository, work, steps, held)
+            pending: list[PendingHives | None] = []
+
+            def beside() -> None:
+                """Start the work that runs beside the merge: once the layers' volumes are at hand (staging
+                them keeps both cores busy), or at once when they all are."""
+                if not reports:
+                    reports.append(background.submit(_timed_conflicts, stack, repository, steps))
+                    background.shutdown(wait=False)
+                pending.append(_start_hives(stack, manifests, repository, work, steps, held))
+
             merged, index, os_hives = _merge(stack, manifests, repository, work, held, steps,
-                                             cache if cache is not None else LayerDiskCache(work / "staged", 0))
-            job = _hive_job(stack, manifests, repository, merged, index, work, steps, os_hives, pending, held)
+                                             cache if cache is not None else LayerDiskCache(work / "staged", 0),
+                                             beside)
+            job = _hive_job(stack, manifests, repository, merged, index, work, steps, os_hives, pending[0], held)
             if fmt == "wim":
                 hives = _merge_registry(job, merged, index, steps)
                 steps.at(45, "Listing the merged image")
@@ -492,7 +501,7 @@ def compose(
                 shutil.rmtree(work)
                 work.mkdir()
         files, data_bytes, digest = _tree_manifest(entries, hives)
-        report = pending_report.result()
+        report = reports[0].result()
         steps.check()
         try:
             os.link(built, final)  # never replaces an image another publish wrote meanwhile
@@ -525,11 +534,12 @@ def _timed_conflicts(stack: Sequence[StackLayer], repository: LayerRepository, s
 
 def _merge(
     stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository, work: Path,
-    held: contextlib.ExitStack, steps: _Steps, cache: LayerDiskCache,
+    held: contextlib.ExitStack, steps: _Steps, cache: LayerDiskCache, beside: Callable[[], None],
 ) -> tuple[Wim, int, HiveEntries | None]:
     """The OS image, opened in memory, with every other layer merged into it (one update call per layer), and
     the OS image's own hive files that the registry merge reads (``None`` when no layer changes the
-    registry). The layers' volumes come from the layer disk cache (or are staged into it)."""
+    registry). The layers' volumes come from the layer disk cache (or are staged into it); ``beside`` is
+    called once they are all at hand (before staging the ones that are not)."""
     os_layer, os_manifest = stack[0], manifests[0]
     merged = held.enter_context(Wim.open(repository.wim_path(os_layer.layer_id)))
     index = merged.find_image(os_manifest.image)
@@ -538,8 +548,14 @@ def _merge(
     changed = changed_hives(manifests)
     os_hives = HiveEntries.of(merged, index, changed) if changed else None
     uppers = list(zip(stack[1:], manifests[1:], strict=True))
+    ready = cache.enabled and all(cache.holds(layer.layer_id, layer.version_id, manifest.checksum)
+                                  for layer, manifest in uppers)
+    if ready:
+        beside()
     with steps.timed("stage"):
         volumes = _stage(uppers, repository, work, steps, cache)
+    if not ready:
+        beside()
     hidden = _hide_info_hives(merged, index) if len(uppers) > 1 else []
     for number, ((layer, manifest), volume) in enumerate(zip(uppers, volumes, strict=True), 1):
         if number == len(uppers) and hidden:

@@ -175,3 +175,7 @@ class LayerDiskCache:
 
     def name_for(self, layer_id: int, version_id: int, checksum: str) -> str:
         return self._name(layer_id, version_id, checksum)
+
+    def holds(self, layer_id: int, version_id: int, checksum: str) -> bool:
+        """Whether the cache has the version's volume (``checksum``: its manifest's)."""
+        return self.enabled and (self.root / self._name(layer_id, version_id, checksum)).is_file()

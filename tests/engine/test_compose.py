@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from regipy.registry import RegistryHive
 
-from app.engine import compose as compose_module
 from app.engine import publish_hives
 from app.engine.compose import ComposeError, StackLayer, compose, conflicts
 from app.engine.disk import DiskError
@@ -25,6 +24,7 @@ from app.engine.registry.model import Hive, RegistryKey, ValueType
 from app.engine.registry.regf import write_hive
 from app.engine.registry.regfile import parse_reg_file
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind, image_name
+from app.engine.wim import AddCommand, Wim
 from app.tasks.base import CancelToken, TaskCanceled
 from tests.support.compose_stack import (
     CITRIX,
@@ -243,25 +243,27 @@ def test_the_hives_are_merged_in_a_child_process_beside_the_image(
     stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A real SOFTWARE hive takes a second of Python to read, merge and write: a disk publish does it in a
-    child process started with the publish, from the OS layer's hives in the repository. Here the layers are
-    only merged once the new hive files exist (they would never appear if the merge waited for the merged
-    image), hives opened in this process fail the test, and the disk carries the merged hives."""
+    child process, from the OS layer's hives in the repository, once the layers' volumes are at hand. Here
+    the layers are only merged once the new hive files exist (they would never appear if the registry merge
+    waited for the merged image), hives opened in this process fail the test, and the disk carries the
+    merged hives."""
     repository, layers = stack
     out = tmp_path / "out"
     out.mkdir()
-    real_merge = compose_module._merge
+    real_update = Wim.update_image
 
-    def merge(*args: Any, **kwargs: Any) -> Any:
-        deadline = time.monotonic() + 30
-        while not list(out.glob(".*.work/hives/out/SOFTWARE")) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert list(out.glob(".*.work/hives/out/SYSTEM")), "the hives were not merged before the layers"
-        return real_merge(*args, **kwargs)
+    def update(self: Wim, index: int, commands: Any, **kwargs: Any) -> None:
+        if any(isinstance(c, AddCommand) and c.ntfs for c in commands):  # a layer being merged
+            deadline = time.monotonic() + 30
+            while not list(out.glob(".*.work/hives/out/SOFTWARE")) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert list(out.glob(".*.work/hives/out/SYSTEM")), "the hives were not merged before the layers"
+        real_update(self, index, commands, **kwargs)
 
     def not_here(path: Path, **_: Any) -> None:
         raise AssertionError(f"{path} was opened in the publishing process")
 
-    monkeypatch.setattr(compose_module, "_merge", merge)
+    monkeypatch.setattr(Wim, "update_image", update)
     monkeypatch.setattr(publish_hives, "open_hive", not_here)
     result = compose(layers, repository, out, "raw", 1, name="Overlap")
     assert {"registry", "hives", "apply"} <= set(result.timings)

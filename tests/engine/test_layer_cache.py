@@ -55,6 +55,42 @@ def test_a_second_publish_takes_the_layers_from_the_cache(stack: tuple[LayerRepo
     run_ok("qemu-img", "check", disk.path)
 
 
+def test_the_registry_merge_and_the_conflict_report_wait_for_layers_being_staged(
+    stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Staging layers keeps both cores busy: the registry merge and the conflict report start once every
+    layer's volume is at hand, and at once when the cache has them all."""
+    repository, layers = stack
+    cache = LayerDiskCache(tmp_path / "cache", 1024**3)
+    events: list[str] = []
+    real_volume, real_start = LayerDiskCache.volume, compose_module._start_hives
+    real_conflicts = compose_module._timed_conflicts
+
+    def volume(self: LayerDiskCache, *args: Any, **kwargs: Any) -> Any:
+        found = real_volume(self, *args, **kwargs)
+        events.append("cached" if found.hit else "staged")
+        return found
+
+    def start(*args: Any) -> Any:
+        events.append("hives")
+        return real_start(*args)
+
+    def report(*args: Any) -> Any:
+        events.append("conflicts")
+        return real_conflicts(*args)
+
+    monkeypatch.setattr(LayerDiskCache, "volume", volume)
+    monkeypatch.setattr(compose_module, "_start_hives", start)
+    monkeypatch.setattr(compose_module, "_timed_conflicts", report)
+    (tmp_path / "out").mkdir()
+    compose(layers, repository, tmp_path / "out", "vhdx", 1, name="cold", cache=cache)
+    assert events[:3] == ["staged"] * 3 and sorted(events[3:]) == ["conflicts", "hives"]
+    events.clear()
+    compose(layers, repository, tmp_path / "out", "vhdx", 1, name="warm", cache=cache)
+    assert "hives" in events[:2] and events.index("hives") < events.index("cached")
+    assert events.count("cached") == 3
+
+
 def test_the_cache_stays_within_its_bound_least_recently_used_first(
     stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path
 ) -> None:
