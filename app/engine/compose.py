@@ -98,6 +98,7 @@ from app.engine.publish_hives import (
     changed_hives,
     find_entry,
     same_entries,
+    windows_path,
 )
 from app.engine.registry.delta import HiveName, TouchKind
 from app.engine.registry.model import fold
@@ -228,10 +229,6 @@ def _manifests(stack: Sequence[StackLayer], repository: LayerRepository) -> list
     return [repository.manifest(layer.layer_id, layer.version_id, layer.checksum) for layer in stack]
 
 
-def _windows_path(image_path: str) -> str:
-    return image_path.strip("/").replace("/", "\\")
-
-
 def _list_image(repository: LayerRepository, layer: StackLayer, manifest: VersionManifest) -> list[DirEntry]:
     with Wim.open(repository.wim_path(layer.layer_id)) as layer_wim:
         index = layer_wim.find_image(manifest.image)
@@ -280,7 +277,7 @@ def _file_conflicts(
         for entry in entries:
             if entry.path == "/":
                 continue
-            path = _windows_path(entry.path)
+            path = windows_path(entry.path)
             key = fold(path)
             parent_key = key.rpartition("\\")[0]
             parent = folders.get(parent_key, path.rpartition("\\")[0])
@@ -539,7 +536,8 @@ def _merge(
     """The OS image, opened in memory, with every other layer merged into it (one update call per layer), and
     the OS image's own hive files that the registry merge reads (``None`` when no layer changes the
     registry). The layers' volumes come from the layer disk cache (or are staged into it); ``beside`` is
-    called once they are all at hand (before staging the ones that are not)."""
+    called before staging the ones that are not there when they are few (:data:`_LIGHT_STAGING`), else
+    once they are all at hand."""
     os_layer, os_manifest = stack[0], manifests[0]
     merged = held.enter_context(Wim.open(repository.wim_path(os_layer.layer_id)))
     index = merged.find_image(os_manifest.image)
@@ -548,13 +546,14 @@ def _merge(
     changed = changed_hives(manifests)
     os_hives = HiveEntries.of(merged, index, changed) if changed else None
     uppers = list(zip(stack[1:], manifests[1:], strict=True))
-    ready = cache.enabled and all(cache.holds(layer.layer_id, layer.version_id, manifest.checksum)
-                                  for layer, manifest in uppers)
-    if ready:
+    to_stage = sum(manifest.data_bytes for layer, manifest in uppers
+                   if not cache.holds(layer.layer_id, layer.version_id, manifest.checksum))
+    light = to_stage <= _LIGHT_STAGING
+    if light:
         beside()
     with steps.timed("stage"):
         volumes = _stage(uppers, repository, work, steps, cache)
-    if not ready:
+    if not light:
         beside()
     hidden = _hide_info_hives(merged, index) if len(uppers) > 1 else []
     for number, ((layer, manifest), volume) in enumerate(zip(uppers, volumes, strict=True), 1):
@@ -624,6 +623,10 @@ def _restore_info_hives(merged: Wim, index: int, hidden: Sequence[tuple[str, str
     if commands:
         merged.update_image(index, commands)
 
+
+#: Staging at most this many bytes of layers leaves a core free for the work beside the merge (the registry
+#: merge, the conflict report), which then starts at once; more, and it waits until the layers are staged.
+_LIGHT_STAGING = 256 * MiB
 
 #: Layers staged at once: each staging is one thread in wimlib and NTFS-3G (decompressing, checking SHA-1s,
 #: writing the volume), so the cores share them; more than four would mostly wait for the disk.
@@ -710,7 +713,7 @@ def _start_hives(stack: Sequence[StackLayer], manifests: Sequence[VersionManifes
     if not changed_hives(manifests):
         return None
     pending = PendingHives.start(repository, [layer.to_dict() for layer in stack], work / "hives",
-                                 steps.task_cancel, on_failure=steps.fail)
+                                 steps.task_cancel)
     held.callback(pending.stop)
     return pending
 
@@ -736,7 +739,7 @@ def _hive_job(
                 users = [layer.name for layer, manifest in zip(stack, manifests, strict=True)
                          if hive in manifest.registry.hives]
                 raise ComposeError(
-                    f"The OS layer {stack[0].name} has no {hive} hive ({_windows_path(HIVE_FILES[HiveName(hive)])} "
+                    f"The OS layer {stack[0].name} has no {hive} hive ({windows_path(HIVE_FILES[HiveName(hive)])} "
                     f"is not in its image), but the registry changes of {', '.join(users)} need it. Import the OS "
                     "layer with its registry hive files."
                 )
@@ -748,9 +751,11 @@ def _hive_job(
             merged.extract_paths_to_folder(index, here.paths(), folder / "in")
             steps.check()
             pending = PendingHives.start(
-                repository, [layer.to_dict() for layer in stack], folder, steps.task_cancel, on_failure=steps.fail,
+                repository, [layer.to_dict() for layer in stack], folder, steps.task_cancel,
                 found={hive: entry.path for hive, entry in here.hives.items()})
             held.callback(pending.stop)
+        pending.watch(steps.fail)  # from now on its failure stops the publish
+        steps.check()
         if here.logs:
             merged.update_image(index, [DeleteCommand(entry.path, recursive=False, missing_ok=True)
                                         for entry in here.logs], cancel=steps._cancel)

@@ -158,7 +158,8 @@ def retarget(delta: RegistryDelta, control_set: str) -> RegistryDelta:
     return RegistryDelta(moved(op) for op in delta)
 
 
-def _windows_path(image_path: str) -> str:
+def windows_path(image_path: str) -> str:
+    """An image path (``/Program Files/x``) as Windows writes it (``Program Files\\x``)."""
     return image_path.strip("/").replace("/", "\\")
 
 
@@ -190,7 +191,7 @@ def rewrite_hives(found: Mapping[str, str], source: Path, target: Path, os_name:
         if damaged is None:
             raise
         raise HiveMergeError(
-            f"The OS layer {os_name}'s {damaged} hive ({_windows_path(found[damaged])}) cannot be "
+            f"The OS layer {os_name}'s {damaged} hive ({windows_path(found[damaged])}) cannot be "
             f"used: {message.removeprefix(f'{files[damaged]}: ')}. Import the OS layer again from a machine that was "
             "shut down cleanly."
         ) from None
@@ -242,15 +243,18 @@ def hive_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
 
 class PendingHives:
     """A registry merge running in a child process for a publish (:meth:`start`). :meth:`result` waits for
-    its new hive files; :meth:`stop` ends it early. When it fails, ``on_failure`` is given the error at once
-    (the publish stops what it is doing), and :meth:`result` raises it."""
+    its new hive files; :meth:`stop` ends it early. Once the publish knows it needs this merge's hives, it
+    :meth:`watch`es it: a failure (now or later) is handed to the watcher at once, so the publish stops what
+    it is doing; :meth:`result` raises it too. (A merge started from the OS layer's hives fails harmlessly
+    when a layer turns out to replace the damaged hive.)"""
 
-    def __init__(self, args: dict[str, Any], cancel: Cancellable | None,
-                 on_failure: Callable[[BaseException], None] = lambda _: None) -> None:
+    def __init__(self, args: dict[str, Any], cancel: Cancellable | None) -> None:
         self._args = args
         self._cancel = cancel
-        self._on_failure = on_failure
         self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher: Callable[[BaseException], None] | None = None
+        self._ended = False
         self._outcome: dict[str, Any] = {}
         self._error: BaseException | None = None
         self.seconds = 0.0
@@ -258,14 +262,13 @@ class PendingHives:
 
     @classmethod
     def start(cls, repository: LayerRepository, layers: Sequence[Mapping[str, Any]], folder: Path,
-              cancel: Cancellable | None, on_failure: Callable[[BaseException], None] = lambda _: None,
-              found: Mapping[str, str] | None = None) -> PendingHives:
+              cancel: Cancellable | None, found: Mapping[str, str] | None = None) -> PendingHives:
         """Start merging the registry of ``layers`` (see :func:`hive_worker`) in ``folder``."""
         args: dict[str, Any] = {"repository": str(repository.root), "layers": [dict(layer) for layer in layers],
                                 "folder": str(folder)}
         if found is not None:
             args["found"] = dict(found)
-        pending = cls(args, cancel, on_failure)
+        pending = cls(args, cancel)
         pending._thread.start()
         return pending
 
@@ -275,26 +278,37 @@ class PendingHives:
 
     def _run(self) -> None:
         started = time.monotonic()
+        error: BaseException | None = None
         try:
             self._outcome = call_worker("app.engine.publish_hives:hive_worker", self._args, self,
                                         log=lambda text, level: log.log(logging.getLevelName(level), "%s", text))
         except TaskCanceled as exc:
-            self._error = exc
+            error = exc
         except UserError as exc:
-            self._error = HiveMergeError(str(exc))
+            error = HiveMergeError(str(exc))
         except WorkerFailed as exc:
-            self._error = EnvironmentProblem(f"The registry merge's process failed: {exc}")
+            error = EnvironmentProblem(f"The registry merge's process failed: {exc}")
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
-            self._error = exc
-        finally:
+            error = exc
+        with self._lock:
             self.seconds = round(time.monotonic() - started, 3)
-        if self._error is not None and not isinstance(self._error, TaskCanceled):
-            self._on_failure(self._error)
+            self._error, self._ended = error, True
+            watcher = self._watcher
+        if watcher is not None and self.failure is not None:
+            watcher(self.failure)
+
+    def watch(self, on_failure: Callable[[BaseException], None]) -> None:
+        """Hand this merge's failure to ``on_failure``: at once when it has failed already, else as it fails."""
+        with self._lock:
+            self._watcher = on_failure
+            failed = self.failure
+        if failed is not None:
+            on_failure(failed)
 
     @property
     def failure(self) -> BaseException | None:
         """The error it ended with, once it failed (not when stopped or cancelled)."""
-        if self._thread.is_alive() or isinstance(self._error, TaskCanceled):
+        if not self._ended or isinstance(self._error, TaskCanceled):
             return None
         return self._error
 

@@ -58,10 +58,10 @@ def test_a_second_publish_takes_the_layers_from_the_cache(stack: tuple[LayerRepo
 def test_the_registry_merge_and_the_conflict_report_wait_for_layers_being_staged(
     stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Staging layers keeps both cores busy: the registry merge and the conflict report start once every
-    layer's volume is at hand, and at once when the cache has them all."""
+    """Staging many layers keeps both cores busy: the registry merge and the conflict report start once every
+    layer's volume is at hand. With few bytes to stage (a re-publish after one layer changed), or none, they
+    start at once."""
     repository, layers = stack
-    cache = LayerDiskCache(tmp_path / "cache", 1024**3)
     events: list[str] = []
     real_volume, real_start = LayerDiskCache.volume, compose_module._start_hives
     real_conflicts = compose_module._timed_conflicts
@@ -83,12 +83,18 @@ def test_the_registry_merge_and_the_conflict_report_wait_for_layers_being_staged
     monkeypatch.setattr(compose_module, "_start_hives", start)
     monkeypatch.setattr(compose_module, "_timed_conflicts", report)
     (tmp_path / "out").mkdir()
-    compose(layers, repository, tmp_path / "out", "vhdx", 1, name="cold", cache=cache)
+    heavy = LayerDiskCache(tmp_path / "heavy", 1024**3)
+    with monkeypatch.context() as patched:
+        patched.setattr(compose_module, "_LIGHT_STAGING", 0)  # these small layers count as many bytes
+        compose(layers, repository, tmp_path / "out", "vhdx", 1, name="heavy", cache=heavy)
     assert events[:3] == ["staged"] * 3 and sorted(events[3:]) == ["conflicts", "hives"]
     events.clear()
-    compose(layers, repository, tmp_path / "out", "vhdx", 1, name="warm", cache=cache)
-    assert "hives" in events[:2] and events.index("hives") < events.index("cached")
-    assert events.count("cached") == 3
+    light = LayerDiskCache(tmp_path / "light", 1024**3)
+    compose(layers, repository, tmp_path / "out", "vhdx", 1, name="light", cache=light)
+    assert events.index("hives") < events.index("staged") and events.count("staged") == 3
+    events.clear()
+    compose(layers, repository, tmp_path / "out", "vhdx", 1, name="warm", cache=light)
+    assert events.index("hives") < events.index("cached") and events.count("cached") == 3
 
 
 def test_the_cache_stays_within_its_bound_least_recently_used_first(

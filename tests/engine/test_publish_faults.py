@@ -20,7 +20,8 @@ from app.engine import compose as compose_module
 from app.engine import in_place
 from app.engine.compose import ComposeError, StackLayer, compose
 from app.engine.disk import DiskError
-from app.engine.registry.regf import serialize_hive
+from app.engine.publish_hives import PendingHives
+from app.engine.registry.regf import serialize_hive, write_hive
 from app.engine.repository import CaptureSource, LayerRepository, SourceKind
 from app.engine.wim import AddCommand, Wim, make_ntfs_volume
 from app.errors import LayerDeskError, UserError
@@ -96,42 +97,120 @@ def test_a_damaged_os_hive_is_refused_with_a_clear_message(tmp_path: Path) -> No
     assert os.listdir(tmp_path / "out") == []
 
 
-def test_a_damaged_os_hive_stops_a_disk_publish_that_is_merging_the_layers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A disk publish merges the hives in a child process while it merges the layers: a hive that cannot be
-    used stops the merge of the layers (here it waits until it is told to stop, and stops at once) and the
-    hive's message is the error, not a cancel."""
-    repository = LayerRepository(tmp_path / "repository").ensure()
+def _damaged_system_stack(repository: LayerRepository, tmp_path: Path) -> list[StackLayer]:
     broken = LayerDef("Win11", "os", {
         "Windows/System32/config/SYSTEM": lzma.decompress((HIVES / "corrupted_system_hive.xz").read_bytes()),
     })
     app = LayerDef("Tools", "app", {"tool.exe": b"MZ"}, reg=(
         "[HKEY_LOCAL_MACHINE\\SYSTEM\\CurrentControlSet\\Services\\Tools]\r\n\"Start\"=dword:00000002\r\n\r\n"))
-    stack = [store(repository, tmp_path, broken, 1), store(repository, tmp_path, app, 2)]
-    merges: list[str] = []
-    real_update = Wim.update_image
+    return [store(repository, tmp_path, broken, 1), store(repository, tmp_path, app, 2)]
+
+
+def _assert_refused(caught: pytest.ExceptionInfo[ComposeError], repository: LayerRepository, out: Path) -> None:
+    message = str(caught.value)
+    assert "OS layer Win11" in message and "SYSTEM hive" in message and "cannot be used" in message
+    assert os.listdir(out) == []
+    assert repository.check() == []
+
+
+def test_a_damaged_os_hive_found_while_the_layers_merge_stops_the_publish_before_the_apply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry merge runs in a child process beside the merge of the layers. Its failure only counts once
+    the merged image is known to hold the OS layer's hive (a layer could have replaced it): then the publish
+    stops before the image is applied, with the hive's message."""
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    stack = _damaged_system_stack(repository, tmp_path)
+    started: list[PendingHives] = []
+    applies: list[str] = []
+    real_start, real_update, real_extract = PendingHives.start, Wim.update_image, Wim.extract_image_to_ntfs_volume
+
+    def start(*args: Any, **kwargs: Any) -> PendingHives:
+        started.append(real_start(*args, **kwargs))
+        return started[-1]
 
     def update(self: Wim, index: int, commands: Any, **kwargs: Any) -> None:
-        cancel = kwargs.get("cancel")
-        if cancel is not None and any(isinstance(c, AddCommand) for c in commands):  # a layer being merged
-            merges.append("started")
+        if any(isinstance(c, AddCommand) for c in commands):  # a layer being merged: once the merge failed
             deadline = time.monotonic() + 20
-            while not cancel.cancelled and time.monotonic() < deadline:
+            while not (started and started[0].failure) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            merges.append("told to stop" if cancel.cancelled else "never told")
+            assert started and started[0].failure is not None
         real_update(self, index, commands, **kwargs)
-        merges.append("finished")
 
+    def extract(self: Wim, index: int, volume: Path, **kwargs: Any) -> None:
+        applies.append(volume.name)
+        real_extract(self, index, volume, **kwargs)
+
+    monkeypatch.setattr(PendingHives, "start", start)
     monkeypatch.setattr(Wim, "update_image", update)
+    monkeypatch.setattr(Wim, "extract_image_to_ntfs_volume", extract)
     (tmp_path / "out").mkdir()
     with pytest.raises(ComposeError) as caught:
         compose(stack, repository, tmp_path / "out", "vhdx", 1, name="broken")
-    message = str(caught.value)
-    assert "OS layer Win11" in message and "SYSTEM hive" in message and "cannot be used" in message
-    assert merges == ["started", "told to stop"]  # stopped, not finished
-    assert os.listdir(tmp_path / "out") == []
-    assert repository.check() == []
+    _assert_refused(caught, repository, tmp_path / "out")
+    assert "windows.ntfs" not in applies
+
+
+def test_a_damaged_os_hive_found_while_the_image_is_applied_stops_the_apply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry merge that fails while the image is being applied stops the apply at once (here the merge
+    only starts once the apply has begun, and the apply waits to be told to stop) and its message is the
+    error, not a cancel."""
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    stack = _damaged_system_stack(repository, tmp_path)
+    applying = threading.Event()
+    applies: list[str] = []
+    real_run, real_extract = PendingHives._run, Wim.extract_image_to_ntfs_volume
+
+    def run(self: PendingHives) -> None:
+        assert applying.wait(20)
+        real_run(self)
+
+    def extract(self: Wim, index: int, volume: Path, **kwargs: Any) -> None:
+        if volume.name != "windows.ntfs":  # a layer being staged
+            real_extract(self, index, volume, **kwargs)
+            return
+        applies.append("started")
+        applying.set()
+        cancel = kwargs["cancel"]
+        deadline = time.monotonic() + 20
+        while not cancel.cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        real_extract(self, index, volume, **kwargs)
+        applies.append("finished")
+
+    monkeypatch.setattr(PendingHives, "_run", run)
+    monkeypatch.setattr(Wim, "extract_image_to_ntfs_volume", extract)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ComposeError) as caught:
+        compose(stack, repository, tmp_path / "out", "vhdx", 1, name="broken")
+    _assert_refused(caught, repository, tmp_path / "out")
+    assert applies == ["started"]  # stopped, not finished
+
+
+def test_a_damaged_os_hive_that_a_layer_replaces_does_not_stop_the_publish(tmp_path: Path) -> None:
+    """The registry merge starts from the OS layer's hives before the layers are merged. When a layer brings
+    its own hive file in place of a damaged one, the changes go into the layer's file and the publish
+    works."""
+    repository = LayerRepository(tmp_path / "repository").ensure()
+    os_def = os_layer(tmp_path)
+    os_def.files["Windows/System32/config/SOFTWARE"] = b"regf" + bytes(100)
+    good = tmp_path / "good-software"
+    write_hive(software_hive(), good)
+    brings = LayerDef("Hives", "app", {"Windows/System32/config/SOFTWARE": good.read_bytes()})
+    changes = LayerDef("Tools", "app", {"tool.exe": b"MZ"}, reg=(
+        "[HKEY_LOCAL_MACHINE\\SOFTWARE\\Tools]\r\n\"On\"=dword:00000001\r\n\r\n"))
+    stack = [store(repository, tmp_path, os_def, 1), store(repository, tmp_path, brings, 2),
+             store(repository, tmp_path, changes, 3)]
+    (tmp_path / "out").mkdir()
+    result = compose(stack, repository, tmp_path / "out", "wim", 1, name="replaced")
+    extracted = tmp_path / "x"
+    run_ok("wimlib-imagex", "extract", result.path, "1", "/Windows/System32/config/SOFTWARE",
+           f"--dest-dir={extracted}")
+    software = extracted / "SOFTWARE"
+    assert run_ok("hivexget", software, "\\Tools", "On").stdout.strip() == "1"
+    assert run_ok("hivexget", software, "\\Shared", "Owner").stdout.strip() == "OS"
 
 
 def test_a_disk_that_fills_up_during_the_publish(tmp_path: Path) -> None:

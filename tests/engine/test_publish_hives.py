@@ -48,7 +48,8 @@ def test_the_new_hives_are_written_from_the_os_layers_image(layers: tuple[LayerR
                                                             tmp_path: Path) -> None:
     repository, stack = layers
     failures: list[BaseException] = []
-    pending = PendingHives.start(repository, stack, tmp_path / "hives", None, on_failure=failures.append)
+    pending = PendingHives.start(repository, stack, tmp_path / "hives", None)
+    pending.watch(failures.append)
     written = pending.result()
     assert sorted(written) == ["SOFTWARE"] and not failures
     assert written["SOFTWARE"].image_path == "/Windows/System32/config/SOFTWARE"
@@ -62,7 +63,8 @@ def test_stopping_the_merge_ends_its_process(layers: tuple[LayerRepository, list
                                              tmp_path: Path) -> None:
     repository, stack = layers
     failures: list[BaseException] = []
-    pending = PendingHives.start(repository, stack, tmp_path / "hives", None, on_failure=failures.append)
+    pending = PendingHives.start(repository, stack, tmp_path / "hives", None)
+    pending.watch(failures.append)
     child = _wait_for_child()
     pending.stop()
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
@@ -73,9 +75,10 @@ def test_a_merge_whose_process_dies_is_reported_as_such(layers: tuple[LayerRepos
                                                         tmp_path: Path) -> None:
     repository, stack = layers
     failures: list[BaseException] = []
-    pending = PendingHives.start(repository, stack, tmp_path / "hives", None, on_failure=failures.append)
+    pending = PendingHives.start(repository, stack, tmp_path / "hives", None)
     _wait_for_child().send_signal(signal.SIGKILL)
     with pytest.raises(EnvironmentProblem, match=r"^The registry merge's process failed: exit status -9$"):
         pending.result()
-    assert len(failures) == 1 and isinstance(failures[0], EnvironmentProblem)
-    assert pending.failure is failures[0]
+    assert isinstance(pending.failure, EnvironmentProblem)
+    pending.watch(failures.append)  # watched after it failed: told at once
+    assert failures == [pending.failure]
