@@ -229,12 +229,14 @@ def _manifests(stack: Sequence[StackLayer], repository: LayerRepository) -> list
     return [repository.manifest(layer.layer_id, layer.version_id, layer.checksum) for layer in stack]
 
 
-def _list_image(repository: LayerRepository, layer: StackLayer, manifest: VersionManifest) -> list[DirEntry]:
+def _list_image(repository: LayerRepository, layer: StackLayer, manifest: VersionManifest,
+                ) -> list[tuple[str, bool]]:
+    """``(path, is a directory)`` of everything in the layer version's image."""
     with Wim.open(repository.wim_path(layer.layer_id)) as layer_wim:
         index = layer_wim.find_image(manifest.image)
         if index is None:
             raise ComposeError(f"The repository's WIM of layer {layer.name} has no image {manifest.image}.")
-        return list(layer_wim.iterate_dir_tree(index))
+        return layer_wim.list_paths(index)
 
 
 # --- conflicts -----------------------------------------------------------------------------------------
@@ -250,7 +252,8 @@ def conflicts(stack: Sequence[StackLayer], repository: LayerRepository) -> list[
 
 
 def _file_conflicts(
-    stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], listings: Sequence[Sequence[DirEntry]]
+    stack: Sequence[StackLayer], manifests: Sequence[VersionManifest],
+    listings: Sequence[Sequence[tuple[str, bool]]],
 ) -> list[Conflict]:
     present: set[str] = set()  # folded paths of the files in the tree so far
     history: dict[str, list[int]] = {}  # folded path → indexes of the layers that supplied or removed it
@@ -274,16 +277,16 @@ def _file_conflicts(
                     touch(key, index, deleting=True)
                 for key in [k for k in folders if k == gone or k.startswith(under)]:
                     del folders[key]
-        for entry in entries:
-            if entry.path == "/":
+        for image_path, is_directory in entries:
+            if image_path == "/":
                 continue
-            path = windows_path(entry.path)
+            path = windows_path(image_path)
             key = fold(path)
             parent_key = key.rpartition("\\")[0]
             parent = folders.get(parent_key, path.rpartition("\\")[0])
             name = path.rpartition("\\")[2]
             display = f"{parent}\\{name}" if parent else name
-            if entry.is_directory:
+            if is_directory:
                 folders.setdefault(key, display)
                 continue
             present.add(key)

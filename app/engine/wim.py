@@ -767,6 +767,37 @@ class Wim:
         _raise_for(self._lib, code, f"Cannot list {path} in image {index}", errors)
         return iter(entries)
 
+    def list_paths(self, index: int) -> list[tuple[str, bool]]:
+        """``(path, is a directory)`` of every file and directory of image ``index``, parents before children:
+        what :meth:`iterate_dir_tree` gives, less everything else (a third of its time)."""
+        self._check_index(index)
+        found: list[tuple[str, bool]] = []
+        failure: list[BaseException] = []
+        path_at, attributes_at = _DirEntry.full_path.offset, _DirEntry.attributes.offset
+        pointer_at, u32_at = ctypes.c_void_p.from_address, ctypes.c_uint32.from_address
+
+        def on_entry(entry_ptr: Any, _ctx: Any) -> int:
+            try:
+                base = ctypes.addressof(entry_ptr.contents)
+                raw_path = _from_tstr(pointer_at(base + path_at).value) or "/"
+                found.append((raw_path.replace("\\", "/") if _WINDOWS else raw_path,
+                              bool(u32_at(base + attributes_at).value & FILE_ATTRIBUTE_DIRECTORY)))
+            except BaseException as exc:  # noqa: BLE001 - carried across the C frame and re-raised below
+                failure.append(exc)
+                return 1
+            return 0
+
+        callback = _ITERATE_CALLBACK(on_entry)
+        buf = _tstr("/")
+        wim = self._wim
+        code, errors = self._lib.run(
+            lambda: self._lib.wimlib_iterate_dir_tree(wim, index, buf, _ITERATE_DIR_TREE_FLAG_RECURSIVE, callback, None)
+        )
+        if failure:
+            raise failure[0]
+        _raise_for(self._lib, code, f"Cannot list image {index}", errors)
+        return found
+
     # building images
 
     def add_image_from_ntfs_volume(

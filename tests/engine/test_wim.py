@@ -615,6 +615,17 @@ def test_iterate_dir_tree_lists_files_attributes_and_streams(layers: dict[str, P
         ("/", False, None), ("/f.txt", False, None)]
 
 
+def test_list_paths_gives_the_paths_and_kinds_of_the_whole_image(layers: dict[str, Path]) -> None:
+    with merge(layers["os"], [(APP_A, layers["appA"]), (APP_B, layers["appB"])]) as w:
+        listed = w.list_paths(1)
+        full = [(e.path, e.is_directory) for e in w.iterate_dir_tree(1)]
+    expected = expected_overlay([OS, APP_A, APP_B])
+    assert listed == full  # same order: parents before children
+    assert dict(listed) == {"/": True, **{path: data is None for path, data in expected.items()}}
+    with Wim.create() as w, pytest.raises(WimError):
+        w.list_paths(1)  # no such image
+
+
 def test_iterate_callback_errors_surface(layers: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(**kwargs: object) -> Iterator[object]:
         raise RuntimeError("broken entry")
