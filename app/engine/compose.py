@@ -441,13 +441,12 @@ def compose(
         with contextlib.ExitStack() as held:
             pending: list[PendingHives | None] = []
 
-            def beside() -> None:
-                """Start the work that runs beside the merge: once the layers' volumes are at hand (staging
-                them keeps both cores busy), or at once when they all are."""
+            def beside(os_hives: HiveEntries | None) -> None:
+                """Start the work that runs beside the merge (see :func:`_merge`)."""
                 if not reports:
                     reports.append(background.submit(_timed_conflicts, stack, repository, steps))
                     background.shutdown(wait=False)
-                pending.append(_start_hives(stack, manifests, repository, work, steps, held))
+                pending.append(_start_hives(stack, manifests, repository, work, steps, held, os_hives, cache))
 
             merged, index, os_hives = _merge(stack, manifests, repository, work, held, steps,
                                              cache if cache is not None else LayerDiskCache(work / "staged", 0),
@@ -534,13 +533,13 @@ def _timed_conflicts(stack: Sequence[StackLayer], repository: LayerRepository, s
 
 def _merge(
     stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository, work: Path,
-    held: contextlib.ExitStack, steps: _Steps, cache: LayerDiskCache, beside: Callable[[], None],
+    held: contextlib.ExitStack, steps: _Steps, cache: LayerDiskCache, beside: Callable[[HiveEntries | None], None],
 ) -> tuple[Wim, int, HiveEntries | None]:
     """The OS image, opened in memory, with every other layer merged into it (one update call per layer), and
     the OS image's own hive files that the registry merge reads (``None`` when no layer changes the
     registry). The layers' volumes come from the layer disk cache (or are staged into it); ``beside`` is
-    called before staging the ones that are not there when they are few (:data:`_LIGHT_STAGING`), else
-    once they are all at hand."""
+    given those hive files before staging the volumes that are not there when they are few
+    (:data:`_LIGHT_STAGING`), else once they are all at hand."""
     os_layer, os_manifest = stack[0], manifests[0]
     merged = held.enter_context(Wim.open(repository.wim_path(os_layer.layer_id)))
     index = merged.find_image(os_manifest.image)
@@ -553,11 +552,11 @@ def _merge(
                    if not cache.holds(layer.layer_id, layer.version_id, manifest.checksum))
     light = to_stage <= _LIGHT_STAGING
     if light:
-        beside()
+        beside(os_hives)
     with steps.timed("stage"):
         volumes = _stage(uppers, repository, work, steps, cache)
     if not light:
-        beside()
+        beside(os_hives)
     hidden = _hide_info_hives(merged, index) if len(uppers) > 1 else []
     for number, ((layer, manifest), volume) in enumerate(zip(uppers, volumes, strict=True), 1):
         if number == len(uppers) and hidden:
@@ -710,13 +709,20 @@ class _HiveJob:
 
 
 def _start_hives(stack: Sequence[StackLayer], manifests: Sequence[VersionManifest], repository: LayerRepository,
-                 work: Path, steps: _Steps, held: contextlib.ExitStack) -> PendingHives | None:
-    """The registry merge, started in a child process from the OS layer's hives in the repository; ``None``
-    when no layer changes the registry. Ended (if still running) when ``held`` closes."""
-    if not changed_hives(manifests):
+                 work: Path, steps: _Steps, held: contextlib.ExitStack, os_hives: HiveEntries | None,
+                 cache: LayerDiskCache | None) -> PendingHives | None:
+    """The registry merge, started in a child process from the OS layer's hive files ``os_hives`` (kept in
+    the layer disk cache, or read from the repository); ``None`` when no layer changes the registry. Ended
+    (if still running) when ``held`` closes."""
+    if os_hives is None:
         return None
+    os_layer = stack[0]
+    folder = cache.hives_folder(os_layer.layer_id, os_layer.version_id, manifests[0].checksum) if cache else None
+    in_use = [cache.name_for(layer.layer_id, layer.version_id, manifest.checksum)
+              for layer, manifest in zip(stack[1:], manifests[1:], strict=True)] if cache else []
     pending = PendingHives.start(repository, [layer.to_dict() for layer in stack], work / "hives",
-                                 steps.task_cancel)
+                                 steps.task_cancel, expected=os_hives, cache=folder,
+                                 cache_bytes=cache.max_bytes if cache else 0, keep=in_use)
     held.callback(pending.stop)
     return pending
 

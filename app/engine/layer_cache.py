@@ -14,7 +14,10 @@ The cache keeps those volumes between publishes, as App Layering's layer disk ca
   publish is done with it;
 * the composites publishes keep in ``composites/`` (:mod:`app.engine.composite`) count toward the bound
   too, each used when a publish starts from it, and are evicted alike (their blocks are shared with the
-  images made of them while those exist: counted whole, the bound errs on the safe side).
+  images made of them while those exist: counted whole, the bound errs on the safe side);
+* so do the OS layer versions' hive files a publish extracted for its registry merge
+  (``hives-<layer>-<version>-<checksum>/``, :mod:`app.engine.publish_hives`), used when a publish reads
+  them.
 
 ``max_bytes`` of 0 disables the cache: volumes are then staged in the publish's work folder only.
 """
@@ -25,6 +28,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -47,6 +51,7 @@ _NTFS_PER_FILE = 1024 + 4096
 _NTFS_FIXED = 32 * MiB  # $MFT zone start, $LogFile, bitmaps of a small volume
 _ENTRY = re.compile(r"(\d+)-(\d+)-([0-9a-f]{16})\.ntfs")
 _COMPOSITE = re.compile(r"([0-9a-f]{24})\.[0-9a-f]{12}\.ntfs")
+_HIVES = re.compile(r"hives-(\d+)-(\d+)-([0-9a-f]{16})")
 COMPOSITES = "composites"  # the folder of the composite store, inside the cache
 
 ProgressFn = Callable[[int, int], None]
@@ -124,18 +129,20 @@ class LayerDiskCache:
             return []
         found = []
         composites = self.root / COMPOSITES
-        listed = [path for path in self.root.iterdir() if _ENTRY.fullmatch(path.name)]
+        listed = [path for path in self.root.iterdir() if _ENTRY.fullmatch(path.name) or _HIVES.fullmatch(path.name)]
         if composites.is_dir():
             listed += [path for path in composites.iterdir() if _COMPOSITE.fullmatch(path.name)]
         for path in listed:
             try:
                 stat = path.stat()
-                used = stat.st_mtime
+                used, size = stat.st_mtime, stat.st_blocks * 512
                 if path.parent == composites:  # used when its listing was last taken or written
                     used = (composites / f"{path.name.split('.')[0]}.json").stat().st_mtime
+                elif _HIVES.fullmatch(path.name):  # a folder of hive files
+                    size = sum(file.stat().st_blocks * 512 for file in path.rglob("*") if file.is_file())
             except FileNotFoundError:  # evicted by another publish meanwhile
                 continue
-            found.append((path, stat.st_blocks * 512, used))
+            found.append((path, size, used))
         return sorted(found, key=lambda e: e[2])
 
     def evict(self, keep: Collection[str] = ()) -> list[str]:
@@ -151,6 +158,8 @@ class LayerDiskCache:
                 continue
             if path.parent.name == COMPOSITES:
                 CompositeStore(path.parent).discard(path.name.split(".")[0])
+            elif path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
             removed.append(path.name)
@@ -160,7 +169,7 @@ class LayerDiskCache:
             for path in self.root.glob(".*.partial"):
                 try:
                     if time.time() - path.stat().st_mtime > 86400:
-                        path.unlink()
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
                 except FileNotFoundError:
                     pass
         return removed
@@ -175,6 +184,13 @@ class LayerDiskCache:
 
     def name_for(self, layer_id: int, version_id: int, checksum: str) -> str:
         return self._name(layer_id, version_id, checksum)
+
+    def hives_folder(self, layer_id: int, version_id: int, checksum: str) -> Path | None:
+        """Where the OS layer version's hive files are kept once a publish extracted them (see
+        :mod:`app.engine.publish_hives`); ``None`` when the cache is disabled."""
+        if not self.enabled:
+            return None
+        return self.root / f"hives-{self._name(layer_id, version_id, checksum).removesuffix('.ntfs')}"
 
     def holds(self, layer_id: int, version_id: int, checksum: str) -> bool:
         """Whether the cache has the version's volume (``checksum``: its manifest's)."""

@@ -19,7 +19,11 @@ the hive and what is wrong).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.engine.layer_cache import LayerDiskCache
 from app.engine.registry.delta import CreateKey, DeleteKey, DeleteValue, HiveName, Operation, RegistryDelta, SetValue
 from app.engine.registry.model import Hive, ValueType, fold
 from app.engine.registry.patch import open_hive
@@ -98,6 +103,18 @@ class HiveEntries:
 
     def paths(self) -> list[str]:
         return [entry.path for entry in (*self.hives.values(), *self.logs)]
+
+    def to_json(self) -> dict[str, Any]:
+        """``hives`` (name → image path), ``logs`` (image paths) and ``sha1`` (image path → SHA-1 of the
+        file's data, hex; empty when an entry's is not known)."""
+        entries = [*self.hives.values(), *self.logs]
+        known = all(entry.stream_hashes and entry.stream_hashes[0] is not None for entry in entries)
+        return {
+            "hives": {name: entry.path for name, entry in self.hives.items()},
+            "logs": [entry.path for entry in self.logs],
+            "sha1": {entry.path: entry.stream_hashes[0].hex() for entry in entries  # type: ignore[union-attr]
+                     } if known else {},
+        }
 
 
 def same_entries(one: HiveEntries, other: HiveEntries) -> bool:
@@ -200,11 +217,18 @@ def rewrite_hives(found: Mapping[str, str], source: Path, target: Path, os_name:
 
 def hive_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
     """Worker function (child process): the registry merge of a publish. ``args``: ``repository``, ``layers``
-    (the stack, bottom first: each ``name``, ``layer_id``, ``version_id``, ``checksum``) and ``folder`` (made
-    here; the hives are extracted into ``folder/in`` and written into ``folder/out``). With ``found`` (hive
-    name → image path) the hives are already in ``folder/in``; otherwise they come from the OS layer's image
-    in the repository. Returns ``written`` (hive name → ``image_path``, ``file``, ``sha256``), empty with
-    ``missing`` when the OS image lacks a hive some delta changes (the publish then decides)."""
+    (the stack, bottom first: each ``name``, ``layer_id``, ``version_id``, ``checksum``), ``folder`` (made
+    here; the new hives are written into ``folder/out``) and either
+
+    * ``found`` (hive name → image path): the hives were extracted into ``folder/in``; or
+    * ``expected`` (:meth:`HiveEntries.to_json` of the OS layer's image): the OS layer's hive files, taken from
+      ``cache`` (the layer disk cache's folder for them, :meth:`LayerDiskCache.hives_folder`) when it holds
+      them with the expected SHA-1s, else extracted from the OS layer's image in the repository (into
+      ``cache``, whose ``cache_bytes`` bound is then kept, never evicting the entries named in ``keep``; or
+      into ``folder/in``).
+
+    Returns ``written`` (hive name → ``image_path``, ``file``, ``sha256``), empty with ``missing`` when the
+    OS image lacks a hive some delta changes (the publish then decides)."""
     started = time.monotonic()
     repository = LayerRepository(Path(args["repository"]))
     layers = list(args["layers"])
@@ -213,22 +237,22 @@ def hive_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
     folder = Path(args["folder"])
     source, target = folder / "in", folder / "out"
     captured = []
-    found: dict[str, str] | None = args.get("found")
-    for number, (layer, manifest) in enumerate(zip(layers, manifests, strict=True)):
+    for layer, manifest in zip(layers, manifests, strict=True):
         with Wim.open(repository.wim_path(int(layer["layer_id"]))) as image:
             index = image.find_image(manifest.image)
             if index is None:
                 raise HiveMergeError(f"The repository's WIM of layer {layer['name']} has no image {manifest.image}.")
             captured.append(image.image_created(index))
-            if number == 0 and found is None:
-                entries = HiveEntries.of(image, index, changed_hives(manifests))
-                missing = [hive for hive in changed_hives(manifests) if hive not in entries.hives]
-                if missing:
-                    return {"written": {}, "missing": missing}
-                source.mkdir(parents=True)
-                image.extract_paths_to_folder(index, entries.paths(), source)
-                found = {hive: entry.path for hive, entry in entries.hives.items()}
-    assert found is not None
+    found: dict[str, str] | None = args.get("found")
+    if found is None:
+        expected = args["expected"]
+        found = {str(hive): str(path) for hive, path in expected["hives"].items()}
+        missing = [hive for hive in changed_hives(manifests) if hive not in found]
+        if missing:
+            return {"written": {}, "missing": missing}
+        source = _os_hive_files(repository, int(layers[0]["layer_id"]), manifests[0].image, expected, source,
+                                Path(args["cache"]) if args.get("cache") else None, int(args.get("cache_bytes", 0)),
+                                [str(name) for name in args.get("keep", [])])
     target.mkdir(parents=True, exist_ok=True)
     written = rewrite_hives(found, source, target, str(layers[0]["name"]), manifests, captured)
     return {
@@ -236,6 +260,56 @@ def hive_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
                     for hive, new in written.items()},
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def _holds(folder: Path, sha1: Mapping[str, str]) -> bool:
+    """Whether ``folder`` has every file of ``sha1`` (image path → SHA-1, hex; zeros: empty) with that SHA-1."""
+    for path, expected in sha1.items():
+        try:
+            data = (folder / path.lstrip("/")).read_bytes()
+        except OSError:
+            return False
+        if (hashlib.sha1(data).hexdigest() if data else "0" * 40) != expected:  # noqa: S324 - WIM's own hash
+            return False
+    return True
+
+
+def _os_hive_files(repository: LayerRepository, layer_id: int, image_name: str, expected: Mapping[str, Any],
+                   scratch: Path, cache: Path | None, cache_bytes: int, keep: Sequence[str]) -> Path:
+    """The folder holding the OS layer's hive files and logs of ``expected`` at their image paths: ``cache``
+    when it holds them all, as their SHA-1s say; else they are extracted from the OS layer's image into a
+    new ``cache`` (complete or not at all), or into ``scratch`` when there is no cache or it cannot be
+    written."""
+    sha1 = {str(path): str(digest) for path, digest in expected["sha1"].items()}
+    if cache is not None and sha1 and _holds(cache, sha1):
+        os.utime(cache)  # most recently used
+        log.info("The OS layer's hive files from the layer disk cache (%s).", cache.name)
+        return cache
+    with Wim.open(repository.wim_path(layer_id)) as image:
+        index = image.find_image(image_name)
+        assert index is not None  # checked by the caller
+        if cache is not None and sha1:
+            partial = cache.parent / f".{cache.name}.{secrets.token_hex(4)}.partial"
+            try:
+                partial.mkdir(parents=True)
+                image.extract_paths_to_folder(index, list(sha1), partial)
+                if _holds(partial, sha1):
+                    log.info("The OS layer's hive files kept in the layer disk cache (%s).", cache.name)
+                    stale = cache.parent / f".{cache.name}.{secrets.token_hex(4)}.stale.partial"
+                    if cache.exists():
+                        cache.rename(stale)
+                    partial.rename(cache)
+                    shutil.rmtree(stale, ignore_errors=True)
+                    LayerDiskCache(cache.parent, cache_bytes).evict(keep={cache.name, *keep})
+                    return cache
+                log.warning("the OS layer's hive files did not match their SHA-1s once extracted; not kept")
+            except OSError as exc:
+                log.warning("the OS layer's hive files could not be kept in the layer disk cache (%s)", exc)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+        scratch.mkdir(parents=True, exist_ok=True)
+        image.extract_paths_to_folder(index, list(sha1) or [*expected["hives"].values(), *expected["logs"]], scratch)
+    return scratch
 
 
 # --- the publish's side ------------------------------------------------------------------------------
@@ -262,12 +336,20 @@ class PendingHives:
 
     @classmethod
     def start(cls, repository: LayerRepository, layers: Sequence[Mapping[str, Any]], folder: Path,
-              cancel: Cancellable | None, found: Mapping[str, str] | None = None) -> PendingHives:
-        """Start merging the registry of ``layers`` (see :func:`hive_worker`) in ``folder``."""
+              cancel: Cancellable | None, *, found: Mapping[str, str] | None = None,
+              expected: HiveEntries | None = None, cache: Path | None = None, cache_bytes: int = 0,
+              keep: Sequence[str] = ()) -> PendingHives:
+        """Start merging the registry of ``layers`` (see :func:`hive_worker`) in ``folder``: from the hives
+        ``found`` in ``folder/in``, or from the OS layer's hive files ``expected`` (kept in ``cache``)."""
         args: dict[str, Any] = {"repository": str(repository.root), "layers": [dict(layer) for layer in layers],
                                 "folder": str(folder)}
         if found is not None:
             args["found"] = dict(found)
+        elif expected is not None:
+            args.update(expected=expected.to_json(), cache=str(cache) if cache is not None else None,
+                        cache_bytes=cache_bytes, keep=list(keep))
+        else:
+            raise ValueError("a registry merge starts from the hives found or from those expected")
         pending = cls(args, cancel)
         pending._thread.start()
         return pending

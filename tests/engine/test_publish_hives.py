@@ -1,8 +1,10 @@
-"""The registry merge's child process (app.engine.publish_hives): its new hives, its end when stopped, and a
-clear error when the process dies. The hives are read back with hivexget, not with our reader."""
+"""The registry merge's child process (app.engine.publish_hives): its new hives, the OS layer's hive files it
+keeps in the layer disk cache (and never uses once changed), its end when stopped, and a clear error when
+the process dies. The hives are read back with hivexget, not with our reader."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from pathlib import Path
@@ -10,18 +12,41 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app.engine.publish_hives import PendingHives
+from app.engine.compose import StackLayer, compose
+from app.engine.layer_cache import LayerDiskCache
+from app.engine.publish_hives import HiveEntries, PendingHives, changed_hives
 from app.engine.repository import LayerRepository
+from app.engine.wim import Wim
 from app.errors import EnvironmentProblem
 from tests.engine.test_compose import hive_value, store
-from tests.support.compose_stack import OFFICE, os_layer
+from tests.support.compose_stack import OFFICE, TOOLS, os_layer
+from tests.support.tools import run_ok
+
+Stack = tuple[LayerRepository, list[StackLayer]]
 
 
 @pytest.fixture
-def layers(tmp_path: Path) -> tuple[LayerRepository, list[dict[str, object]]]:
+def layers(tmp_path: Path) -> Stack:
     repository = LayerRepository(tmp_path / "repository").ensure()
-    stack = [store(repository, tmp_path, os_layer(tmp_path), 1), store(repository, tmp_path, OFFICE, 2)]
-    return repository, [layer.to_dict() for layer in stack]
+    return repository, [store(repository, tmp_path, os_layer(tmp_path), 1), store(repository, tmp_path, OFFICE, 2)]
+
+
+def _os_hives(repository: LayerRepository, stack: list[StackLayer]) -> HiveEntries:
+    manifests = [repository.manifest(layer.layer_id, layer.version_id, layer.checksum) for layer in stack]
+    with Wim.open(repository.wim_path(stack[0].layer_id)) as image:
+        index = image.find_image(manifests[0].image)
+        assert index is not None
+        return HiveEntries.of(image, index, changed_hives(manifests))
+
+
+def _start(repository: LayerRepository, stack: list[StackLayer], folder: Path) -> PendingHives:
+    return PendingHives.start(repository, [layer.to_dict() for layer in stack], folder, None,
+                              expected=_os_hives(repository, stack))
+
+
+def _said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the registry merge logged (its child's records come through this module's logger)."""
+    return [r.getMessage() for r in caplog.records if r.name == "app.engine.publish_hives"]
 
 
 def _hive_child() -> psutil.Process | None:
@@ -44,11 +69,10 @@ def _wait_for_child() -> psutil.Process:
     raise AssertionError("the registry merge's process never started")
 
 
-def test_the_new_hives_are_written_from_the_os_layers_image(layers: tuple[LayerRepository, list[dict[str, object]]],
-                                                            tmp_path: Path) -> None:
+def test_the_new_hives_are_written_from_the_os_layers_image(layers: Stack, tmp_path: Path) -> None:
     repository, stack = layers
     failures: list[BaseException] = []
-    pending = PendingHives.start(repository, stack, tmp_path / "hives", None)
+    pending = _start(repository, stack, tmp_path / "hives")
     pending.watch(failures.append)
     written = pending.result()
     assert sorted(written) == ["SOFTWARE"] and not failures
@@ -59,11 +83,68 @@ def test_the_new_hives_are_written_from_the_os_layers_image(layers: tuple[LayerR
     assert pending.seconds > 0
 
 
-def test_stopping_the_merge_ends_its_process(layers: tuple[LayerRepository, list[dict[str, object]]],
-                                             tmp_path: Path) -> None:
+def test_a_merge_needs_the_hives_found_or_those_expected(layers: Stack, tmp_path: Path) -> None:
+    repository, stack = layers
+    with pytest.raises(ValueError, match="found or from those expected"):
+        PendingHives.start(repository, [layer.to_dict() for layer in stack], tmp_path / "hives", None)
+
+
+def test_the_os_layers_hive_files_are_kept_in_the_layer_disk_cache(
+    layers: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first publish extracts the OS layer's hive files from its image into the layer disk cache; the
+    next ones read them from there, checked against the SHA-1s the OS layer's image records. The folder
+    counts toward the cache's bound like its volumes."""
+    repository, stack = layers
+    cache = LayerDiskCache(tmp_path / "cache", 1024**3)
+    out = tmp_path / "out"
+    out.mkdir()
+    caplog.set_level(logging.INFO, logger="app.engine.publish_hives")
+    compose(stack, repository, out, "wim", 1, name="first", cache=cache)
+    folder = cache.hives_folder(stack[0].layer_id, stack[0].version_id,
+                                repository.manifest(stack[0].layer_id, stack[0].version_id, stack[0].checksum).checksum)
+    assert folder is not None and folder.is_dir()
+    kept = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert kept == ["Windows/System32/config/SOFTWARE", "Windows/System32/config/SYSTEM"]
+    assert any("hive files kept in the layer disk cache" in message for message in _said(caplog))
+    assert folder in [path for path, _, _ in cache.entries()]
+    caplog.clear()
+    second = compose([*stack, store(repository, tmp_path, TOOLS, 3)], repository, out, "wim", 1, name="second",
+                     cache=cache)
+    assert any("hive files from the layer disk cache" in message and folder.name in message
+               for message in _said(caplog))
+    extracted = tmp_path / "x"
+    run_ok("wimlib-imagex", "extract", second.path, "1", "/Windows/System32/config/SOFTWARE",
+           f"--dest-dir={extracted}")
+    assert hive_value(extracted / "SOFTWARE", "\\Shared", "Owner") == "Tools"
+    assert hive_value(extracted / "SOFTWARE", "\\Microsoft\\Windows NT\\CurrentVersion", "ProductName") == \
+        "Windows 11 Pro"
+
+
+def test_a_kept_hive_file_that_changed_is_never_used(layers: Stack, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    repository, stack = layers
+    cache = LayerDiskCache(tmp_path / "cache", 1024**3)
+    out = tmp_path / "out"
+    out.mkdir()
+    first = compose(stack, repository, out, "wim", 1, name="first", cache=cache)
+    folder = next(path for path, _, _ in cache.entries() if path.name.startswith("hives-"))
+    software = folder / "Windows/System32/config/SOFTWARE"
+    damaged = bytearray(software.read_bytes())
+    damaged[-100:] = b"\xff" * 100  # inside the last hive bin: it still reads as a hive
+    software.write_bytes(bytes(damaged))
+    caplog.set_level(logging.INFO, logger="app.engine.publish_hives")
+    again = compose(stack, repository, out, "wim", 1, name="again", cache=cache)
+    assert not any("hive files from the layer disk cache" in message for message in _said(caplog))
+    assert any("hive files kept in the layer disk cache" in message for message in _said(caplog))
+    assert again.manifest_digest == first.manifest_digest  # the same hives as from the OS layer's image
+    assert software.read_bytes() != bytes(damaged)
+
+
+def test_stopping_the_merge_ends_its_process(layers: Stack, tmp_path: Path) -> None:
     repository, stack = layers
     failures: list[BaseException] = []
-    pending = PendingHives.start(repository, stack, tmp_path / "hives", None)
+    pending = _start(repository, stack, tmp_path / "hives")
     pending.watch(failures.append)
     child = _wait_for_child()
     pending.stop()
@@ -71,11 +152,10 @@ def test_stopping_the_merge_ends_its_process(layers: tuple[LayerRepository, list
     assert failures == [] and pending.failure is None  # stopped is not failed
 
 
-def test_a_merge_whose_process_dies_is_reported_as_such(layers: tuple[LayerRepository, list[dict[str, object]]],
-                                                        tmp_path: Path) -> None:
+def test_a_merge_whose_process_dies_is_reported_as_such(layers: Stack, tmp_path: Path) -> None:
     repository, stack = layers
     failures: list[BaseException] = []
-    pending = PendingHives.start(repository, stack, tmp_path / "hives", None)
+    pending = _start(repository, stack, tmp_path / "hives")
     _wait_for_child().send_signal(signal.SIGKILL)
     with pytest.raises(EnvironmentProblem, match=r"^The registry merge's process failed: exit status -9$"):
         pending.result()
