@@ -220,11 +220,14 @@ def change_app(layer: AppLayer, version: int) -> tuple[int, int, int]:
 
 
 class MemorySampler:
-    """Largest ``VmHWM`` of any descendant process seen during each phase (sampled every 0.1 s)."""
+    """Largest ``VmHWM`` of any descendant process seen during each phase, and the largest sum of the
+    descendants' ``VmRSS`` at one time (a publish runs its registry merge in a process of its own), sampled
+    every 0.1 s."""
 
     def __init__(self) -> None:
         self.phase = "setup"
         self.peaks: dict[str, tuple[int, str]] = {}
+        self.together: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -247,6 +250,7 @@ class MemorySampler:
                         parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
                     except (OSError, ValueError, IndexError):
                         continue
+            resident = 0
             for pid in parents:
                 ancestor = parents.get(pid)
                 while ancestor and ancestor != me:
@@ -263,6 +267,9 @@ class MemorySampler:
                         kb = int(line.split()[1])
                         if kb > self.peaks.get(self.phase, (0, ""))[0]:
                             self.peaks[self.phase] = (kb, cmdline.strip())
+                    elif line.startswith("VmRSS:"):
+                        resident += int(line.split()[1])
+            self.together[self.phase] = max(self.together.get(self.phase, 0), resident)
 
 
 def drop_caches() -> bool:
@@ -670,7 +677,8 @@ def run(args: argparse.Namespace, work: Path, runs: int, os_mb: float, os_files:
     print(f"(d) peak memory: parent {parent_kb / 1024:.0f} MiB, children (ru_maxrss) {children_kb / 1024:.0f} MiB")
     for name, (kb, command) in sorted(sampler.peaks.items()):
         if name != "between":
-            print(f"    largest {name} process: {kb / 1024:.0f} MiB ({command})")
+            print(f"    largest {name} process: {kb / 1024:.0f} MiB ({command}); its processes at one time: "
+                  f"{sampler.together.get(name, 0) / 1024:.0f} MiB")
     step_names = sorted({k for s in cold_steps + warm_steps + republish_steps for k in s},
                         key=lambda k: -median([s.get(k, 0.0) for s in cold_steps]))
     print(f"publish steps (median s): {'step':10} {'cold':>7} {'warm':>7} {'re-publish':>11}")
