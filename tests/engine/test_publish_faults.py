@@ -106,7 +106,12 @@ def _damaged_system_stack(repository: LayerRepository, tmp_path: Path) -> list[S
     return [store(repository, tmp_path, broken, 1), store(repository, tmp_path, app, 2)]
 
 
-def _assert_refused(caught: pytest.ExceptionInfo[ComposeError], repository: LayerRepository, out: Path) -> None:
+def _publish_is_refused(stack: list[StackLayer], repository: LayerRepository, tmp_path: Path) -> None:
+    """Publishing ``stack`` fails with the damaged SYSTEM hive's message and leaves nothing behind."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ComposeError) as caught:
+        compose(stack, repository, out, "vhdx", 1, name="broken")
     message = str(caught.value)
     assert "OS layer Win11" in message and "SYSTEM hive" in message and "cannot be used" in message
     assert os.listdir(out) == []
@@ -144,10 +149,7 @@ def test_a_damaged_os_hive_found_while_the_layers_merge_stops_the_publish_before
     monkeypatch.setattr(PendingHives, "start", start)
     monkeypatch.setattr(Wim, "update_image", update)
     monkeypatch.setattr(Wim, "extract_image_to_ntfs_volume", extract)
-    (tmp_path / "out").mkdir()
-    with pytest.raises(ComposeError) as caught:
-        compose(stack, repository, tmp_path / "out", "vhdx", 1, name="broken")
-    _assert_refused(caught, repository, tmp_path / "out")
+    _publish_is_refused(stack, repository, tmp_path)
     assert "windows.ntfs" not in applies
 
 
@@ -182,10 +184,7 @@ def test_a_damaged_os_hive_found_while_the_image_is_applied_stops_the_apply(
 
     monkeypatch.setattr(PendingHives, "_run", run)
     monkeypatch.setattr(Wim, "extract_image_to_ntfs_volume", extract)
-    (tmp_path / "out").mkdir()
-    with pytest.raises(ComposeError) as caught:
-        compose(stack, repository, tmp_path / "out", "vhdx", 1, name="broken")
-    _assert_refused(caught, repository, tmp_path / "out")
+    _publish_is_refused(stack, repository, tmp_path)
     assert applies == ["started"]  # stopped, not finished
 
 
