@@ -274,6 +274,16 @@ def _holds(folder: Path, sha1: Mapping[str, str]) -> bool:
     return True
 
 
+def _keep_bound(kept: Path, cache_bytes: int, keep: Sequence[str]) -> None:
+    """Bring the layer disk cache ``kept`` went into back within ``cache_bytes``, never evicting ``kept`` or the
+    entries named in ``keep``. The hive files are kept either way: a cache that cannot shrink now does on
+    the next publish."""
+    try:
+        LayerDiskCache(kept.parent, cache_bytes).evict(keep={kept.name, *keep})
+    except OSError as exc:
+        log.warning("the layer disk cache could not be brought within its bound (%s)", exc)
+
+
 def _os_hive_files(repository: LayerRepository, layer_id: int, image_name: str, expected: Mapping[str, Any],
                    scratch: Path, cache: Path | None, cache_bytes: int, keep: Sequence[str]) -> Path:
     """The folder holding the OS layer's hive files and logs of ``expected`` at their image paths: ``cache``
@@ -300,7 +310,7 @@ def _os_hive_files(repository: LayerRepository, layer_id: int, image_name: str, 
                         cache.rename(stale)
                     partial.rename(cache)
                     shutil.rmtree(stale, ignore_errors=True)
-                    LayerDiskCache(cache.parent, cache_bytes).evict(keep={cache.name, *keep})
+                    _keep_bound(cache, cache_bytes, keep)
                     return cache
                 log.warning("the OS layer's hive files did not match their SHA-1s once extracted; not kept")
             except OSError as exc:

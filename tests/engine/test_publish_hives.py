@@ -121,6 +121,27 @@ def test_the_os_layers_hive_files_are_kept_in_the_layer_disk_cache(
         "Windows 11 Pro"
 
 
+def test_keeping_the_hive_files_keeps_the_cache_within_its_bound(layers: Stack, tmp_path: Path) -> None:
+    """The hive files enter a full cache: least recently used entries make room, never the folder itself or
+    an entry the publish uses."""
+    repository, stack = layers
+    os_, office = stack
+    tools = store(repository, tmp_path, TOOLS, 3)
+    roomy = LayerDiskCache(tmp_path / "cache", 1024**3)
+    for layer in (office, tools):
+        roomy.volume(repository, layer.layer_id, layer.version_id, layer.checksum, label=layer.name, scratch=tmp_path)
+        time.sleep(0.05)
+    in_use = roomy.name_for(tools.layer_id, tools.version_id,
+                            repository.manifest(tools.layer_id, tools.version_id, tools.checksum).checksum)
+    folder = roomy.hives_folder(os_.layer_id, os_.version_id,
+                                repository.manifest(os_.layer_id, os_.version_id, os_.checksum).checksum)
+    assert folder is not None
+    pending = PendingHives.start(repository, [layer.to_dict() for layer in stack], tmp_path / "hives", None,
+                                 expected=_os_hives(repository, stack), cache=folder, cache_bytes=1, keep=[in_use])
+    assert sorted(pending.result()) == ["SOFTWARE"]
+    assert sorted(path.name for path, _, _ in roomy.entries()) == sorted([folder.name, in_use])
+
+
 def test_a_kept_hive_file_that_changed_is_never_used(layers: Stack, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     repository, stack = layers
