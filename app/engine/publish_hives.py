@@ -254,7 +254,17 @@ def hive_worker(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
                                 Path(args["cache"]) if args.get("cache") else None, int(args.get("cache_bytes", 0)),
                                 [str(name) for name in args.get("keep", [])])
     target.mkdir(parents=True, exist_ok=True)
-    written = rewrite_hives(found, source, target, str(layers[0]["name"]), manifests, captured)
+    try:
+        written = rewrite_hives(found, source, target, str(layers[0]["name"]), manifests, captured)
+    except (OSError, HiveError, HiveMergeError) as exc:
+        if source == folder / "in" or _holds(source, args["expected"]["sha1"]):
+            raise  # the hive itself
+        # another publish evicted or replaced the kept files between their check and their use
+        log.warning("the OS layer's hive files in the layer disk cache went away (%s); reading them from its image",
+                    exc)
+        source = _os_hive_files(repository, int(layers[0]["layer_id"]), manifests[0].image, args["expected"],
+                                folder / "in", None, 0, [])
+        written = rewrite_hives(found, source, target, str(layers[0]["name"]), manifests, captured)
     return {
         "written": {hive: {"image_path": new.image_path, "file": str(new.file), "sha256": new.sha256}
                     for hive, new in written.items()},

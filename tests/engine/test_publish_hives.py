@@ -4,20 +4,25 @@ the process dies. The hives are read back with hivexget, not with our reader."""
 
 from __future__ import annotations
 
+import io
 import logging
+import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
+from app.engine import publish_hives
 from app.engine.compose import StackLayer, compose
 from app.engine.layer_cache import LayerDiskCache
 from app.engine.publish_hives import HiveEntries, PendingHives, changed_hives
 from app.engine.repository import LayerRepository
 from app.engine.wim import Wim
 from app.errors import EnvironmentProblem
+from app.tasks.worker import WorkerReport
 from tests.engine.test_compose import hive_value, store
 from tests.support.compose_stack import OFFICE, TOOLS, os_layer
 from tests.support.tools import run_ok
@@ -140,6 +145,39 @@ def test_keeping_the_hive_files_keeps_the_cache_within_its_bound(layers: Stack, 
                                  expected=_os_hives(repository, stack), cache=folder, cache_bytes=1, keep=[in_use])
     assert sorted(pending.result()) == ["SOFTWARE"]
     assert sorted(path.name for path, _, _ in roomy.entries()) == sorted([folder.name, in_use])
+
+
+def test_kept_hive_files_evicted_between_their_check_and_their_use_are_read_from_the_image(
+    layers: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another publish may evict (or replace) the kept hive files after this merge checked them: it then reads
+    them from the OS layer's image instead. Run in this process (the worker function itself) to remove the
+    folder at that very moment."""
+    repository, stack = layers
+    cache = LayerDiskCache(tmp_path / "cache", 1024**3)
+    os_ = stack[0]
+    folder = cache.hives_folder(os_.layer_id, os_.version_id,
+                                repository.manifest(os_.layer_id, os_.version_id, os_.checksum).checksum)
+    assert folder is not None
+    args = {"repository": str(repository.root), "layers": [layer.to_dict() for layer in stack],
+            "expected": _os_hives(repository, stack).to_json(), "cache": str(folder), "cache_bytes": 1024**3}
+    publish_hives.hive_worker({**args, "folder": str(tmp_path / "first")}, WorkerReport(io.StringIO()))
+    assert folder.is_dir()
+    real_rewrite = publish_hives.rewrite_hives
+    calls: list[Path] = []
+
+    def rewrite(found: Any, source: Path, *rest: Any) -> Any:
+        calls.append(source)
+        if len(calls) == 1:
+            shutil.rmtree(folder)  # evicted after the check
+        return real_rewrite(found, source, *rest)
+
+    monkeypatch.setattr(publish_hives, "rewrite_hives", rewrite)
+    caplog.set_level(logging.WARNING, logger="app.engine.publish_hives")
+    result = publish_hives.hive_worker({**args, "folder": str(tmp_path / "second")}, WorkerReport(io.StringIO()))
+    assert calls == [folder, tmp_path / "second" / "in"]
+    assert any("went away" in message for message in _said(caplog))
+    assert hive_value(Path(result["written"]["SOFTWARE"]["file"]), "\\Shared", "Owner") == "Office"
 
 
 def test_a_kept_hive_file_that_changed_is_never_used(layers: Stack, tmp_path: Path,
