@@ -42,7 +42,8 @@ class Home:
 
     @property
     def layer_cache(self) -> Path:
-        """The layer disk cache: ready-to-merge layer volumes (bounded by the ``layer_cache_gb`` setting)."""
+        """The layer disk cache: ready-to-merge layer volumes, the OS layers' hive files and the composites
+        re-publishes start from (bounded by the ``layer_cache_gb`` setting)."""
         return self.root / "cache" / "layers"
 
     @property

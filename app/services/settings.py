@@ -89,8 +89,8 @@ SPECS: dict[str, SettingSpec] = {
             r"The share (\\server\share) that holds the Elastic Layer repository; empty for none.",
             _share_or_empty,
         ),
-        SettingSpec("layer_cache_gb", 50, "Size of the cache of ready-to-merge layer volumes and of the composites "
-                    "re-publishes start from.", _gigabytes),
+        SettingSpec("layer_cache_gb", 50, "Size of the cache of ready-to-merge layer volumes, of the OS layers' hive "
+                    "files and of the composites re-publishes start from.", _gigabytes),
     )
 }
 
