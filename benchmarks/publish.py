@@ -29,8 +29,9 @@ template is made of them, and then:
     (:mod:`app.engine.composite`); elsewhere it applies every layer;
 (c) repository bytes of that app layer (its WIM and manifests) after ten 5 %-changed versions on top of
     the first ÷ after the first;
-(d) peak memory: the parent's and its children's ``ru_maxrss``, and each phase's largest child process
-    (``VmHWM`` sampled from ``/proc``);
+(d) peak memory: the parent's and its children's ``ru_maxrss``, each phase's largest child process
+    (``VmHWM`` sampled from ``/proc``) and the most its processes held at one time (``VmRSS`` summed: a
+    publish merges the registry in a process of its own);
 (e) floors, no LayerDesk code involved: wimlib's own ``wimlib-imagex apply`` of the OS layer's repository
     WIM onto an empty NTFS volume ÷ ``cp -a`` of the OS layer's folder (each + ``sync``, the page cache
     dropped before each with ``--drop-caches``); and, for scale, writing a new file of a published image's
