@@ -147,7 +147,8 @@ class LayerDiskCache:
 
     def evict(self, keep: Collection[str] = ()) -> list[str]:
         """Remove least recently used entries until the cache fits in ``max_bytes``; returns their names.
-        Staging leftovers older than a day (a killed publish) go too."""
+        An entry that cannot be removed now (another publish has it open, where open files cannot be
+        removed) is left for a later eviction. Staging leftovers older than a day (a killed publish) go too."""
         removed = []
         entries = self.entries()
         total = sum(size for _, size, _ in entries)
@@ -156,12 +157,18 @@ class LayerDiskCache:
                 break
             if path.name in keep:
                 continue
-            if path.parent.name == COMPOSITES:
-                CompositeStore(path.parent).discard(path.name.split(".")[0])
-            elif path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            try:
+                if path.parent.name == COMPOSITES:
+                    CompositeStore(path.parent).discard(path.name.split(".")[0])
+                elif path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass  # evicted by another publish meanwhile
+            except OSError as exc:
+                log.warning("layer disk cache: %s could not be evicted now (%s)", path.name, exc)
+                continue
             removed.append(path.name)
             total -= size
             log.info("layer disk cache: evicted %s (%d MiB)", path.name, size // MiB)

@@ -125,6 +125,41 @@ def test_the_cache_stays_within_its_bound_least_recently_used_first(
     assert len(tiny.evict()) == 2 and tiny.entries() == []
 
 
+def test_an_entry_that_cannot_be_removed_now_is_left_for_later(
+    stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where a file another process has open cannot be removed (Windows), evicting it fails: the staging goes
+    on, the next least recently used entry goes instead, and the stuck one is evicted later. The refusal is
+    injected here, as Windows would give it."""
+    repository, layers = stack
+    office, tools, citrix = layers[1:]
+    probe = LayerDiskCache(tmp_path / "probe", 1024**3)
+    probe.volume(repository, office.layer_id, office.version_id, office.checksum, label="x", scratch=tmp_path)
+    ((_, one, _),) = probe.entries()
+    cache = LayerDiskCache(tmp_path / "cache", 2 * one + one // 2)  # room for two volumes, not three
+    for layer in (office, tools):
+        cache.volume(repository, layer.layer_id, layer.version_id, layer.checksum, label=layer.name, scratch=tmp_path)
+        time.sleep(0.05)
+    stuck = cache.entries()[0][0]  # office's, the least recently used
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == stuck:
+            raise PermissionError(13, "The process cannot access the file because it is being used", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with caplog.at_level(logging.WARNING, logger="app.engine.layer_cache"):
+        staged = cache.volume(repository, citrix.layer_id, citrix.version_id, citrix.checksum, label="x",
+                              scratch=tmp_path)
+    assert staged.path.is_file() and not staged.hit
+    assert sorted(int(p.name.split("-")[0]) for p, _, _ in cache.entries()) == [office.layer_id, citrix.layer_id]
+    assert any(stuck.name in r.getMessage() and "could not be evicted now" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(Path, "unlink", real_unlink)  # no longer open: the next eviction takes it
+    assert LayerDiskCache(tmp_path / "cache", one + one // 2).evict() == [stuck.name]
+
+
 def test_a_changed_version_or_a_disabled_cache_never_uses_old_entries(
     stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path
 ) -> None:
