@@ -255,9 +255,13 @@ def test_the_hives_are_merged_in_a_child_process_beside_the_image(
     def update(self: Wim, index: int, commands: Any, **kwargs: Any) -> None:
         if any(isinstance(c, AddCommand) and c.ntfs for c in commands):  # a layer being merged
             deadline = time.monotonic() + 30
-            while not list(out.glob(".*.work/hives/out/SOFTWARE")) and time.monotonic() < deadline:
+
+            def both() -> bool:  # each new hive file appears whole (written aside, then renamed)
+                return all(list(out.glob(f".*.work/hives/out/{hive}")) for hive in ("SOFTWARE", "SYSTEM"))
+
+            while not both() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert list(out.glob(".*.work/hives/out/SYSTEM")), "the hives were not merged before the layers"
+            assert both(), "the hives were not merged before the layers"
         real_update(self, index, commands, **kwargs)
 
     def not_here(path: Path, **_: Any) -> None:
