@@ -98,19 +98,27 @@ def test_the_registry_merge_and_the_conflict_report_wait_for_layers_being_staged
     assert events.index("hives") < events.index("cached") and events.count("cached") == 3
 
 
+def _two_of_three(repository: LayerRepository, office: StackLayer, tools: StackLayer,
+                  tmp_path: Path) -> tuple[LayerDiskCache, int]:
+    """A cache with room for two of the stack's three app layer volumes, holding Office's and then Tools'
+    (staged, not taken from it); and the size of one volume."""
+    probe = LayerDiskCache(tmp_path / "probe", 1024**3)
+    probe.volume(repository, office.layer_id, office.version_id, office.checksum, label="x", scratch=tmp_path)
+    ((_, one, _),) = probe.entries()
+    cache = LayerDiskCache(tmp_path / "cache", 2 * one + one // 2)
+    for layer in (office, tools):
+        assert not cache.volume(repository, layer.layer_id, layer.version_id, layer.checksum, label=layer.name,
+                                scratch=tmp_path).hit
+        time.sleep(0.05)
+    return cache, one
+
+
 def test_the_cache_stays_within_its_bound_least_recently_used_first(
     stack: tuple[LayerRepository, list[StackLayer]], tmp_path: Path
 ) -> None:
     repository, layers = stack
     office, tools, citrix = layers[1:]
-    probe = LayerDiskCache(tmp_path / "probe", 1024**3)
-    probe.volume(repository, office.layer_id, office.version_id, office.checksum, label="x", scratch=tmp_path)
-    ((_, one, _),) = probe.entries()
-    cache = LayerDiskCache(tmp_path / "cache", 2 * one + one // 2)  # room for two volumes, not three
-    for layer in (office, tools):
-        assert not cache.volume(repository, layer.layer_id, layer.version_id, layer.checksum, label=layer.name,
-                                scratch=tmp_path).hit
-        time.sleep(0.05)
+    cache, _ = _two_of_three(repository, office, tools, tmp_path)
     assert cache.volume(repository, office.layer_id, office.version_id, office.checksum, label="x",
                         scratch=tmp_path).hit  # office is now the most recently used
     staged = cache.volume(repository, citrix.layer_id, citrix.version_id, citrix.checksum, label="x",
@@ -134,13 +142,7 @@ def test_an_entry_that_cannot_be_removed_now_is_left_for_later(
     injected here, as Windows would give it."""
     repository, layers = stack
     office, tools, citrix = layers[1:]
-    probe = LayerDiskCache(tmp_path / "probe", 1024**3)
-    probe.volume(repository, office.layer_id, office.version_id, office.checksum, label="x", scratch=tmp_path)
-    ((_, one, _),) = probe.entries()
-    cache = LayerDiskCache(tmp_path / "cache", 2 * one + one // 2)  # room for two volumes, not three
-    for layer in (office, tools):
-        cache.volume(repository, layer.layer_id, layer.version_id, layer.checksum, label=layer.name, scratch=tmp_path)
-        time.sleep(0.05)
+    cache, one = _two_of_three(repository, office, tools, tmp_path)
     stuck = cache.entries()[0][0]  # office's, the least recently used
     real_unlink = Path.unlink
 
