@@ -13,7 +13,9 @@ LayerDesk's own log records in the child (the ``app`` loggers, INFO and up: a la
 file system that cannot move blocks, a wimlib warning) go to the task's log too.
 
 The function runs as ``function(args: dict, report: WorkerReport) -> dict``. Only functions under
-``app.`` can be named. A cancel terminates the child (then kills it if it does not stop).
+``app.`` can be named. A cancel terminates the child (then kills it if it does not stop). A function
+that must finish what it has started (an import past its commit point) turns SIGTERM into its own cancel
+token and returns its result; a result that arrives after the cancel is kept.
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def call_worker(
     """Run ``function`` (``app.module:function``) with ``args`` in a child process (see the module docstring
     for the protocol) and return its result document; its progress and log lines go to ``progress`` and
     ``log``. Raises what the function raised, by kind: :class:`UserError`, :class:`EnvironmentProblem` or
-    :class:`WorkerBug`; :class:`TaskCanceled` when ``cancel`` stopped it; :class:`WorkerFailed` when it
+    :class:`WorkerBug`; :class:`TaskCanceled` when ``cancel`` stopped it before it returned a result (a
+    result that came anyway, because the work was done, is returned); :class:`WorkerFailed` when it
     ended without saying why. Blocks until the child has ended: run it in a thread to do other work
     meanwhile (the thread only waits on the child's output)."""
     outcome: dict[str, Any] = {}
@@ -193,10 +196,14 @@ def call_worker(
 
     spec = json.dumps({"function": function, "args": args}) + "\n"
     done = stream(module_command(module), on_line, cancel, stdin_text=spec)
+    if "result" in outcome:
+        if done.cancelled and log is not None:
+            # The child had committed its work (an import stores its version all or nothing) before the
+            # cancel reached it: undoing finished work is not what a cancel is for.
+            log("The cancel came after the work had finished; the result is kept.", "WARNING")
+        return dict(outcome["result"])
     if done.cancelled:
         raise TaskCanceled()
-    if "result" in outcome:
-        return dict(outcome["result"])
     error = outcome.get("error") or {}
     message = str(error.get("message") or "")
     if error.get("kind") == "user":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -40,6 +42,15 @@ def die(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
     os._exit(137)
 
 
+def commit_then_linger(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
+    """Like an import past its commit point: a SIGTERM no longer stops it, the result still comes."""
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: terminated.set())
+    report.log("committed")
+    terminated.wait(10)
+    return {"summary": "kept", "terminated": terminated.is_set()}
+
+
 def chatty(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
     """Logs as LayerDesk's modules do, and as a library does."""
     logging.getLogger("app.engine.example").info("layer disk cache hit: %s", "2-2-abc.ntfs")
@@ -49,7 +60,8 @@ def chatty(args: dict[str, Any], report: WorkerReport) -> dict[str, Any]:
     return {"summary": "logged"}
 
 
-FUNCTIONS = {"chatty": chatty, "count": count, "forever": forever, "refuse": refuse, "bug": bug, "die": die}
+FUNCTIONS = {"chatty": chatty, "commit_then_linger": commit_then_linger, "count": count, "forever": forever,
+             "refuse": refuse, "bug": bug, "die": die}
 
 if __name__ == "__main__":
     sys.exit(main(resolver=lambda name: FUNCTIONS[name]))

@@ -17,8 +17,9 @@ from app.catalog.maintenance import CatalogCheckResult, CatalogCheckTask
 from app.catalog.models import Role, TaskState
 from app.errors import UserError
 from app.services import Services
+from app.tasks.base import CancelToken, TaskCanceled
 from app.tasks.runner import TaskRunner
-from app.tasks.worker import SubprocessTask, resolve
+from app.tasks.worker import SubprocessTask, call_worker, resolve
 from tests.conftest import ServicesFactory
 
 
@@ -93,6 +94,33 @@ def test_cancel_stops_the_child_within_a_second(runner: TaskRunner, admin: Servi
     assert runner.wait(task_id, 10) is TaskState.CANCELED
     assert time.monotonic() - started < 1.0
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_result_that_comes_after_the_cancel_is_kept() -> None:
+    """A child past its commit point (an import that has stored its version) finishes and answers even when
+    the cancel reaches it: the work is kept, not reported as canceled and undone."""
+    token = CancelToken()
+    lines: list[tuple[str, str]] = []
+
+    def log(text: str, level: str) -> None:
+        lines.append((level, text))
+        if text == "committed":
+            token.cancel()
+
+    data = call_worker("commit_then_linger", {}, token, log=log, module="tests.support.worker_entry")
+    assert data == {"summary": "kept", "terminated": True}
+    assert lines == [("INFO", "committed"),
+                     ("WARNING", "The cancel came after the work had finished; the result is kept.")]
+
+
+def test_a_cancel_before_the_result_raises_task_canceled() -> None:
+    token = CancelToken()
+
+    def log(text: str, level: str) -> None:
+        token.cancel()
+
+    with pytest.raises(TaskCanceled):
+        call_worker("forever", {}, token, log=log, module="tests.support.worker_entry")
 
 
 @pytest.mark.parametrize(
