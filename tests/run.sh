@@ -28,4 +28,7 @@ python3 -m venv .venv
 export QT_QPA_PLATFORM=offscreen
 # One worker per core (at most 4; LAYERDESK_TEST_WORKERS=0 runs in this process), each test file in one
 # worker so its module fixtures are made once (modules that need the Samba DC take turns: one per host).
-exec .venv/bin/python -m pytest -n "${LAYERDESK_TEST_WORKERS:-auto}" --maxprocesses=4 --dist loadfile "$@"
+# A worker that crashes ends the run with its test named, rather than being replaced (a replaced worker
+# can leave the run waiting forever).
+exec .venv/bin/python -m pytest -n "${LAYERDESK_TEST_WORKERS:-auto}" --maxprocesses=4 --dist loadfile \
+    --max-worker-restart=0 "$@"
